@@ -1,0 +1,427 @@
+//! Command handling: load, decide, append with optimistic concurrency, retry, snapshot.
+
+use std::{borrow::Cow, sync::Arc};
+
+use chrono::Utc;
+use serde_json::Map;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{
+    Aggregate, Command, CommandError, Decision, EventEnvelope, EventMetadata, ExpectedVersion,
+    NewEvent, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
+    cache::StateCache,
+};
+
+/// Default number of aggregate states the handler keeps in memory.
+pub const DEFAULT_STATE_CACHE_CAPACITY: usize = 10_000;
+
+/// Ids and metadata that travel with a command into the events it produces.
+///
+/// ```
+/// use esframe_core::CommandContext;
+/// use uuid::Uuid;
+/// let request = Uuid::now_v7();
+/// let ctx = CommandContext::new().correlation_id(request).metadata("user", "alice");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CommandContext {
+    command_id: Option<Uuid>,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    metadata: Map<String, serde_json::Value>,
+}
+
+impl CommandContext {
+    /// An empty context: ids are taken from the command or generated.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the command id (overrides [`Command::command_id`]).
+    #[must_use]
+    pub fn command_id(mut self, id: Uuid) -> Self {
+        self.command_id = Some(id);
+        self
+    }
+
+    /// Sets the correlation id; by default it is the command id.
+    #[must_use]
+    pub fn correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Sets the causation id (an event that caused this command, say); by default the command id.
+    #[must_use]
+    pub fn causation_id(mut self, id: Uuid) -> Self {
+        self.causation_id = Some(id);
+        self
+    }
+
+    /// Adds a metadata entry copied into every produced event.
+    #[must_use]
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// What a successful command did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandOutcome<E> {
+    /// The stream the command targeted.
+    pub stream_id: StreamId,
+    /// The stream's version after the command (unchanged if it emitted nothing).
+    pub version: u64,
+    /// The events stored, with their envelopes; empty if the command emitted nothing.
+    pub events: Vec<EventEnvelope<E>>,
+    /// How many times the command was handled (more than 1 after conflicts).
+    pub attempts: u32,
+}
+
+/// An aggregate's state rebuilt from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded<A> {
+    /// The state.
+    pub state: A,
+    /// The stream version it includes (0: no events).
+    pub version: u64,
+}
+
+/// Handles commands for aggregate `A` against store `S`.
+///
+/// For each command: load the state (cached state, or latest snapshot, plus the events after it),
+/// let [`Aggregate::handle`] decide, append the events expecting the loaded version, and on a
+/// [`Conflict`](crate::Conflict) reload and retry under the [`RetryPolicy`]. Snapshots are taken
+/// by the [`SnapshotPolicy`]. Cheap to clone; clones share the cache and the services.
+///
+/// ```
+/// # use esframe_core::{CommandHandler, RetryPolicy, SnapshotPolicy, SnapshotStore, Aggregate};
+/// # fn build<A: Aggregate<Services = ()>, S: SnapshotStore>(store: S) -> CommandHandler<A, S> {
+/// CommandHandler::<A, S>::new(store)
+///     .retry_policy(RetryPolicy::attempts(20))
+///     .snapshot_policy(SnapshotPolicy::every(50))
+///     .state_cache(1_000)
+/// # }
+/// ```
+pub struct CommandHandler<A: Aggregate, S> {
+    store: S,
+    services: Arc<A::Services>,
+    retry: RetryPolicy,
+    snapshots: SnapshotPolicy,
+    cache: Option<Arc<StateCache<A>>>,
+}
+
+impl<A: Aggregate, S: Clone> Clone for CommandHandler<A, S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            services: Arc::clone(&self.services),
+            retry: self.retry,
+            snapshots: self.snapshots,
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+impl<A: Aggregate, S> std::fmt::Debug for CommandHandler<A, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandHandler")
+            .field("aggregate", &A::TYPE)
+            .field("retry", &self.retry)
+            .field("snapshots", &self.snapshots)
+            .field("state_cache", &self.cache.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S>
+where
+    A::Services: Default,
+{
+    /// A handler with default services, retry and snapshot policies and state cache.
+    pub fn new(store: S) -> Self {
+        Self::with_services(store, A::Services::default())
+    }
+}
+
+impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
+    /// A handler whose aggregate calls `services`.
+    pub fn with_services(store: S, services: A::Services) -> Self {
+        Self {
+            store,
+            services: Arc::new(services),
+            retry: RetryPolicy::default(),
+            snapshots: SnapshotPolicy::default(),
+            cache: Some(Arc::new(StateCache::new(DEFAULT_STATE_CACHE_CAPACITY))),
+        }
+    }
+
+    /// Sets the retry policy for concurrency conflicts.
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Sets when snapshots are taken.
+    #[must_use]
+    pub fn snapshot_policy(mut self, policy: SnapshotPolicy) -> Self {
+        self.snapshots = policy;
+        self
+    }
+
+    /// Keeps up to `capacity` aggregate states in memory between commands.
+    #[must_use]
+    pub fn state_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(Arc::new(StateCache::new(capacity)));
+        self
+    }
+
+    /// Loads every aggregate from the store for every command.
+    #[must_use]
+    pub fn without_state_cache(mut self) -> Self {
+        self.cache = None;
+        self
+    }
+
+    /// The store this handler writes to.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Handles `command` with ids generated or taken from the command.
+    pub async fn execute(
+        &self,
+        command: A::Command,
+    ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
+        self.execute_with(command, CommandContext::default()).await
+    }
+
+    /// Handles `command`; correlation, causation and metadata come from `context`.
+    pub async fn execute_with(
+        &self,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
+        let stream = StreamId::new(command.aggregate_id())?;
+        let span = tracing::debug_span!("esframe.command", aggregate = A::TYPE, stream = %stream);
+        self.run(stream, command, context).instrument(span).await
+    }
+
+    /// Rebuilds the current state of aggregate `aggregate_id` from its snapshot and events.
+    pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
+        let stream = StreamId::new(aggregate_id)?;
+        let (state, version, _) = self.load_state(&stream, false).await?;
+        Ok(Loaded { state, version })
+    }
+
+    async fn run(
+        &self,
+        stream: StreamId,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
+        let command_id = context
+            .command_id
+            .or_else(|| command.command_id())
+            .unwrap_or_else(Uuid::now_v7);
+        let mut extra = command.metadata();
+        extra.extend(context.metadata);
+        let metadata = EventMetadata {
+            correlation_id: Some(context.correlation_id.unwrap_or(command_id)),
+            causation_id: Some(context.causation_id.unwrap_or(command_id)),
+            extra,
+        };
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut state, version, snapshot_unusable) =
+                self.load_state(&stream, attempt == 1).await?;
+            let mut decision = Decision::new(&mut state, &stream, version);
+            let decided = A::handle(&mut decision, &command, &self.services).await;
+            let emitted = decision.into_emitted();
+            if let Err(rejection) = decided {
+                if emitted.is_empty() {
+                    self.cache_put(&stream, version, state);
+                }
+                return Err(CommandError::Rejected(rejection));
+            }
+            if emitted.is_empty() {
+                self.cache_put(&stream, version, state);
+                return Ok(CommandOutcome {
+                    stream_id: stream,
+                    version,
+                    events: Vec::new(),
+                    attempts: attempt,
+                });
+            }
+
+            let new_events = emitted
+                .iter()
+                .map(|event| {
+                    let payload = crate::Event::to_payload(event).map_err(|source| {
+                        CommandError::Encode {
+                            stream: stream.clone(),
+                            event_type: crate::Event::event_type(event),
+                            source,
+                        }
+                    })?;
+                    Ok(NewEvent {
+                        event_id: Uuid::now_v7(),
+                        aggregate_type: Cow::Borrowed(A::TYPE),
+                        event_type: Cow::Borrowed(crate::Event::event_type(event)),
+                        schema_version: crate::Event::schema_version(event),
+                        payload,
+                        metadata: metadata.clone(),
+                    })
+                })
+                .collect::<Result<Vec<_>, CommandError<A::Error>>>()?;
+            let event_ids: Vec<Uuid> = new_events.iter().map(|e| e.event_id).collect();
+            let new_version = version + emitted.len() as u64;
+            let expected = if version == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(version)
+            };
+
+            let appended = match self.snapshot_of(&stream, &state, version, new_version, snapshot_unusable) {
+                Some(snapshot) => {
+                    self.store
+                        .append_with_snapshot(&stream, expected, new_events, snapshot)
+                        .await
+                }
+                None => self.store.append(&stream, expected, new_events).await,
+            };
+            match appended {
+                Ok(outcome) => {
+                    self.cache_put(&stream, outcome.stream_version, state);
+                    tracing::debug!(version = outcome.stream_version, events = emitted.len(), attempt, "command stored");
+                    let events = emitted
+                        .into_iter()
+                        .zip(event_ids)
+                        .zip(outcome.positions)
+                        .enumerate()
+                        .map(|(i, ((event, event_id), position))| EventEnvelope {
+                            event_id,
+                            stream_id: stream.clone(),
+                            aggregate_type: A::TYPE.to_owned(),
+                            stream_version: version + 1 + i as u64,
+                            global_position: position,
+                            recorded_at: outcome.recorded_at,
+                            event_type: crate::Event::event_type(&event).to_owned(),
+                            schema_version: crate::Event::schema_version(&event),
+                            payload: event,
+                            metadata: metadata.clone(),
+                        })
+                        .collect();
+                    return Ok(CommandOutcome {
+                        stream_id: stream,
+                        version: outcome.stream_version,
+                        events,
+                        attempts: attempt,
+                    });
+                }
+                Err(StoreError::Conflict(conflict)) => {
+                    if attempt >= self.retry.max_attempts() {
+                        return Err(CommandError::Conflict {
+                            conflict,
+                            attempts: attempt,
+                        });
+                    }
+                    tracing::debug!(%conflict, attempt, "conflict; retrying");
+                    tokio::time::sleep(self.retry.jittered_backoff(attempt)).await;
+                }
+                Err(other) => return Err(CommandError::Store(other)),
+            }
+        }
+    }
+
+    /// Builds the snapshot to store with this append, if the policy asks for one.
+    fn snapshot_of(
+        &self,
+        stream: &StreamId,
+        state: &A,
+        from: u64,
+        to: u64,
+        stored_snapshot_unusable: bool,
+    ) -> Option<Snapshot> {
+        if !self.snapshots.is_due(from, to, stored_snapshot_unusable) {
+            return None;
+        }
+        match state.to_snapshot() {
+            Ok(value) => Some(Snapshot {
+                stream_id: stream.clone(),
+                aggregate_type: A::TYPE.to_owned(),
+                version: to,
+                schema_version: A::SNAPSHOT_VERSION,
+                state: value,
+                taken_at: Utc::now(),
+            }),
+            Err(err) => {
+                tracing::warn!(stream = %stream, error = %err, "cannot serialize snapshot; appending without one");
+                None
+            }
+        }
+    }
+
+    fn cache_put(&self, stream: &StreamId, version: u64, state: A) {
+        if let Some(cache) = &self.cache {
+            cache.put(stream, version, state);
+        }
+    }
+
+    /// State, version, and whether a stored snapshot had to be ignored.
+    async fn load_state(
+        &self,
+        stream: &StreamId,
+        use_cache: bool,
+    ) -> Result<(A, u64, bool), CommandError<A::Error>> {
+        let cached = match (&self.cache, use_cache) {
+            (Some(cache), true) => cache.take(stream),
+            _ => None,
+        };
+        let (mut state, mut version, unusable) = match cached {
+            Some((version, state)) => (state, version, false),
+            None => self.load_snapshot(stream).await?,
+        };
+        for recorded in self.store.read_stream(stream, version + 1).await? {
+            if recorded.aggregate_type != A::TYPE {
+                return Err(CommandError::WrongAggregateType {
+                    stream: stream.clone(),
+                    expected: A::TYPE,
+                    found: recorded.aggregate_type,
+                    version: recorded.stream_version,
+                });
+            }
+            let event = recorded.decode::<A::Event>()?;
+            state.apply(&event);
+            version = recorded.stream_version;
+        }
+        Ok((state, version, unusable))
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<(A, u64, bool), StoreError> {
+        let Some(snapshot) = self.store.load_snapshot(stream).await? else {
+            return Ok((A::default(), 0, false));
+        };
+        if snapshot.aggregate_type != A::TYPE || snapshot.schema_version != A::SNAPSHOT_VERSION {
+            tracing::info!(
+                stream = %stream,
+                stored = snapshot.schema_version,
+                current = A::SNAPSHOT_VERSION,
+                "ignoring snapshot of another aggregate version; rebuilding from events"
+            );
+            return Ok((A::default(), 0, true));
+        }
+        match A::from_snapshot(&snapshot.state) {
+            Ok(state) => Ok((state, snapshot.version, false)),
+            Err(err) => {
+                tracing::warn!(stream = %stream, version = snapshot.version, error = %err, "unreadable snapshot ignored; rebuilding from events");
+                Ok((A::default(), 0, true))
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! # esframe-core
+//!
+//! The heart of esframe, a CQRS and event-sourcing framework: the traits you implement
+//! ([`Aggregate`], [`Command`], [`Event`]), the event envelope, the storage contract
+//! ([`EventStore`], [`SnapshotStore`]), command handling with optimistic concurrency, retries and
+//! snapshots ([`CommandHandler`]), and a given/when/then test kit ([`testkit`]).
+//!
+//! ```
+//! use esframe_core::{Aggregate, Command, Decision, Event};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! enum CounterEvent {
+//!     Incremented { by: u64 },
+//! }
+//!
+//! #[derive(Command)]
+//! struct Increment {
+//!     #[command(aggregate_id)]
+//!     counter: String,
+//!     by: u64,
+//! }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("counter overflow")]
+//! struct Overflow;
+//!
+//! #[derive(Debug, Default, Serialize, Deserialize, Aggregate)]
+//! #[aggregate(command = Increment, event = CounterEvent, error = Overflow)]
+//! struct Counter {
+//!     value: u64,
+//! }
+//!
+//! impl Counter {
+//!     async fn handle(
+//!         decision: &mut Decision<'_, Self>,
+//!         command: &Increment,
+//!         _services: &(),
+//!     ) -> Result<(), Overflow> {
+//!         decision.value.checked_add(command.by).ok_or(Overflow)?;
+//!         decision.emit(CounterEvent::Incremented { by: command.by });
+//!         Ok(())
+//!     }
+//!
+//!     fn apply(&mut self, event: &CounterEvent) {
+//!         match event {
+//!             CounterEvent::Incremented { by } => self.value += by,
+//!         }
+//!     }
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! ## Feature flags
+//!
+//! | feature   | default | what it adds |
+//! |-----------|---------|--------------|
+//! | `derive`  | yes     | `#[derive(Aggregate, Command, Event)]`, re-exported from `esframe-derive` |
+//! | `testing` | no      | [`testing`]: the conformance suite every store backend runs |
+
+mod aggregate;
+mod cache;
+mod command;
+mod envelope;
+mod error;
+mod event;
+mod handler;
+mod policy;
+mod store;
+mod stream_id;
+mod subscription;
+pub mod testkit;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use aggregate::{Aggregate, Decision};
+pub use command::Command;
+pub use envelope::{EventEnvelope, EventMetadata, NewEvent, RecordedEvent};
+pub use error::{CommandError, Conflict, EventDecodeError, StoreError};
+pub use event::{DecodeErrorKind, Event, EventType};
+pub use handler::{
+    CommandContext, CommandHandler, CommandOutcome, DEFAULT_STATE_CACHE_CAPACITY, Loaded,
+};
+pub use policy::{RetryPolicy, SnapshotPolicy};
+pub use store::{AppendOutcome, EventStore, ExpectedVersion, Snapshot, SnapshotStore};
+pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId};
+pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};
+
+#[cfg(feature = "derive")]
+pub use esframe_derive::{Aggregate, Command, Event};

@@ -1,0 +1,139 @@
+//! Retry and snapshot policies of the [`CommandHandler`](crate::CommandHandler).
+
+use std::{num::NonZeroU64, time::Duration};
+
+/// How often a command is retried after a concurrency conflict, and how long to wait between.
+///
+/// Waits grow exponentially from `initial_backoff` up to `max_backoff`, with full jitter (a
+/// uniformly random wait up to the current bound), so competing writers spread out.
+///
+/// ```
+/// use esframe_core::RetryPolicy;
+/// use std::time::Duration;
+/// let policy = RetryPolicy::attempts(5).backoff(Duration::from_millis(2), Duration::from_millis(50));
+/// assert_eq!(policy.max_attempts(), 5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 10 attempts, waits from 1 ms growing to at most 100 ms.
+    fn default() -> Self {
+        Self {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Handle a command at most `max_attempts` times (at least once).
+    pub fn attempts(max_attempts: u32) -> Self {
+        Self {
+            max_attempts: max_attempts.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Never retry: a conflict is returned at once.
+    pub fn no_retry() -> Self {
+        Self::attempts(1)
+    }
+
+    /// Sets the first wait and the cap on waits.
+    #[must_use]
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max.max(initial);
+        self
+    }
+
+    /// The most times a command is handled.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The upper bound of the wait before retry number `retry` (1 = first retry).
+    pub fn backoff_bound(&self, retry: u32) -> Duration {
+        let factor = 1u32 << retry.saturating_sub(1).min(20);
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+
+    /// A random wait in `0..=backoff_bound(retry)`.
+    pub(crate) fn jittered_backoff(&self, retry: u32) -> Duration {
+        let bound = self.backoff_bound(retry);
+        let nanos = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(fastrand::u64(0..=nanos))
+    }
+}
+
+/// When the command handler stores a snapshot of the aggregate's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SnapshotPolicy {
+    /// Never.
+    Never,
+    /// Whenever an append crosses a multiple of N events (and when the stored snapshot was
+    /// unreadable or of another schema version).
+    EveryNEvents(NonZeroU64),
+    /// Every 100 events.
+    #[default]
+    Default,
+}
+
+impl SnapshotPolicy {
+    /// Snapshot every `n` events; `n = 0` means never.
+    pub fn every(n: u64) -> Self {
+        NonZeroU64::new(n).map_or(Self::Never, Self::EveryNEvents)
+    }
+
+    /// Whether an append moving the stream from `from` to `to` should store a snapshot.
+    pub fn is_due(&self, from: u64, to: u64, stored_snapshot_unusable: bool) -> bool {
+        let n = match self {
+            Self::Never => return false,
+            Self::EveryNEvents(n) => n.get(),
+            Self::Default => 100,
+        };
+        stored_snapshot_unusable || from / n != to / n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy::attempts(10)
+            .backoff(Duration::from_millis(1), Duration::from_millis(10));
+        assert_eq!(p.backoff_bound(1), Duration::from_millis(1));
+        assert_eq!(p.backoff_bound(2), Duration::from_millis(2));
+        assert_eq!(p.backoff_bound(4), Duration::from_millis(8));
+        assert_eq!(p.backoff_bound(5), Duration::from_millis(10));
+        assert_eq!(p.backoff_bound(60), Duration::from_millis(10));
+        for retry in 1..10 {
+            assert!(p.jittered_backoff(retry) <= p.backoff_bound(retry));
+        }
+        assert_eq!(RetryPolicy::attempts(0).max_attempts(), 1);
+    }
+
+    #[test]
+    fn snapshot_due_when_crossing_multiples() {
+        let p = SnapshotPolicy::every(10);
+        assert!(!p.is_due(0, 9, false));
+        assert!(p.is_due(9, 10, false));
+        assert!(p.is_due(8, 12, false));
+        assert!(!p.is_due(10, 19, false));
+        assert!(p.is_due(10, 11, true));
+        assert!(!SnapshotPolicy::Never.is_due(0, 1000, true));
+        assert_eq!(SnapshotPolicy::every(0), SnapshotPolicy::Never);
+        assert!(SnapshotPolicy::default().is_due(99, 100, false));
+    }
+}

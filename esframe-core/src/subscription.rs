@@ -1,0 +1,60 @@
+//! Following the global log: stored events first, then live ones.
+
+use std::collections::VecDeque;
+
+use crate::{EventStore, RecordedEvent, StoreError};
+
+/// Default number of events a [`Subscription`] reads per batch.
+pub const DEFAULT_BATCH_SIZE: usize = 512;
+
+/// A cursor over the global log that waits for new events once it has caught up.
+///
+/// Delivers every event with a position greater than the start position exactly once, in global
+/// order, whatever the store's live-notification mechanism does (a missed wake-up only delays).
+#[derive(Debug)]
+pub struct Subscription<S> {
+    store: S,
+    position: u64,
+    batch_size: usize,
+    buffer: VecDeque<RecordedEvent>,
+}
+
+impl<S: EventStore> Subscription<S> {
+    /// Starts after global position `after` (0: from the beginning).
+    pub fn new(store: S, after: u64) -> Self {
+        Self {
+            store,
+            position: after,
+            batch_size: DEFAULT_BATCH_SIZE,
+            buffer: VecDeque::new(),
+        }
+    }
+
+    /// Sets how many events are read per batch.
+    #[must_use]
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// The position of the last event returned by [`Subscription::next`].
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The next event, waiting for one to be appended if the log is exhausted.
+    pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
+        loop {
+            if let Some(event) = self.buffer.pop_front() {
+                self.position = event.global_position;
+                return Ok(event);
+            }
+            let batch = self.store.read_all(self.position, self.batch_size).await?;
+            if batch.is_empty() {
+                self.store.wait_for_events(self.position).await?;
+            } else {
+                self.buffer.extend(batch);
+            }
+        }
+    }
+}

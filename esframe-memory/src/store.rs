@@ -1,0 +1,290 @@
+//! The in-memory store.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
+
+use chrono::Utc;
+use esframe_core::{
+    AppendOutcome, Conflict, EventStore, ExpectedVersion, NewEvent, RecordedEvent, Snapshot,
+    SnapshotStore, StoreError, StreamId,
+};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// An event and snapshot store held in memory.
+///
+/// Cheap to clone: clones share the same data. Safe to use from many tasks at once: appends are
+/// serialized by one write lock, so the expected-version check and the write are one atomic step;
+/// reads run in parallel. Global positions are dense (`1, 2, 3, ...`) and follow append order.
+#[derive(Clone, Debug)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    data: RwLock<Data>,
+    /// Global position of the last appended event; wakes subscriptions.
+    head: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Data {
+    /// The global log: the event at position `p` is `log[p - 1]`.
+    log: Vec<RecordedEvent>,
+    /// For each stream, the log index of each version: version `v` is `streams[s][v - 1]`.
+    streams: HashMap<StreamId, Vec<usize>>,
+    /// Log index of every stored event id.
+    ids: HashMap<Uuid, usize>,
+    snapshots: HashMap<StreamId, Snapshot>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                data: RwLock::new(Data::default()),
+                head: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// Number of events in the store, over all streams.
+    pub fn len(&self) -> usize {
+        self.read().log.len()
+    }
+
+    /// Whether the store holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // A panic while a lock is held cannot leave the data half-written (every write step below
+    // is infallible once checks pass), so a poisoned lock is safe to recover.
+    fn read(&self) -> RwLockReadGuard<'_, Data> {
+        self.inner.data.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Data> {
+        self.inner.data.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn append_sync(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: Option<Snapshot>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let outcome = {
+            let mut data = self.write();
+            if let Some(original) = data.deduplicate(stream, &events)? {
+                return Ok(original);
+            }
+            let outcome = data.append(stream, expected, events)?;
+            if let Some(snapshot) = snapshot {
+                if snapshot.version == outcome.stream_version {
+                    data.save_snapshot(snapshot);
+                }
+            }
+            outcome
+        };
+        if let Some(&last) = outcome.positions.last() {
+            self.inner.head.send_if_modified(|head| {
+                let moved = last > *head;
+                if moved {
+                    *head = last;
+                }
+                moved
+            });
+        }
+        Ok(outcome)
+    }
+}
+
+impl Data {
+    /// `Some(original outcome)` if every event id is already stored with the same content.
+    fn deduplicate(
+        &self,
+        stream: &StreamId,
+        events: &[NewEvent],
+    ) -> Result<Option<AppendOutcome>, StoreError> {
+        if events.len() > 1 {
+            let mut seen = HashSet::with_capacity(events.len());
+            if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
+                return Err(StoreError::DuplicateIdInBatch {
+                    stream: stream.clone(),
+                    event_id: dup.event_id,
+                });
+            }
+        }
+        let mut stored = Vec::new();
+        for event in events {
+            if let Some(&index) = self.ids.get(&event.event_id) {
+                let existing = &self.log[index];
+                if !event.same_content(stream, existing) {
+                    return Err(StoreError::EventIdReused {
+                        event_id: event.event_id,
+                        stream: stream.clone(),
+                        stored_stream: existing.stream_id.clone(),
+                        stored_version: existing.stream_version,
+                    });
+                }
+                stored.push(existing);
+            }
+        }
+        match stored.first() {
+            None => Ok(None),
+            Some(first) if stored.len() < events.len() => Err(StoreError::PartialDuplicate {
+                stream: stream.clone(),
+                stored_event_id: first.event_id,
+            }),
+            Some(first) => Ok(Some(AppendOutcome {
+                stream_version: stored.iter().map(|e| e.stream_version).max().unwrap_or(0),
+                positions: stored.iter().map(|e| e.global_position).collect(),
+                recorded_at: first.recorded_at,
+                deduplicated: true,
+            })),
+        }
+    }
+
+    fn append(
+        &mut self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let current = self.streams.get(stream).map_or(0, Vec::len) as u64;
+        let actual = (current > 0).then_some(current);
+        if !expected.accepts(actual) {
+            return Err(Conflict {
+                stream: stream.clone(),
+                expected,
+                actual,
+            }
+            .into());
+        }
+        let recorded_at = Utc::now();
+        let mut positions = Vec::with_capacity(events.len());
+        if events.is_empty() {
+            return Ok(AppendOutcome {
+                stream_version: current,
+                positions,
+                recorded_at,
+                deduplicated: false,
+            });
+        }
+        let indices = self.streams.entry(stream.clone()).or_default();
+        for event in events {
+            let index = self.log.len();
+            let position = index as u64 + 1;
+            indices.push(index);
+            self.ids.insert(event.event_id, index);
+            self.log.push(RecordedEvent {
+                event_id: event.event_id,
+                stream_id: stream.clone(),
+                aggregate_type: event.aggregate_type.into_owned(),
+                stream_version: indices.len() as u64,
+                global_position: position,
+                recorded_at,
+                event_type: event.event_type.into_owned(),
+                schema_version: event.schema_version,
+                payload: event.payload,
+                metadata: event.metadata,
+            });
+            positions.push(position);
+        }
+        Ok(AppendOutcome {
+            stream_version: indices.len() as u64,
+            positions,
+            recorded_at,
+            deduplicated: false,
+        })
+    }
+
+    fn save_snapshot(&mut self, snapshot: Snapshot) {
+        match self.snapshots.get(&snapshot.stream_id) {
+            Some(existing) if existing.version > snapshot.version => {}
+            _ => {
+                self.snapshots.insert(snapshot.stream_id.clone(), snapshot);
+            }
+        }
+    }
+}
+
+impl EventStore for MemoryStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.append_sync(stream, expected, events, None)
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let data = self.read();
+        let Some(indices) = data.streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
+        Ok(indices
+            .iter()
+            .skip(skip)
+            .map(|&i| data.log[i].clone())
+            .collect())
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>, StoreError> {
+        Ok(self.read().streams.get(stream).map(|v| v.len() as u64))
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let data = self.read();
+        let start = usize::try_from(after).unwrap_or(usize::MAX).min(data.log.len());
+        let end = start.saturating_add(limit).min(data.log.len());
+        Ok(data.log[start..end].to_vec())
+    }
+
+    async fn wait_for_events(&self, after: u64) -> Result<(), StoreError> {
+        let mut head = self.inner.head.subscribe();
+        // The sender lives as long as the store; an error cannot happen while `self` exists.
+        let _ = head.wait_for(|&position| position > after).await;
+        Ok(())
+    }
+}
+
+impl SnapshotStore for MemoryStore {
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        self.write().save_snapshot(snapshot);
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.read().snapshots.get(stream).cloned())
+    }
+
+    /// Appends and stores the snapshot under one lock: both or neither.
+    async fn append_with_snapshot(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: Snapshot,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.append_sync(stream, expected, events, Some(snapshot))
+    }
+}

@@ -1,0 +1,389 @@
+//! The command handler against the memory store: concurrency, retries, snapshots, cache, errors.
+//! The aggregate is implemented by hand (no derive) to show the traits on their own.
+
+use std::sync::Arc;
+
+use esframe_core::{
+    Aggregate, Command, CommandContext, CommandError, CommandHandler, Decision, DecodeErrorKind,
+    Event, EventMetadata, EventStore, EventType, ExpectedVersion, NewEvent, RetryPolicy, Snapshot,
+    SnapshotPolicy, SnapshotStore, StreamId,
+};
+use esframe_memory::MemoryStore;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum CounterEvent {
+    Added { n: u64 },
+}
+
+impl Event for CounterEvent {
+    fn event_types() -> &'static [EventType] {
+        const TYPES: &[EventType] = &[EventType::new("Added", 1)];
+        TYPES
+    }
+    fn event_type(&self) -> &'static str {
+        "Added"
+    }
+    fn schema_version(&self) -> u32 {
+        1
+    }
+    fn to_payload(&self) -> Result<Value, serde_json::Error> {
+        let Self::Added { n } = self;
+        Ok(json!({ "n": n }))
+    }
+    fn from_payload(event_type: &str, payload: &Value) -> Result<Self, DecodeErrorKind> {
+        match event_type {
+            "Added" => {
+                #[derive(Deserialize)]
+                struct Added {
+                    n: u64,
+                }
+                let added = Added::deserialize(payload).map_err(DecodeErrorKind::Payload)?;
+                Ok(Self::Added { n: added.n })
+            }
+            _ => Err(DecodeErrorKind::UnknownType),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum CounterCommand {
+    Add { id: String, n: u64 },
+    /// Adds `n` twice; the second event is only emitted if the first left the total below `limit`.
+    AddTwiceBelow { id: String, n: u64, limit: u64 },
+    Reject { id: String },
+}
+
+impl Command for CounterCommand {
+    fn aggregate_id(&self) -> String {
+        match self {
+            Self::Add { id, .. } | Self::AddTwiceBelow { id, .. } | Self::Reject { id } => {
+                id.clone()
+            }
+        }
+    }
+    fn metadata(&self) -> serde_json::Map<String, Value> {
+        let mut map = serde_json::Map::new();
+        map.insert("source".into(), json!("test"));
+        map
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("rejected on purpose")]
+struct Rejected;
+
+/// Services: optionally a store to write to behind the handler's back (a concurrent writer).
+#[derive(Default)]
+struct Meddler(Option<MemoryStore>);
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Counter {
+    total: u64,
+    applied: u64,
+}
+
+impl Aggregate for Counter {
+    const TYPE: &'static str = "counter";
+    type Command = CounterCommand;
+    type Event = CounterEvent;
+    type Error = Rejected;
+    type Services = Meddler;
+
+    async fn handle(
+        decision: &mut Decision<'_, Self>,
+        command: &CounterCommand,
+        services: &Meddler,
+    ) -> Result<(), Rejected> {
+        if let Some(store) = &services.0 {
+            let sneaky = NewEvent::from_event(Self::TYPE, &CounterEvent::Added { n: 0 }).unwrap();
+            store
+                .append(decision.stream_id(), ExpectedVersion::Any, vec![sneaky])
+                .await
+                .unwrap();
+        }
+        match command {
+            CounterCommand::Add { n, .. } => {
+                decision.emit(CounterEvent::Added { n: *n });
+            }
+            CounterCommand::AddTwiceBelow { n, limit, .. } => {
+                let after_first = decision.emit(CounterEvent::Added { n: *n }).total;
+                if after_first < *limit {
+                    decision.emit(CounterEvent::Added { n: *n });
+                }
+            }
+            CounterCommand::Reject { .. } => return Err(Rejected),
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: &CounterEvent) {
+        let CounterEvent::Added { n } = event;
+        self.total += n;
+        self.applied += 1;
+    }
+
+    fn to_snapshot(&self) -> Result<Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
+
+    fn from_snapshot(state: &Value) -> Result<Self, serde_json::Error> {
+        Self::deserialize(state)
+    }
+}
+
+fn add(id: &str, n: u64) -> CounterCommand {
+    CounterCommand::Add { id: id.into(), n }
+}
+
+fn sid(id: &str) -> StreamId {
+    StreamId::new(id).unwrap()
+}
+
+#[tokio::test]
+async fn stores_events_with_envelopes_and_propagates_ids() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone());
+    let correlation = Uuid::now_v7();
+    let command_id = Uuid::now_v7();
+    let ctx = CommandContext::new()
+        .command_id(command_id)
+        .correlation_id(correlation)
+        .metadata("user", "ada");
+    let outcome = handler.execute_with(add("c1", 5), ctx).await.unwrap();
+    assert_eq!(outcome.version, 1);
+    assert_eq!(outcome.attempts, 1);
+    assert_eq!(outcome.events.len(), 1);
+    let envelope = &outcome.events[0];
+    assert_eq!(envelope.payload, CounterEvent::Added { n: 5 });
+    assert_eq!(envelope.stream_version, 1);
+    assert_eq!(envelope.event_id.get_version_num(), 7, "event ids are UUIDv7");
+
+    let stored = store.read_stream(&sid("c1"), 1).await.unwrap();
+    assert_eq!(stored[0].event_id, envelope.event_id);
+    assert_eq!(stored[0].global_position, envelope.global_position);
+    assert_eq!(stored[0].aggregate_type, "counter");
+    assert_eq!(stored[0].metadata.correlation_id, Some(correlation));
+    assert_eq!(stored[0].metadata.causation_id, Some(command_id));
+    assert_eq!(stored[0].metadata.extra["user"], json!("ada"));
+    assert_eq!(stored[0].metadata.extra["source"], json!("test"), "command metadata flows too");
+
+    // Without a context the command id is generated and is both correlation and causation.
+    let second = handler.execute(add("c1", 1)).await.unwrap();
+    let meta = &second.events[0].metadata;
+    assert!(meta.correlation_id.is_some());
+    assert_eq!(meta.correlation_id, meta.causation_id);
+}
+
+#[tokio::test]
+async fn handler_sees_state_after_each_emitted_event() {
+    let handler = CommandHandler::<Counter, _>::new(MemoryStore::new());
+    let both = handler
+        .execute(CounterCommand::AddTwiceBelow { id: "t".into(), n: 3, limit: 5 })
+        .await
+        .unwrap();
+    assert_eq!(both.events.len(), 2, "3 < 5 after the first event, so a second one");
+    let one = handler
+        .execute(CounterCommand::AddTwiceBelow { id: "t".into(), n: 3, limit: 5 })
+        .await
+        .unwrap();
+    assert_eq!(one.events.len(), 1, "9 >= 5 after the first event");
+    assert_eq!(handler.load("t").await.unwrap().state.total, 9);
+}
+
+#[tokio::test]
+async fn rejection_is_a_domain_error_and_stores_nothing() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone());
+    handler.execute(add("r", 1)).await.unwrap();
+    let err = handler.execute(CounterCommand::Reject { id: "r".into() }).await.unwrap_err();
+    assert!(matches!(err, CommandError::Rejected(Rejected)), "{err:?}");
+    assert_eq!(store.len(), 1);
+    // The cached state survived the rejection intact.
+    handler.execute(add("r", 2)).await.unwrap();
+    assert_eq!(handler.load("r").await.unwrap().state, Counter { total: 3, applied: 2 });
+}
+
+#[tokio::test]
+async fn invalid_aggregate_id_is_a_typed_error() {
+    let handler = CommandHandler::<Counter, _>::new(MemoryStore::new());
+    let err = handler.execute(add("bad\0id", 1)).await.unwrap_err();
+    assert!(matches!(err, CommandError::InvalidAggregateId(_)), "{err:?}");
+    let err = handler.execute(add(&"x".repeat(10_000), 1)).await.unwrap_err();
+    assert!(err.to_string().contains("10000 bytes"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commands_on_one_aggregate_lose_nothing() {
+    for cached in [true, false] {
+        let store = MemoryStore::new();
+        let mut handler = CommandHandler::<Counter, _>::new(store.clone())
+            .retry_policy(RetryPolicy::attempts(1_000));
+        if !cached {
+            handler = handler.without_state_cache();
+        }
+        let tasks: Vec<_> = (0..32)
+            .map(|task| {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let mut retried = 0;
+                    for _ in 0..10 {
+                        let outcome = handler.execute(add("hot", task + 1)).await.unwrap();
+                        retried += outcome.attempts - 1;
+                    }
+                    retried
+                })
+            })
+            .collect();
+        let mut retries = 0;
+        for t in tasks {
+            retries += t.await.unwrap();
+        }
+        let expected_total: u64 = (1..=32).map(|n| n * 10).sum();
+        let loaded = handler.load("hot").await.unwrap();
+        assert_eq!(loaded.state.total, expected_total, "cached = {cached}");
+        assert_eq!(loaded.version, 320);
+        assert_eq!(store.len(), 320);
+        println!("cached = {cached}: {retries} retries after conflicts");
+    }
+}
+
+#[tokio::test]
+async fn gives_up_after_the_retry_policy_is_exhausted() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::with_services(store.clone(), Meddler(Some(store.clone())))
+        .retry_policy(RetryPolicy::attempts(3));
+    let err = handler.execute(add("meddled", 1)).await.unwrap_err();
+    match err {
+        CommandError::Conflict { attempts, conflict } => {
+            assert_eq!(attempts, 3);
+            assert_eq!(conflict.stream, sid("meddled"));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // Only the meddler's three events were stored.
+    assert_eq!(store.len(), 3);
+}
+
+#[tokio::test]
+async fn takes_snapshots_by_policy_and_loads_from_them() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone())
+        .snapshot_policy(SnapshotPolicy::every(10))
+        .without_state_cache();
+    for _ in 0..25 {
+        handler.execute(add("s", 1)).await.unwrap();
+    }
+    let snapshot = store.load_snapshot(&sid("s")).await.unwrap().expect("snapshot taken");
+    assert_eq!(snapshot.version, 20);
+    assert_eq!(snapshot.state, json!({ "total": 20, "applied": 20 }));
+
+    // Prove loads start from the snapshot: plant one with a marker state.
+    store
+        .save_snapshot(Snapshot { state: json!({ "total": 1000, "applied": 20 }), ..snapshot })
+        .await
+        .unwrap();
+    let loaded = handler.load("s").await.unwrap();
+    assert_eq!(loaded.version, 25);
+    assert_eq!(loaded.state, Counter { total: 1005, applied: 25 });
+}
+
+#[tokio::test]
+async fn unusable_snapshots_are_ignored_and_replaced() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone())
+        .snapshot_policy(SnapshotPolicy::every(1_000))
+        .without_state_cache();
+    for _ in 0..3 {
+        handler.execute(add("u", 2)).await.unwrap();
+    }
+    let planted = |schema_version, state| Snapshot {
+        stream_id: sid("u"),
+        aggregate_type: "counter".into(),
+        version: 3,
+        schema_version,
+        state,
+        taken_at: chrono::Utc::now(),
+    };
+    for bad in [planted(1, json!("garbage")), planted(99, json!({ "total": 1000, "applied": 3 }))] {
+        store.save_snapshot(bad).await.unwrap();
+        let loaded = handler.load("u").await.unwrap();
+        assert_eq!(loaded.state.total, 6 + 2 * (loaded.version - 3), "rebuilt from events");
+        handler.execute(add("u", 2)).await.unwrap();
+        let fresh = store.load_snapshot(&sid("u")).await.unwrap().unwrap();
+        assert_eq!(fresh.schema_version, Counter::SNAPSHOT_VERSION, "a fresh snapshot replaced it");
+        assert_eq!(fresh.state["total"], json!(6 + 2 * (fresh.version - 3)));
+    }
+}
+
+#[tokio::test]
+async fn cached_state_catches_up_with_other_writers() {
+    let store = MemoryStore::new();
+    let first = CommandHandler::<Counter, _>::new(store.clone());
+    let second = CommandHandler::<Counter, _>::new(store.clone());
+    first.execute(add("shared", 1)).await.unwrap();
+    second.execute(add("shared", 10)).await.unwrap();
+    second.execute(add("shared", 100)).await.unwrap();
+    let outcome = first.execute(add("shared", 1000)).await.unwrap();
+    assert_eq!(outcome.version, 4);
+    assert_eq!(outcome.attempts, 1, "the cached state read the newer events before deciding");
+    assert_eq!(first.load("shared").await.unwrap().state.total, 1111);
+}
+
+#[tokio::test]
+async fn undecodable_stored_events_are_typed_errors() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone()).without_state_cache();
+    let raw = |event_type: &str, schema_version, payload: Value| NewEvent {
+        event_id: Uuid::now_v7(),
+        aggregate_type: "counter".into(),
+        event_type: event_type.to_owned().into(),
+        schema_version,
+        payload,
+        metadata: EventMetadata::default(),
+    };
+    let cases = [
+        ("unknown", raw("Exploded", 1, json!({}))),
+        ("too-new", raw("Added", 2, json!({ "n": 1 }))),
+        ("corrupt", raw("Added", 1, json!({ "n": "lots" }))),
+    ];
+    for (id, event) in cases {
+        store.append(&sid(id), ExpectedVersion::Any, vec![event]).await.unwrap();
+        let err = handler.execute(add(id, 1)).await.unwrap_err();
+        let CommandError::Decode(decode) = &err else { panic!("{id}: expected Decode, got {err:?}") };
+        assert_eq!(decode.stream, sid(id));
+        assert_eq!(decode.stream_version, 1);
+        match (id, &decode.kind) {
+            ("unknown", DecodeErrorKind::UnknownType)
+            | ("too-new", DecodeErrorKind::VersionTooNew { stored: 2, current: 1 })
+            | ("corrupt", DecodeErrorKind::Payload(_)) => {}
+            _ => panic!("{id}: wrong kind {:?}", decode.kind),
+        }
+        assert!(err.to_string().contains(&format!("stream `{id}`")), "{err}");
+        assert_eq!(store.read_stream(&sid(id), 1).await.unwrap().len(), 1, "nothing changed");
+    }
+}
+
+#[tokio::test]
+async fn streams_of_another_aggregate_type_are_refused() {
+    let store = MemoryStore::new();
+    let mut foreign = NewEvent::from_event("order", &CounterEvent::Added { n: 1 }).unwrap();
+    foreign.aggregate_type = "order".into();
+    store.append(&sid("o-1"), ExpectedVersion::Any, vec![foreign]).await.unwrap();
+    let handler = CommandHandler::<Counter, _>::new(store);
+    let err = handler.execute(add("o-1", 1)).await.unwrap_err();
+    assert!(
+        matches!(&err, CommandError::WrongAggregateType { found, .. } if found == "order"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn handlers_share_one_cache_across_clones() {
+    let handler = Arc::new(CommandHandler::<Counter, _>::new(MemoryStore::new()));
+    let clone = (*handler).clone();
+    handler.execute(add("k", 1)).await.unwrap();
+    assert_eq!(clone.execute(add("k", 1)).await.unwrap().version, 2);
+}
