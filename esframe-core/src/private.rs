@@ -33,7 +33,10 @@ pub fn encode_variant<T: Serialize + ?Sized>(event: &T) -> Result<Value, serde_j
 
 /// Deserializes variant number `index` (declaration order) of an enum from its data alone, so
 /// serde renames on the enum do not change what is stored.
-pub fn decode_variant<T: DeserializeOwned>(index: u32, payload: &Value) -> Result<T, DecodeErrorKind> {
+pub fn decode_variant<T: DeserializeOwned>(
+    index: u32,
+    payload: &Value,
+) -> Result<T, DecodeErrorKind> {
     T::deserialize(VariantDeserializer { index, payload }).map_err(DecodeErrorKind::Payload)
 }
 
@@ -51,9 +54,6 @@ pub fn decode_snapshot<T: DeserializeOwned>(state: &Value) -> Result<T, serde_js
 pub fn unknown_event_type<T>() -> Result<T, DecodeErrorKind> {
     Err(DecodeErrorKind::UnknownType)
 }
-
-/// Compile-time check that a derived type meets a bound; called from spanned generated code.
-pub fn assert_serde<T: Serialize + DeserializeOwned>() {}
 
 /// Compile-time check that a field can name an aggregate.
 pub fn assert_display<T: std::fmt::Display + ?Sized>(_: &T) {}
@@ -114,11 +114,18 @@ impl<'de> VariantAccess<'de> for VariantData<'de> {
         }
     }
 
-    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Self::Error> {
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(
+        self,
+        seed: T,
+    ) -> Result<T::Value, Self::Error> {
         seed.deserialize(self.0)
     }
 
-    fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Self::Error> {
+    fn tuple_variant<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
         self.0.deserialize_seq(visitor)
     }
 
@@ -141,6 +148,9 @@ fn unexpected(value: &Value) -> de::Unexpected<'_> {
         Value::Object(_) => de::Unexpected::Map,
     }
 }
+
+/// The type of `Command::command_id`, for the `#[command(command_id)]` field conversion.
+pub use uuid::Uuid;
 
 #[cfg(test)]
 mod tests {
@@ -168,7 +178,11 @@ mod tests {
             (0, Sample::Unit, json!(null)),
             (1, Sample::Newtype(7), json!(7)),
             (2, Sample::Tuple(1, "x".into()), json!([1, "x"])),
-            (3, Sample::Struct { a: 1, b: None }, json!({"a": 1, "b": null})),
+            (
+                3,
+                Sample::Struct { a: 1, b: None },
+                json!({"a": 1, "b": null}),
+            ),
         ];
         for (index, value, stored) in cases {
             assert_eq!(encode_variant(&value).unwrap(), stored);

@@ -1,0 +1,235 @@
+//! # esframe-derive
+//!
+//! The derive macros of esframe: `#[derive(Event)]`, `#[derive(Command)]` and
+//! `#[derive(Aggregate)]`. Use them through `esframe_core`, which re-exports each derive under
+//! the name of the trait it implements (as serde does), so one import brings both:
+//!
+//! ```
+//! use esframe_core::{Aggregate, Command, Decision, Event};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! enum AccountEvent {
+//!     #[event(name = "AccountOpened")]
+//!     Opened { owner: String },
+//!     #[event(version = 2)]
+//!     Deposited { amount: u64 },
+//! }
+//!
+//! #[derive(Command)]
+//! #[command(aggregate_id = account_id)]
+//! enum AccountCommand {
+//!     Open { account_id: String, owner: String },
+//!     Deposit { account_id: String, amount: u64 },
+//! }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! enum AccountError {
+//!     #[error("the account is already open")]
+//!     AlreadyOpen,
+//! }
+//!
+//! #[derive(Debug, Default, Serialize, Deserialize, Aggregate)]
+//! #[aggregate(name = "account", command = AccountCommand, event = AccountEvent, error = AccountError)]
+//! struct Account {
+//!     owner: Option<String>,
+//!     balance: u64,
+//! }
+//!
+//! impl Account {
+//!     async fn handle(
+//!         decision: &mut Decision<'_, Self>,
+//!         command: &AccountCommand,
+//!         _services: &(),
+//!     ) -> Result<(), AccountError> {
+//!         match command {
+//!             AccountCommand::Open { .. } if decision.owner.is_some() => {
+//!                 return Err(AccountError::AlreadyOpen);
+//!             }
+//!             AccountCommand::Open { owner, .. } => {
+//!                 decision.emit(AccountEvent::Opened { owner: owner.clone() });
+//!             }
+//!             AccountCommand::Deposit { amount, .. } => {
+//!                 decision.emit(AccountEvent::Deposited { amount: *amount });
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//!
+//!     fn apply(&mut self, event: &AccountEvent) {
+//!         match event {
+//!             AccountEvent::Opened { owner } => self.owner = Some(owner.clone()),
+//!             AccountEvent::Deposited { amount } => self.balance += amount,
+//!         }
+//!     }
+//! }
+//!
+//! # fn main() {
+//! let opened = AccountEvent::Opened { owner: "ada".into() };
+//! assert_eq!(opened.event_type(), "AccountOpened");
+//! assert_eq!(opened.to_payload().unwrap(), serde_json::json!({"owner": "ada"}));
+//! let deposit = AccountCommand::Deposit { account_id: "acc-1".into(), amount: 5 };
+//! assert_eq!(deposit.aggregate_id(), "acc-1");
+//! assert_eq!(Account::TYPE, "account");
+//! # }
+//! ```
+//!
+//! All three derives accept type parameters (bounds the generated code needs are added to the
+//! impl's `where` clause) and reject lifetime parameters: events, commands and aggregates own
+//! their data (the traits require `'static`).
+//!
+//! ## `#[derive(Event)]`
+//!
+//! Implements [`Event`] for an enum with one variant per event type. Unit, tuple and struct
+//! variants are all supported. The enum must also implement serde's `Serialize` and
+//! `Deserialize`; without them the error is reported on the enum's name.
+//!
+//! | attribute | on | meaning | default |
+//! |---|---|---|---|
+//! | `#[event(version = N)]` | the enum | schema version of every variant | `1` |
+//! | `#[event(version = N)]` | a variant | schema version of this event type, overriding the enum's | the enum's |
+//! | `#[event(name = "...")]` | a variant | the stored event type name | the variant's name as written (`r#` removed) |
+//!
+//! Versions are integer literals of at least 1. Names are not empty, contain no whitespace or
+//! control characters, and are unique within the enum.
+//!
+//! **Stored form.** An event is stored as its type name, its schema version and a payload: the
+//! JSON serde produces for the variant's data alone (`null` for a unit variant, the value for a
+//! one-field tuple variant, an array for a longer tuple variant, an object for a struct
+//! variant). The name is stored beside the payload, so the variant's Rust name and its serde name
+//! do not matter to stored data. Reading decodes the payload as the variant at the position the
+//! name maps to, so serde attributes that rename (`rename`, `rename_all`, `alias`) or fill in
+//! fields (`default`) keep working. What is rejected, on the attribute:
+//!
+//! - `#[serde(tag = "...")]`, `#[serde(content = "...")]` and `#[serde(untagged)]` on the enum:
+//!   the event type is stored beside the data, not inside it;
+//! - `#[serde(skip)]`, `skip_serializing`, `skip_deserializing`, `other` and `untagged` on a
+//!   variant: every variant must serialize and deserialize as itself, at its own position.
+//!
+//! The generated impl:
+//!
+//! - `event_types()` lists `EventType::new(name, version)` for every variant, in declaration
+//!   order;
+//! - `event_type(&self)` and `schema_version(&self)` match on the variant;
+//! - `to_payload(&self)` serializes the variant's data;
+//! - `from_payload(event_type, payload)` maps the name to the variant and decodes the payload as
+//!   that variant; an unknown name is `DecodeErrorKind::UnknownType`.
+//!
+//! ## `#[derive(Command)]`
+//!
+//! Implements [`Command`] for a struct or an enum: `aggregate_id()` is the
+//! [`Display`](std::fmt::Display) text of the field that names the target aggregate, and
+//! `command_id()` the field that carries the command's own id, if one is marked.
+//!
+//! | attribute | on | meaning |
+//! |---|---|---|
+//! | `#[command(aggregate_id)]` | a field | this field names the target aggregate; its type implements `Display` |
+//! | `#[command(command_id)]` | a field | this field is the command's id; its type is `Uuid` or `Option<Uuid>` |
+//! | `#[command(aggregate_id = field)]` | an enum | every variant has a field `field` naming the target aggregate |
+//! | `#[command(command_id = field)]` | an enum | every variant has a field `field` holding the command's id |
+//!
+//! `field` is a field name, or a position (`aggregate_id = 0`) for tuple variants. Every struct
+//! and every variant needs exactly one `aggregate_id` field: marked on the field, or named on the
+//! enum (not both). `command_id` is optional: variants without one have no command id.
+//!
+//! ```
+//! use esframe_core::Command;
+//! use uuid::Uuid;
+//!
+//! #[derive(Command)]
+//! struct Deposit {
+//!     #[command(aggregate_id)]
+//!     account_id: String,
+//!     #[command(command_id)]
+//!     request: Option<Uuid>,
+//!     amount: u64,
+//! }
+//!
+//! #[derive(Command)]
+//! struct Close(#[command(aggregate_id)] Uuid, #[command(command_id)] Uuid);
+//!
+//! #[derive(Command)]
+//! enum Transfer {
+//!     Send { #[command(aggregate_id)] from: String, to: String, amount: u64 },
+//!     Cancel(#[command(aggregate_id)] String),
+//! }
+//!
+//! # fn main() {
+//! let id = Uuid::from_u128(1);
+//! assert_eq!(Close(id, id).command_id(), Some(id));
+//! assert_eq!(Transfer::Cancel("acc-2".into()).aggregate_id(), "acc-2");
+//! # }
+//! ```
+//!
+//! ## `#[derive(Aggregate)]`
+//!
+//! Implements [`Aggregate`] for a struct or an enum. The impl names the associated types and
+//! delegates to two **inherent** functions you write in an `impl` block of the type:
+//!
+//! ```text
+//! async fn handle(decision: &mut Decision<'_, Self>, command: &C, services: &S) -> Result<(), E>
+//! fn apply(&mut self, event: &Ev)
+//! ```
+//!
+//! The future `handle` returns must be `Send`. The state is snapshotted with serde, so the type
+//! also implements `Default`, `Serialize` and `Deserialize`.
+//!
+//! | key of `#[aggregate(...)]` | meaning | default |
+//! |---|---|---|
+//! | `command = Type` | `Aggregate::Command`, the commands it handles | required |
+//! | `event = Type` | `Aggregate::Event`, the events it emits and applies | required |
+//! | `error = Type` | `Aggregate::Error`, the domain error a rejected command returns | required |
+//! | `services = Type` | `Aggregate::Services`, what `handle` may call (clock, pricing, ...) | `()` |
+//! | `name = "..."` | `Aggregate::TYPE`, the stable name stored with every event | the type's name as written |
+//! | `snapshot_version = N` | `Aggregate::SNAPSHOT_VERSION`; snapshots of another version are ignored | `1` |
+//!
+//! The keys may be spread over several `#[aggregate(...)]` attributes; each is given once.
+//!
+//! Because the inherent functions have the same names as the trait's, forgetting one would make
+//! the call resolve to the trait method itself. The derive turns that into a compile error on the
+//! type's name, "multiple `handle` found", whose candidates include a trait named
+//! `AddAnInherentFnHandle` (or `AddAnInherentFnApply`): add the inherent function it names.
+//!
+//! ## Diagnostics
+//!
+//! Mistakes are reported on the tokens that hold them (the key, the value, the variant, the
+//! field), all in one compile, and the derive still emits an impl whose bodies never run so that
+//! one mistake does not turn into many errors where the type is used.
+//!
+//! [`Event`]: https://docs.rs/esframe-core/latest/esframe_core/trait.Event.html
+//! [`Command`]: https://docs.rs/esframe-core/latest/esframe_core/trait.Command.html
+//! [`Aggregate`]: https://docs.rs/esframe-core/latest/esframe_core/trait.Aggregate.html
+
+mod aggregate;
+mod attr;
+mod command;
+mod errors;
+mod event;
+mod generics;
+
+use proc_macro::TokenStream;
+use syn::{DeriveInput, parse_macro_input};
+
+/// Derives `esframe_core::Aggregate`, delegating to the inherent `handle` and `apply`; see the
+/// [crate documentation](crate#deriveaggregate) for `#[aggregate(...)]`.
+#[proc_macro_derive(Aggregate, attributes(aggregate))]
+pub fn derive_aggregate(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    aggregate::derive(&input).into()
+}
+
+/// Derives `esframe_core::Command` from the field marked `#[command(aggregate_id)]`; see the
+/// [crate documentation](crate#derivecommand).
+#[proc_macro_derive(Command, attributes(command))]
+pub fn derive_command(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    command::derive(&input).into()
+}
+
+/// Derives `esframe_core::Event` for an enum with one variant per event type; see the
+/// [crate documentation](crate#deriveevent).
+#[proc_macro_derive(Event, attributes(event))]
+pub fn derive_event(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    event::derive(&input).into()
+}

@@ -1,0 +1,12 @@
+use esframe_core::Event;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Event)]
+enum AccountEvent {
+    Opened {
+        #[event(name = "owner")]
+        owner: String,
+    },
+}
+
+fn main() {}

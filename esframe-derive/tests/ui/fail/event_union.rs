@@ -1,0 +1,8 @@
+use esframe_core::Event;
+
+#[derive(Event)]
+union Deposited {
+    amount: u64,
+}
+
+fn main() {}

@@ -1,0 +1,76 @@
+//! Serde attributes that change names or defaults keep working: payloads are decoded by variant
+//! index, and the stored data is the variant's own serde form.
+
+use esframe_core::Event;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum AccountEvent {
+    #[serde(rename_all = "camelCase")]
+    AccountOpened {
+        owner_name: String,
+        #[serde(default)]
+        nickname: Option<String>,
+        #[serde(default = "default_limit")]
+        daily_limit: u64,
+    },
+    #[serde(rename = "renamed-in-json", alias = "old")]
+    Renamed(String),
+    #[event(name = "Closed")]
+    AccountClosed,
+}
+
+fn default_limit() -> u64 {
+    500
+}
+
+fn main() {
+    let opened = AccountEvent::AccountOpened {
+        owner_name: "ada".into(),
+        nickname: None,
+        daily_limit: 10,
+    };
+    let payload = opened.to_payload().unwrap();
+    // The payload is the variant's data in its serde form, without serde's tag.
+    assert_eq!(
+        payload,
+        json!({"ownerName": "ada", "nickname": null, "dailyLimit": 10})
+    );
+    assert_eq!(opened.event_type(), "AccountOpened");
+    assert_eq!(
+        AccountEvent::from_payload("AccountOpened", &payload).unwrap(),
+        opened
+    );
+
+    // Field defaults apply to payloads written before the field existed.
+    let old = json!({"ownerName": "bob"});
+    assert_eq!(
+        AccountEvent::from_payload("AccountOpened", &old).unwrap(),
+        AccountEvent::AccountOpened {
+            owner_name: "bob".into(),
+            nickname: None,
+            daily_limit: 500
+        }
+    );
+
+    let renamed = AccountEvent::Renamed("carol".into());
+    assert_eq!(renamed.event_type(), "Renamed");
+    assert_eq!(renamed.to_payload().unwrap(), json!("carol"));
+    assert_eq!(
+        AccountEvent::from_payload("Renamed", &json!("carol")).unwrap(),
+        renamed
+    );
+
+    let closed = AccountEvent::AccountClosed;
+    assert_eq!(closed.event_type(), "Closed");
+    assert_eq!(closed.to_payload().unwrap(), json!(null));
+    assert_eq!(
+        AccountEvent::from_payload("Closed", &json!(null)).unwrap(),
+        closed
+    );
+
+    // serde's own names are not event type names.
+    assert!(AccountEvent::from_payload("account_closed", &json!(null)).is_err());
+}
