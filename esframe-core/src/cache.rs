@@ -40,10 +40,10 @@ impl<A> StateCache<A> {
             if *cached >= version {
                 return;
             }
-        } else if entries.len() >= self.capacity {
-            if let Some(victim) = entries.keys().next().cloned() {
-                entries.remove(&victim);
-            }
+        } else if entries.len() >= self.capacity
+            && let Some(victim) = entries.keys().next().cloned()
+        {
+            entries.remove(&victim);
         }
         entries.insert(stream.clone(), (version, state));
     }
@@ -71,7 +71,10 @@ mod tests {
         cache.put(&a, 1, "a1");
         cache.put(&b, 1, "b1");
         cache.put(&c, 1, "c1");
-        let left = [&a, &b, &c].iter().filter(|s| cache.take(s).is_some()).count();
+        let left = [&a, &b, &c]
+            .iter()
+            .filter(|s| cache.take(s).is_some())
+            .count();
         assert_eq!(left, 2);
     }
 }

@@ -72,7 +72,9 @@ pub enum DecodeErrorKind {
         current: u32,
     },
     /// The stored schema version is older than the code and nothing converts it.
-    #[error("schema version {stored} is older than the current version {current} and no upcaster converts it")]
+    #[error(
+        "schema version {stored} is older than the current version {current} and no upcaster converts it"
+    )]
     VersionTooOld {
         /// Version in the store.
         stored: u32,

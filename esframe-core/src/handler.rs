@@ -8,9 +8,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    Aggregate, Command, CommandError, Decision, EventEnvelope, EventMetadata, ExpectedVersion,
-    NewEvent, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
-    cache::StateCache,
+    Aggregate, CachePolicy, Command, CommandError, ConcurrencyMode, Decision, EventEnvelope,
+    EventMetadata, ExpectedVersion, NewEvent, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotStore,
+    StoreError, StreamId, cache::StateCache, stream_lock::StreamLocks,
 };
 
 /// Default number of aggregate states the handler keeps in memory.
@@ -111,6 +111,8 @@ pub struct CommandHandler<A: Aggregate, S> {
     retry: RetryPolicy,
     snapshots: SnapshotPolicy,
     cache: Option<Arc<StateCache<A>>>,
+    cache_policy: CachePolicy,
+    stream_locks: Option<Arc<StreamLocks>>,
 }
 
 impl<A: Aggregate, S: Clone> Clone for CommandHandler<A, S> {
@@ -121,6 +123,8 @@ impl<A: Aggregate, S: Clone> Clone for CommandHandler<A, S> {
             retry: self.retry,
             snapshots: self.snapshots,
             cache: self.cache.clone(),
+            cache_policy: self.cache_policy,
+            stream_locks: self.stream_locks.clone(),
         }
     }
 }
@@ -132,6 +136,8 @@ impl<A: Aggregate, S> std::fmt::Debug for CommandHandler<A, S> {
             .field("retry", &self.retry)
             .field("snapshots", &self.snapshots)
             .field("state_cache", &self.cache.is_some())
+            .field("cache_policy", &self.cache_policy)
+            .field("pessimistic", &self.stream_locks.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -155,7 +161,26 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
             retry: RetryPolicy::default(),
             snapshots: SnapshotPolicy::default(),
             cache: Some(Arc::new(StateCache::new(DEFAULT_STATE_CACHE_CAPACITY))),
+            cache_policy: CachePolicy::default(),
+            stream_locks: None,
         }
+    }
+
+    /// Sets whether a cached state is checked against the store before deciding.
+    #[must_use]
+    pub fn cache_policy(mut self, policy: CachePolicy) -> Self {
+        self.cache_policy = policy;
+        self
+    }
+
+    /// Sets whether commands on one stream run in parallel or queue within this process.
+    #[must_use]
+    pub fn concurrency_mode(mut self, mode: ConcurrencyMode) -> Self {
+        self.stream_locks = match mode {
+            ConcurrencyMode::Optimistic => None,
+            ConcurrencyMode::Pessimistic => Some(Arc::new(StreamLocks::default())),
+        };
+        self
     }
 
     /// Sets the retry policy for concurrency conflicts.
@@ -213,7 +238,7 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
     /// Rebuilds the current state of aggregate `aggregate_id` from its snapshot and events.
     pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
         let stream = StreamId::new(aggregate_id)?;
-        let (state, version, _) = self.load_state(&stream, false).await?;
+        let (state, version, _, _) = self.load_state(&stream, false).await?;
         Ok(Loaded { state, version })
     }
 
@@ -235,10 +260,14 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
             extra,
         };
 
+        let _queued = match &self.stream_locks {
+            Some(locks) => Some(locks.lock(&stream).await),
+            None => None,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (mut state, version, snapshot_unusable) =
+            let (mut state, version, snapshot_unusable, trusted_cache) =
                 self.load_state(&stream, attempt == 1).await?;
             let mut decision = Decision::new(&mut state, &stream, version);
             let decided = A::handle(&mut decision, &command, &self.services).await;
@@ -262,13 +291,12 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
             let new_events = emitted
                 .iter()
                 .map(|event| {
-                    let payload = crate::Event::to_payload(event).map_err(|source| {
-                        CommandError::Encode {
+                    let payload =
+                        crate::Event::to_payload(event).map_err(|source| CommandError::Encode {
                             stream: stream.clone(),
                             event_type: crate::Event::event_type(event),
                             source,
-                        }
-                    })?;
+                        })?;
                     Ok(NewEvent {
                         event_id: Uuid::now_v7(),
                         aggregate_type: Cow::Borrowed(A::TYPE),
@@ -287,18 +315,24 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
                 ExpectedVersion::Exact(version)
             };
 
-            let appended = match self.snapshot_of(&stream, &state, version, new_version, snapshot_unusable) {
-                Some(snapshot) => {
-                    self.store
-                        .append_with_snapshot(&stream, expected, new_events, snapshot)
-                        .await
-                }
-                None => self.store.append(&stream, expected, new_events).await,
-            };
+            let appended =
+                match self.snapshot_of(&stream, &state, version, new_version, snapshot_unusable) {
+                    Some(snapshot) => {
+                        self.store
+                            .append_with_snapshot(&stream, expected, new_events, snapshot)
+                            .await
+                    }
+                    None => self.store.append(&stream, expected, new_events).await,
+                };
             match appended {
                 Ok(outcome) => {
                     self.cache_put(&stream, outcome.stream_version, state);
-                    tracing::debug!(version = outcome.stream_version, events = emitted.len(), attempt, "command stored");
+                    tracing::debug!(
+                        version = outcome.stream_version,
+                        events = emitted.len(),
+                        attempt,
+                        "command stored"
+                    );
                     let events = emitted
                         .into_iter()
                         .zip(event_ids)
@@ -332,7 +366,10 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
                         });
                     }
                     tracing::debug!(%conflict, attempt, "conflict; retrying");
-                    tokio::time::sleep(self.retry.jittered_backoff(attempt)).await;
+                    // A trusted cached state was simply stale: reload at once, no backoff.
+                    if !trusted_cache {
+                        tokio::time::sleep(self.retry.jittered_backoff(attempt)).await;
+                    }
                 }
                 Err(other) => return Err(CommandError::Store(other)),
             }
@@ -373,17 +410,21 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
         }
     }
 
-    /// State, version, and whether a stored snapshot had to be ignored.
+    /// State, version, whether a stored snapshot had to be ignored, and whether the state is a
+    /// cached one used without reading the store.
     async fn load_state(
         &self,
         stream: &StreamId,
         use_cache: bool,
-    ) -> Result<(A, u64, bool), CommandError<A::Error>> {
+    ) -> Result<(A, u64, bool, bool), CommandError<A::Error>> {
         let cached = match (&self.cache, use_cache) {
             (Some(cache), true) => cache.take(stream),
             _ => None,
         };
         let (mut state, mut version, unusable) = match cached {
+            Some((version, state)) if self.cache_policy == CachePolicy::Trust => {
+                return Ok((state, version, false, true));
+            }
             Some((version, state)) => (state, version, false),
             None => self.load_snapshot(stream).await?,
         };
@@ -400,7 +441,7 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
             state.apply(&event);
             version = recorded.stream_version;
         }
-        Ok((state, version, unusable))
+        Ok((state, version, unusable, false))
     }
 
     async fn load_snapshot(&self, stream: &StreamId) -> Result<(A, u64, bool), StoreError> {

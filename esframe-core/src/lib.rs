@@ -68,6 +68,7 @@ mod handler;
 mod policy;
 mod store;
 mod stream_id;
+mod stream_lock;
 mod subscription;
 pub mod testkit;
 
@@ -86,7 +87,7 @@ pub use event::{DecodeErrorKind, Event, EventType};
 pub use handler::{
     CommandContext, CommandHandler, CommandOutcome, DEFAULT_STATE_CACHE_CAPACITY, Loaded,
 };
-pub use policy::{RetryPolicy, SnapshotPolicy};
+pub use policy::{CachePolicy, ConcurrencyMode, RetryPolicy, SnapshotPolicy};
 pub use store::{AppendOutcome, EventStore, ExpectedVersion, Snapshot, SnapshotStore};
 pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId};
 pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};

@@ -111,8 +111,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy::attempts(10)
-            .backoff(Duration::from_millis(1), Duration::from_millis(10));
+        let p =
+            RetryPolicy::attempts(10).backoff(Duration::from_millis(1), Duration::from_millis(10));
         assert_eq!(p.backoff_bound(1), Duration::from_millis(1));
         assert_eq!(p.backoff_bound(2), Duration::from_millis(2));
         assert_eq!(p.backoff_bound(4), Duration::from_millis(8));
@@ -136,4 +136,33 @@ mod tests {
         assert_eq!(SnapshotPolicy::every(0), SnapshotPolicy::Never);
         assert!(SnapshotPolicy::default().is_due(99, 100, false));
     }
+}
+
+/// How the handler uses a cached aggregate state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CachePolicy {
+    /// Read the events appended after the cached version before deciding (one extra read per
+    /// command), so the decision always sees the latest state. The default.
+    #[default]
+    Verify,
+    /// Decide on the cached state without reading the store. If another writer changed the
+    /// stream meanwhile, the append's version check refuses it and the command is retried on a
+    /// freshly loaded state at once, so results are the same; choose it when one process owns
+    /// each aggregate (one round trip per command instead of two).
+    Trust,
+}
+
+/// How the handler treats commands on the same stream within one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ConcurrencyMode {
+    /// Commands run in parallel; the store's version check decides and losers retry. Best when
+    /// commands rarely target the same aggregate at the same moment. The default.
+    #[default]
+    Optimistic,
+    /// Commands on one stream queue behind each other in this process (FIFO), so they never
+    /// conflict among themselves; writers in other processes are still caught by the version
+    /// check and retried. Choose it for hot aggregates that many tasks write at once.
+    Pessimistic,
 }

@@ -92,7 +92,10 @@ pub struct Snapshot {
 ///   content, nothing is written and the original outcome is returned with `deduplicated: true`;
 ///   a stored id with other content is [`StoreError::EventIdReused`].
 /// - Global positions are unique and increase in the order a reader of `read_all` sees them; no
-///   reader ever sees an event appear at a position below one it has already read.
+///   reader ever sees an event appear at a position below one it has already read. An appended
+///   event becomes readable by `read_all` once every append that could precede it has finished:
+///   at once in the memory store; in PostgreSQL, when the transactions that were running when
+///   it committed have ended. Reads of one stream see it as soon as `append` returns.
 /// - Stores are cheap to clone: clones share the same data.
 pub trait EventStore: Clone + Send + Sync + 'static {
     /// Appends `events` to `stream` if it is at `expected`; returns the new version.
@@ -165,10 +168,11 @@ pub trait SnapshotStore: EventStore {
     ) -> impl Future<Output = Result<AppendOutcome, StoreError>> + Send {
         async move {
             let outcome = self.append(stream, expected, events).await?;
-            if !outcome.deduplicated && outcome.stream_version == snapshot.version {
-                if let Err(err) = self.save_snapshot(snapshot).await {
-                    tracing::warn!(stream = %stream, error = %err, "snapshot not saved");
-                }
+            if !outcome.deduplicated
+                && outcome.stream_version == snapshot.version
+                && let Err(err) = self.save_snapshot(snapshot).await
+            {
+                tracing::warn!(stream = %stream, error = %err, "snapshot not saved");
             }
             Ok(outcome)
         }

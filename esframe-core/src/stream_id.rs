@@ -66,6 +66,22 @@ impl StreamId {
         Ok(Self(Arc::from(id)))
     }
 
+    /// A valid id that names `text` even when `text` itself is invalid: control characters are
+    /// escaped, the result is cut to the length limit, and empty text becomes `(empty)`. For
+    /// error messages about stored data that is not a valid stream id.
+    pub fn lossy(text: &str) -> Self {
+        let mut escaped: String = text.escape_debug().collect();
+        if escaped.is_empty() {
+            escaped.push_str("(empty)");
+        }
+        let mut end = escaped.len().min(MAX_STREAM_ID_LEN);
+        while !escaped.is_char_boundary(end) {
+            end -= 1;
+        }
+        escaped.truncate(end);
+        Self(Arc::from(escaped))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -145,8 +161,22 @@ mod tests {
         let err = StreamId::new("ab\0c").unwrap_err();
         assert_eq!(
             err,
-            InvalidStreamId::ControlCharacter { id: "ab\0c".into(), ch: '\0', at: 2 }
+            InvalidStreamId::ControlCharacter {
+                id: "ab\0c".into(),
+                ch: '\0',
+                at: 2
+            }
         );
         assert!(err.to_string().contains("byte 2"));
+    }
+
+    #[test]
+    fn lossy_ids_are_always_valid() {
+        for text in ["", "a\0b", &"é".repeat(600), "plain"] {
+            let id = StreamId::lossy(text);
+            assert!(StreamId::new(id.as_str()).is_ok(), "{text:?} -> {id:?}");
+        }
+        assert_eq!(StreamId::lossy("a\0b").as_str(), "a\\0b");
+        assert_eq!(StreamId::lossy("").as_str(), "(empty)");
     }
 }

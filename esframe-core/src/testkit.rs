@@ -60,7 +60,10 @@ impl<A: Aggregate> AggregateTest<A> {
 
     /// The command under test.
     pub fn when(self, command: A::Command) -> When<A> {
-        When { test: self, command }
+        When {
+            test: self,
+            command,
+        }
     }
 }
 

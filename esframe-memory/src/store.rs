@@ -71,11 +71,17 @@ impl MemoryStore {
     // A panic while a lock is held cannot leave the data half-written (every write step below
     // is infallible once checks pass), so a poisoned lock is safe to recover.
     fn read(&self) -> RwLockReadGuard<'_, Data> {
-        self.inner.data.read().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .data
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Data> {
-        self.inner.data.write().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .data
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn append_sync(
@@ -91,10 +97,10 @@ impl MemoryStore {
                 return Ok(original);
             }
             let outcome = data.append(stream, expected, events)?;
-            if let Some(snapshot) = snapshot {
-                if snapshot.version == outcome.stream_version {
-                    data.save_snapshot(snapshot);
-                }
+            if let Some(snapshot) = snapshot
+                && snapshot.version == outcome.stream_version
+            {
+                data.save_snapshot(snapshot);
             }
             outcome
         };
@@ -254,7 +260,9 @@ impl EventStore for MemoryStore {
 
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         let data = self.read();
-        let start = usize::try_from(after).unwrap_or(usize::MAX).min(data.log.len());
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(data.log.len());
         let end = start.saturating_add(limit).min(data.log.len());
         Ok(data.log[start..end].to_vec())
     }

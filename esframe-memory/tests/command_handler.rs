@@ -50,10 +50,19 @@ impl Event for CounterEvent {
 
 #[derive(Debug, Clone)]
 enum CounterCommand {
-    Add { id: String, n: u64 },
+    Add {
+        id: String,
+        n: u64,
+    },
     /// Adds `n` twice; the second event is only emitted if the first left the total below `limit`.
-    AddTwiceBelow { id: String, n: u64, limit: u64 },
-    Reject { id: String },
+    AddTwiceBelow {
+        id: String,
+        n: u64,
+        limit: u64,
+    },
+    Reject {
+        id: String,
+    },
 }
 
 impl Command for CounterCommand {
@@ -159,7 +168,11 @@ async fn stores_events_with_envelopes_and_propagates_ids() {
     let envelope = &outcome.events[0];
     assert_eq!(envelope.payload, CounterEvent::Added { n: 5 });
     assert_eq!(envelope.stream_version, 1);
-    assert_eq!(envelope.event_id.get_version_num(), 7, "event ids are UUIDv7");
+    assert_eq!(
+        envelope.event_id.get_version_num(),
+        7,
+        "event ids are UUIDv7"
+    );
 
     let stored = store.read_stream(&sid("c1"), 1).await.unwrap();
     assert_eq!(stored[0].event_id, envelope.event_id);
@@ -168,7 +181,11 @@ async fn stores_events_with_envelopes_and_propagates_ids() {
     assert_eq!(stored[0].metadata.correlation_id, Some(correlation));
     assert_eq!(stored[0].metadata.causation_id, Some(command_id));
     assert_eq!(stored[0].metadata.extra["user"], json!("ada"));
-    assert_eq!(stored[0].metadata.extra["source"], json!("test"), "command metadata flows too");
+    assert_eq!(
+        stored[0].metadata.extra["source"],
+        json!("test"),
+        "command metadata flows too"
+    );
 
     // Without a context the command id is generated and is both correlation and causation.
     let second = handler.execute(add("c1", 1)).await.unwrap();
@@ -181,12 +198,24 @@ async fn stores_events_with_envelopes_and_propagates_ids() {
 async fn handler_sees_state_after_each_emitted_event() {
     let handler = CommandHandler::<Counter, _>::new(MemoryStore::new());
     let both = handler
-        .execute(CounterCommand::AddTwiceBelow { id: "t".into(), n: 3, limit: 5 })
+        .execute(CounterCommand::AddTwiceBelow {
+            id: "t".into(),
+            n: 3,
+            limit: 5,
+        })
         .await
         .unwrap();
-    assert_eq!(both.events.len(), 2, "3 < 5 after the first event, so a second one");
+    assert_eq!(
+        both.events.len(),
+        2,
+        "3 < 5 after the first event, so a second one"
+    );
     let one = handler
-        .execute(CounterCommand::AddTwiceBelow { id: "t".into(), n: 3, limit: 5 })
+        .execute(CounterCommand::AddTwiceBelow {
+            id: "t".into(),
+            n: 3,
+            limit: 5,
+        })
         .await
         .unwrap();
     assert_eq!(one.events.len(), 1, "9 >= 5 after the first event");
@@ -198,20 +227,35 @@ async fn rejection_is_a_domain_error_and_stores_nothing() {
     let store = MemoryStore::new();
     let handler = CommandHandler::<Counter, _>::new(store.clone());
     handler.execute(add("r", 1)).await.unwrap();
-    let err = handler.execute(CounterCommand::Reject { id: "r".into() }).await.unwrap_err();
+    let err = handler
+        .execute(CounterCommand::Reject { id: "r".into() })
+        .await
+        .unwrap_err();
     assert!(matches!(err, CommandError::Rejected(Rejected)), "{err:?}");
     assert_eq!(store.len(), 1);
     // The cached state survived the rejection intact.
     handler.execute(add("r", 2)).await.unwrap();
-    assert_eq!(handler.load("r").await.unwrap().state, Counter { total: 3, applied: 2 });
+    assert_eq!(
+        handler.load("r").await.unwrap().state,
+        Counter {
+            total: 3,
+            applied: 2
+        }
+    );
 }
 
 #[tokio::test]
 async fn invalid_aggregate_id_is_a_typed_error() {
     let handler = CommandHandler::<Counter, _>::new(MemoryStore::new());
     let err = handler.execute(add("bad\0id", 1)).await.unwrap_err();
-    assert!(matches!(err, CommandError::InvalidAggregateId(_)), "{err:?}");
-    let err = handler.execute(add(&"x".repeat(10_000), 1)).await.unwrap_err();
+    assert!(
+        matches!(err, CommandError::InvalidAggregateId(_)),
+        "{err:?}"
+    );
+    let err = handler
+        .execute(add(&"x".repeat(10_000), 1))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("10000 bytes"), "{err}");
 }
 
@@ -253,8 +297,9 @@ async fn concurrent_commands_on_one_aggregate_lose_nothing() {
 #[tokio::test]
 async fn gives_up_after_the_retry_policy_is_exhausted() {
     let store = MemoryStore::new();
-    let handler = CommandHandler::<Counter, _>::with_services(store.clone(), Meddler(Some(store.clone())))
-        .retry_policy(RetryPolicy::attempts(3));
+    let handler =
+        CommandHandler::<Counter, _>::with_services(store.clone(), Meddler(Some(store.clone())))
+            .retry_policy(RetryPolicy::attempts(3));
     let err = handler.execute(add("meddled", 1)).await.unwrap_err();
     match err {
         CommandError::Conflict { attempts, conflict } => {
@@ -276,18 +321,31 @@ async fn takes_snapshots_by_policy_and_loads_from_them() {
     for _ in 0..25 {
         handler.execute(add("s", 1)).await.unwrap();
     }
-    let snapshot = store.load_snapshot(&sid("s")).await.unwrap().expect("snapshot taken");
+    let snapshot = store
+        .load_snapshot(&sid("s"))
+        .await
+        .unwrap()
+        .expect("snapshot taken");
     assert_eq!(snapshot.version, 20);
     assert_eq!(snapshot.state, json!({ "total": 20, "applied": 20 }));
 
     // Prove loads start from the snapshot: plant one with a marker state.
     store
-        .save_snapshot(Snapshot { state: json!({ "total": 1000, "applied": 20 }), ..snapshot })
+        .save_snapshot(Snapshot {
+            state: json!({ "total": 1000, "applied": 20 }),
+            ..snapshot
+        })
         .await
         .unwrap();
     let loaded = handler.load("s").await.unwrap();
     assert_eq!(loaded.version, 25);
-    assert_eq!(loaded.state, Counter { total: 1005, applied: 25 });
+    assert_eq!(
+        loaded.state,
+        Counter {
+            total: 1005,
+            applied: 25
+        }
+    );
 }
 
 #[tokio::test]
@@ -307,13 +365,24 @@ async fn unusable_snapshots_are_ignored_and_replaced() {
         state,
         taken_at: chrono::Utc::now(),
     };
-    for bad in [planted(1, json!("garbage")), planted(99, json!({ "total": 1000, "applied": 3 }))] {
+    for bad in [
+        planted(1, json!("garbage")),
+        planted(99, json!({ "total": 1000, "applied": 3 })),
+    ] {
         store.save_snapshot(bad).await.unwrap();
         let loaded = handler.load("u").await.unwrap();
-        assert_eq!(loaded.state.total, 6 + 2 * (loaded.version - 3), "rebuilt from events");
+        assert_eq!(
+            loaded.state.total,
+            6 + 2 * (loaded.version - 3),
+            "rebuilt from events"
+        );
         handler.execute(add("u", 2)).await.unwrap();
         let fresh = store.load_snapshot(&sid("u")).await.unwrap().unwrap();
-        assert_eq!(fresh.schema_version, Counter::SNAPSHOT_VERSION, "a fresh snapshot replaced it");
+        assert_eq!(
+            fresh.schema_version,
+            Counter::SNAPSHOT_VERSION,
+            "a fresh snapshot replaced it"
+        );
         assert_eq!(fresh.state["total"], json!(6 + 2 * (fresh.version - 3)));
     }
 }
@@ -328,7 +397,10 @@ async fn cached_state_catches_up_with_other_writers() {
     second.execute(add("shared", 100)).await.unwrap();
     let outcome = first.execute(add("shared", 1000)).await.unwrap();
     assert_eq!(outcome.version, 4);
-    assert_eq!(outcome.attempts, 1, "the cached state read the newer events before deciding");
+    assert_eq!(
+        outcome.attempts, 1,
+        "the cached state read the newer events before deciding"
+    );
     assert_eq!(first.load("shared").await.unwrap().state.total, 1111);
 }
 
@@ -350,19 +422,34 @@ async fn undecodable_stored_events_are_typed_errors() {
         ("corrupt", raw("Added", 1, json!({ "n": "lots" }))),
     ];
     for (id, event) in cases {
-        store.append(&sid(id), ExpectedVersion::Any, vec![event]).await.unwrap();
+        store
+            .append(&sid(id), ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
         let err = handler.execute(add(id, 1)).await.unwrap_err();
-        let CommandError::Decode(decode) = &err else { panic!("{id}: expected Decode, got {err:?}") };
+        let CommandError::Decode(decode) = &err else {
+            panic!("{id}: expected Decode, got {err:?}")
+        };
         assert_eq!(decode.stream, sid(id));
         assert_eq!(decode.stream_version, 1);
         match (id, &decode.kind) {
             ("unknown", DecodeErrorKind::UnknownType)
-            | ("too-new", DecodeErrorKind::VersionTooNew { stored: 2, current: 1 })
+            | (
+                "too-new",
+                DecodeErrorKind::VersionTooNew {
+                    stored: 2,
+                    current: 1,
+                },
+            )
             | ("corrupt", DecodeErrorKind::Payload(_)) => {}
             _ => panic!("{id}: wrong kind {:?}", decode.kind),
         }
         assert!(err.to_string().contains(&format!("stream `{id}`")), "{err}");
-        assert_eq!(store.read_stream(&sid(id), 1).await.unwrap().len(), 1, "nothing changed");
+        assert_eq!(
+            store.read_stream(&sid(id), 1).await.unwrap().len(),
+            1,
+            "nothing changed"
+        );
     }
 }
 
@@ -371,7 +458,10 @@ async fn streams_of_another_aggregate_type_are_refused() {
     let store = MemoryStore::new();
     let mut foreign = NewEvent::from_event("order", &CounterEvent::Added { n: 1 }).unwrap();
     foreign.aggregate_type = "order".into();
-    store.append(&sid("o-1"), ExpectedVersion::Any, vec![foreign]).await.unwrap();
+    store
+        .append(&sid("o-1"), ExpectedVersion::Any, vec![foreign])
+        .await
+        .unwrap();
     let handler = CommandHandler::<Counter, _>::new(store);
     let err = handler.execute(add("o-1", 1)).await.unwrap_err();
     assert!(
@@ -386,4 +476,53 @@ async fn handlers_share_one_cache_across_clones() {
     let clone = (*handler).clone();
     handler.execute(add("k", 1)).await.unwrap();
     assert_eq!(clone.execute(add("k", 1)).await.unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn a_trusted_stale_cache_costs_one_retry_never_a_wrong_result() {
+    let store = MemoryStore::new();
+    let first = CommandHandler::<Counter, _>::new(store.clone())
+        .cache_policy(esframe_core::CachePolicy::Trust);
+    let second = CommandHandler::<Counter, _>::new(store.clone());
+    first.execute(add("trusted", 1)).await.unwrap();
+    second.execute(add("trusted", 10)).await.unwrap();
+    let outcome = first.execute(add("trusted", 100)).await.unwrap();
+    assert_eq!(
+        outcome.attempts, 2,
+        "the stale cached state was refused by the version check"
+    );
+    assert_eq!(outcome.version, 3);
+    assert_eq!(first.load("trusted").await.unwrap().state.total, 111);
+    // Warm again: the next command decides on the cache without reading the stream.
+    assert_eq!(
+        first.execute(add("trusted", 1000)).await.unwrap().attempts,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pessimistic_mode_queues_commands_on_one_stream_without_conflicts() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone())
+        .concurrency_mode(esframe_core::ConcurrencyMode::Pessimistic)
+        .retry_policy(RetryPolicy::no_retry());
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    let outcome = handler
+                        .execute(add("queued", 1))
+                        .await
+                        .expect("no conflict with no retries allowed");
+                    assert_eq!(outcome.attempts, 1);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let loaded = handler.load("queued").await.unwrap();
+    assert_eq!((loaded.version, loaded.state.total), (640, 640));
 }

@@ -1,0 +1,145 @@
+//! The bank-account aggregate: events, commands, errors and business rules.
+
+use esframe_core::{Aggregate, Command, Decision, Event};
+use serde::{Deserialize, Serialize};
+
+/// What can happen to an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Event)]
+pub enum AccountEvent {
+    /// The account was opened.
+    AccountOpened {
+        /// Who owns it.
+        owner: String,
+    },
+    /// Money was paid in.
+    MoneyDeposited {
+        /// Cents deposited.
+        amount: u64,
+    },
+    /// Money was taken out.
+    MoneyWithdrawn {
+        /// Cents withdrawn.
+        amount: u64,
+    },
+}
+
+/// What can be asked of an account.
+#[derive(Debug, Clone, PartialEq, Eq, Command)]
+#[command(aggregate_id = account_id)]
+pub enum AccountCommand {
+    /// Open a new account.
+    Open {
+        /// The account to open.
+        account_id: String,
+        /// Its owner.
+        owner: String,
+    },
+    /// Pay money in.
+    Deposit {
+        /// The account.
+        account_id: String,
+        /// Cents to deposit.
+        amount: u64,
+    },
+    /// Take money out, if the balance covers it.
+    Withdraw {
+        /// The account.
+        account_id: String,
+        /// Cents to withdraw.
+        amount: u64,
+    },
+}
+
+/// Why the account refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    /// `Open` on an account that exists.
+    #[error("the account is already open")]
+    AlreadyOpen,
+    /// A deposit or withdrawal on an account that was never opened.
+    #[error("the account is not open")]
+    NotOpen,
+    /// A deposit or withdrawal of zero.
+    #[error("the amount must be positive")]
+    ZeroAmount,
+    /// A withdrawal larger than the balance.
+    #[error("insufficient funds: the balance is {balance} cents, {requested} requested")]
+    InsufficientFunds {
+        /// Cents on the account.
+        balance: u64,
+        /// Cents asked for.
+        requested: u64,
+    },
+}
+
+/// The account's state, rebuilt from its events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Aggregate)]
+#[aggregate(
+    name = "account",
+    command = AccountCommand,
+    event = AccountEvent,
+    error = AccountError
+)]
+pub struct Account {
+    /// Whether `AccountOpened` happened.
+    pub open: bool,
+    /// The owner's name.
+    pub owner: String,
+    /// Balance in cents.
+    pub balance: u64,
+}
+
+impl Account {
+    async fn handle(
+        decision: &mut Decision<'_, Self>,
+        command: &AccountCommand,
+        _services: &(),
+    ) -> Result<(), AccountError> {
+        match command {
+            AccountCommand::Open { owner, .. } => {
+                if decision.open {
+                    return Err(AccountError::AlreadyOpen);
+                }
+                decision.emit(AccountEvent::AccountOpened {
+                    owner: owner.clone(),
+                });
+            }
+            AccountCommand::Deposit { amount, .. } => {
+                decision.require_open(*amount)?;
+                decision.emit(AccountEvent::MoneyDeposited { amount: *amount });
+            }
+            AccountCommand::Withdraw { amount, .. } => {
+                decision.require_open(*amount)?;
+                if *amount > decision.balance {
+                    return Err(AccountError::InsufficientFunds {
+                        balance: decision.balance,
+                        requested: *amount,
+                    });
+                }
+                decision.emit(AccountEvent::MoneyWithdrawn { amount: *amount });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::AccountOpened { owner } => {
+                self.open = true;
+                self.owner.clone_from(owner);
+            }
+            AccountEvent::MoneyDeposited { amount } => self.balance += amount,
+            AccountEvent::MoneyWithdrawn { amount } => self.balance -= amount,
+        }
+    }
+
+    fn require_open(&self, amount: u64) -> Result<(), AccountError> {
+        if !self.open {
+            return Err(AccountError::NotOpen);
+        }
+        if amount == 0 {
+            return Err(AccountError::ZeroAmount);
+        }
+        Ok(())
+    }
+}
