@@ -1,0 +1,160 @@
+//! The SQL text of every statement, built once per schema.
+//!
+//! The schema name is the only formatted part (validated by [`SchemaName`]); values are always
+//! bound parameters.
+
+use std::sync::Arc;
+
+use crate::SchemaName;
+
+/// Bits of `global_position` below the transaction id: at most 2^16 events per append.
+pub(crate) const POSITION_SHIFT: u32 = 16;
+
+/// The largest number of events one append may carry.
+pub const MAX_EVENTS_PER_APPEND: usize = 1 << POSITION_SHIFT;
+
+/// Columns of a stored event, in the order [`crate::rows`] reads them.
+const EVENT_COLUMNS: &str = "global_position, event_id, stream_id, stream_version, aggregate_type, \
+     event_type, schema_version, payload, correlation_id, causation_id, metadata, recorded_at";
+
+/// The exclusive upper bound of readable positions: every transaction with a smaller id has
+/// finished, so no row below it can still appear.
+const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)";
+
+#[derive(Debug)]
+pub(crate) struct Queries {
+    pub(crate) append: Arc<str>,
+    pub(crate) append_with_snapshot: Arc<str>,
+    pub(crate) find_event_ids: Arc<str>,
+    pub(crate) read_stream: Arc<str>,
+    pub(crate) stream_version: Arc<str>,
+    pub(crate) read_all: Arc<str>,
+    pub(crate) readiness: Arc<str>,
+    pub(crate) save_snapshot: Arc<str>,
+    pub(crate) load_snapshot: Arc<str>,
+}
+
+impl Queries {
+    pub(crate) fn new(schema: &SchemaName, notify: bool) -> Self {
+        let s = schema.quoted();
+        let append = append_sql(&s, notify, false);
+        let append_with_snapshot = append_sql(&s, notify, true);
+        Self {
+            append: append.into(),
+            append_with_snapshot: append_with_snapshot.into(),
+            find_event_ids: format!(
+                "SELECT e.event_id, e.stream_id, e.stream_version, e.global_position, e.recorded_at,
+                        (e.stream_id = $2 AND e.event_type = n.event_type
+                         AND e.schema_version = n.schema_version AND e.payload = n.payload) AS same
+                 FROM unnest($1::uuid[], $3::text[], $4::int4[], $5::jsonb[])
+                      AS n(event_id, event_type, schema_version, payload)
+                 JOIN {s}.events e ON e.event_id = n.event_id"
+            )
+            .into(),
+            read_stream: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events
+                 WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
+            )
+            .into(),
+            stream_version: format!("SELECT max(stream_version) FROM {s}.events WHERE stream_id = $1")
+                .into(),
+            read_all: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events
+                 WHERE global_position > $1 AND global_position < {HORIZON}
+                 ORDER BY global_position LIMIT $2"
+            )
+            .into(),
+            readiness: format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.events
+                                WHERE global_position > $1 AND global_position < h.horizon) AS ready,
+                        (SELECT max(global_position) FROM {s}.events) AS head,
+                        h.horizon
+                 FROM (SELECT {HORIZON} AS horizon) h"
+            )
+            .into(),
+            save_snapshot: format!(
+                "INSERT INTO {s}.snapshots AS old
+                     (stream_id, aggregate_type, version, schema_version, state, taken_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (stream_id) DO UPDATE SET
+                     aggregate_type = excluded.aggregate_type, version = excluded.version,
+                     schema_version = excluded.schema_version, state = excluded.state,
+                     taken_at = excluded.taken_at
+                 WHERE old.version <= excluded.version"
+            )
+            .into(),
+            load_snapshot: format!(
+                "SELECT aggregate_type, version, schema_version, state, taken_at
+                 FROM {s}.snapshots WHERE stream_id = $1"
+            )
+            .into(),
+        }
+    }
+}
+
+/// One statement that checks the expected version and idempotency, inserts every event with one
+/// `INSERT ... SELECT FROM unnest(...)`, optionally stores a snapshot and notifies listeners.
+///
+/// Parameters: $1 stream, $2 event ids, $3 aggregate types, $4 event types, $5 schema versions,
+/// $6 payloads, $7 correlation ids, $8 causation ids, $9 metadata, $10 expectation kind
+/// (0 any, 1 no stream, 2 stream exists, 3 exact), $11 exact version, $12 notify channel;
+/// with a snapshot also $13 aggregate type, $14 version, $15 schema version, $16 state,
+/// $17 taken at.
+fn append_sql(s: &str, notify: bool, snapshot: bool) -> String {
+    let notify_cte = if notify {
+        ", notified AS (SELECT pg_notify($12, '') FROM ins LIMIT 1)"
+    } else {
+        ", notified AS (SELECT $12::text WHERE false)"
+    };
+    let snapshot_cte = if snapshot {
+        format!(
+            ", snap AS (
+                 INSERT INTO {s}.snapshots AS old
+                     (stream_id, aggregate_type, version, schema_version, state, taken_at)
+                 SELECT $1, $13, $14, $15, $16, $17
+                 WHERE (SELECT count(*) FROM ins) > 0
+                   AND (SELECT v FROM ok) + cardinality($2::uuid[]) = $14
+                 ON CONFLICT (stream_id) DO UPDATE SET
+                     aggregate_type = excluded.aggregate_type, version = excluded.version,
+                     schema_version = excluded.schema_version, state = excluded.state,
+                     taken_at = excluded.taken_at
+                 WHERE old.version <= excluded.version
+                 RETURNING 1)"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "WITH cur AS (
+             SELECT coalesce(max(stream_version), 0) AS v FROM {s}.events WHERE stream_id = $1
+         ), dup AS (
+             SELECT count(*) AS n FROM {s}.events WHERE event_id = ANY($2::uuid[])
+         ), ok AS (
+             SELECT cur.v FROM cur, dup
+             WHERE dup.n = 0 AND CASE $10::int4
+                 WHEN 0 THEN true
+                 WHEN 1 THEN cur.v = 0
+                 WHEN 2 THEN cur.v > 0
+                 ELSE cur.v = $11::int8 END
+         ), ins AS (
+             INSERT INTO {s}.events (global_position, event_id, stream_id, stream_version,
+                 aggregate_type, event_type, schema_version, payload, correlation_id, causation_id,
+                 metadata)
+             SELECT (pg_current_xact_id()::text::bigint << {POSITION_SHIFT}) + e.ord - 1,
+                    e.event_id, $1, ok.v + e.ord, e.aggregate_type, e.event_type,
+                    e.schema_version, e.payload, e.correlation_id, e.causation_id, e.metadata
+             FROM ok, unnest($2::uuid[], $3::text[], $4::text[], $5::int4[], $6::jsonb[],
+                             $7::uuid[], $8::uuid[], $9::jsonb[])
+                  WITH ORDINALITY AS e(event_id, aggregate_type, event_type, schema_version,
+                                       payload, correlation_id, causation_id, metadata, ord)
+             RETURNING global_position, recorded_at
+         ){notify_cte}{snapshot_cte}
+         SELECT (SELECT v FROM cur) AS current_version,
+                (SELECT n FROM dup) AS duplicates,
+                (SELECT count(*) FROM ok) AS accepted,
+                coalesce((SELECT array_agg(global_position ORDER BY global_position) FROM ins),
+                         '{{}}'::int8[]) AS positions,
+                (SELECT max(recorded_at) FROM ins) AS recorded_at,
+                (SELECT count(*) FROM notified) AS notified"
+    )
+}

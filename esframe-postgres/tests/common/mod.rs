@@ -1,0 +1,69 @@
+//! Test support: a fresh schema per test in the database named by `DATABASE_URL`.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use esframe_postgres::PgEventStore;
+use sqlx::{PgPool, postgres::PgPoolOptions};
+
+/// The server the tests use; `.ci/run` exports it, and this default fits the local server.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A pool on the test database; fails the test with a clear message if PostgreSQL is down.
+pub async fn pool(max_connections: u32) -> PgPool {
+    let url = database_url();
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(30))
+        .connect(&url)
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot reach PostgreSQL at {url} ({err}). The esframe-postgres tests need a running \
+                 server: start it (`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) \
+                 or point DATABASE_URL at one."
+            )
+        })
+}
+
+/// A unique schema name for one test, dropped first in case an earlier run left it.
+pub async fn fresh_schema(pool: &PgPool, label: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("t_{}_{}_{n}", label, std::process::id());
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+    )))
+    .execute(pool)
+    .await
+    .expect("drop old test schema");
+    name
+}
+
+/// A store in its own fresh schema.
+pub async fn store(label: &str) -> PgEventStore {
+    let pool = pool(20).await;
+    let schema = fresh_schema(&pool, label).await;
+    PgEventStore::builder(pool)
+        .schema(schema)
+        .expect("valid schema name")
+        .poll_interval(std::time::Duration::from_millis(200))
+        .build()
+        .await
+        .expect("open the store")
+}

@@ -1,0 +1,339 @@
+//! The global log never skips an event that commits out of order, keeps each stream in version
+//! order, and says who holds it back.
+
+mod common;
+
+use std::time::Duration;
+
+use esframe_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreError, StreamId};
+use esframe_postgres::{PgEventStore, PgStoreError};
+use serde_json::json;
+use sqlx::Connection;
+
+fn event(n: u64) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "test".into(),
+        event_type: "Happened".into(),
+        schema_version: 1,
+        payload: json!({ "n": n }),
+        metadata: Default::default(),
+    }
+}
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).unwrap()
+}
+
+/// Reads the log after `after` until it holds `n` events (other tests' transactions may hold
+/// the horizon for a moment), failing after 10 s.
+async fn read_until(store: &PgEventStore, after: u64, n: usize) -> Vec<RecordedEvent> {
+    for _ in 0..2000 {
+        let events = store.read_all(after, 1000).await.unwrap();
+        if events.len() >= n {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("fewer than {n} events readable after position {after} within 10 s");
+}
+
+async fn connect() -> sqlx::PgConnection {
+    sqlx::PgConnection::connect(&common::database_url())
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_with_an_earlier_transaction_is_never_skipped() {
+    let store = common::store("late_commit").await;
+    // A takes its transaction id first and holds its transaction open after inserting.
+    let mut a = connect().await;
+    let mut tx_a = a.begin().await.unwrap();
+    let held = store
+        .append_in(
+            &mut tx_a,
+            &sid("a"),
+            ExpectedVersion::NoStream,
+            vec![event(1)],
+        )
+        .await
+        .unwrap();
+    // B appends later and commits at once: its position is higher than A's.
+    let committed = store
+        .append(&sid("b"), ExpectedVersion::NoStream, vec![event(2)])
+        .await
+        .unwrap();
+    assert!(committed.positions[0] > held.positions[0]);
+
+    // While A is open a reader sees neither: delivering B now would let its checkpoint pass A.
+    let mut sub = store.subscribe(0);
+    let early = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(
+        early.is_err(),
+        "nothing may be delivered while an older transaction is open"
+    );
+    assert!(store.read_all(0, 100).await.unwrap().is_empty());
+    assert_eq!(
+        sub.position(),
+        0,
+        "the checkpoint never passes the unseen event"
+    );
+
+    tx_a.commit().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.payload["n"].as_u64(), second.payload["n"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(first.global_position, held.positions[0]);
+    assert_eq!(second.global_position, committed.positions[0]);
+    let all = read_until(&store, 0, 2).await;
+    assert_eq!(all.len(), 2, "each event exactly once");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err(),
+        "no repeats"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_transaction_held_open_does_not_hide_earlier_commits() {
+    let store = common::store("held_later").await;
+    // B takes its id first, then A takes a later one and stays open; B commits.
+    let mut b = connect().await;
+    let mut tx_b = b.begin().await.unwrap();
+    let early = store
+        .append_in(
+            &mut tx_b,
+            &sid("b"),
+            ExpectedVersion::NoStream,
+            vec![event(1)],
+        )
+        .await
+        .unwrap();
+    let mut a = connect().await;
+    let mut tx_a = a.begin().await.unwrap();
+    let late = store
+        .append_in(
+            &mut tx_a,
+            &sid("a"),
+            ExpectedVersion::NoStream,
+            vec![event(2)],
+        )
+        .await
+        .unwrap();
+    tx_b.commit().await.unwrap();
+    assert!(early.positions[0] < late.positions[0]);
+
+    let seen = read_until(&store, 0, 1).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].global_position, early.positions[0]);
+    let checkpoint = seen[0].global_position;
+    assert!(
+        checkpoint < late.positions[0],
+        "the checkpoint stays below the open transaction's event"
+    );
+    assert!(store.read_all(checkpoint, 100).await.unwrap().is_empty());
+
+    tx_a.commit().await.unwrap();
+    let rest = read_until(&store, checkpoint, 1).await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].global_position, late.positions[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_appends_leave_no_trace() {
+    let store = common::store("rollback").await;
+    let mut conn = connect().await;
+    let mut tx = conn.begin().await.unwrap();
+    store
+        .append_in(
+            &mut tx,
+            &sid("r"),
+            ExpectedVersion::NoStream,
+            vec![event(1)],
+        )
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    store
+        .append(&sid("r"), ExpectedVersion::NoStream, vec![event(2)])
+        .await
+        .unwrap();
+    let all = read_until(&store, 0, 1).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].payload["n"], json!(2));
+    assert_eq!(all[0].stream_version, 1);
+}
+
+#[tokio::test]
+async fn an_append_must_be_the_first_write_of_its_transaction() {
+    let store = common::store("first_write").await;
+    let mut conn = connect().await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("CREATE TEMP TABLE scratch (x int)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO scratch VALUES (1)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = store
+        .append_in(&mut tx, &sid("late"), ExpectedVersion::Any, vec![event(1)])
+        .await
+        .unwrap_err();
+    let StoreError::Backend(source) = &err else {
+        panic!("expected a backend error, got {err:?}")
+    };
+    assert!(
+        matches!(
+            source.downcast_ref::<PgStoreError>(),
+            Some(PgStoreError::AppendNotFirstWrite { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("first write of its transaction"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_any_appends_to_one_stream_keep_version_order_in_the_global_log() {
+    let store = common::store("any_order").await;
+    let writers = 16u64;
+    let per_writer = 10u64;
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..per_writer {
+                    store
+                        .append(
+                            &sid("shared"),
+                            ExpectedVersion::Any,
+                            vec![event(w * 100 + i), event(w * 100 + i)],
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = (writers * per_writer * 2) as usize;
+    let all = read_until(&store, 0, total).await;
+    assert_eq!(all.len(), total);
+    let versions: Vec<u64> = all.iter().map(|e| e.stream_version).collect();
+    assert_eq!(
+        versions,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "global order follows version order"
+    );
+    assert!(
+        all.windows(2)
+            .all(|w| w[0].global_position < w[1].global_position)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn horizon_status_names_the_transaction_holding_the_log() {
+    let store = common::store("stall").await;
+    let mut holder = connect().await;
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    store
+        .append(&sid("s"), ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .unwrap();
+
+    let status = store.horizon_status().await.unwrap();
+    assert!(status.blocked, "{status:?}");
+    assert!(status.head.unwrap() >= status.horizon);
+    let held_by = status.holder.expect("a holder is named");
+    // Other tests may hold older transactions; the holder is the oldest running one.
+    if held_by.pid == Some(holder_pid) {
+        assert_eq!(held_by.state.as_deref(), Some("idle in transaction"));
+        assert!(held_by.since.is_some());
+    }
+    tx.commit().await.unwrap();
+    for _ in 0..2000 {
+        if !store.horizon_status().await.unwrap().blocked {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the log stayed blocked after the holder committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_subscriptions_long_before_the_poll_interval() {
+    let pool = common::pool(5).await;
+    let schema = common::fresh_schema(&pool, "notify").await;
+    let store = PgEventStore::builder(pool)
+        .schema(schema)
+        .unwrap()
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = store.subscribe(0);
+    let reader = tokio::spawn(async move { sub.next().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    store
+        .append(&sid("n"), ExpectedVersion::Any, vec![event(7)])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("woken by NOTIFY, not the 60 s poll")
+        .unwrap();
+    assert_eq!(got.payload["n"], json!(7));
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_notify_polling_still_delivers() {
+    let pool = common::pool(5).await;
+    let schema = common::fresh_schema(&pool, "poll").await;
+    let store = PgEventStore::builder(pool)
+        .schema(schema)
+        .unwrap()
+        .notify(false)
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = store.subscribe(0);
+    let reader = tokio::spawn(async move { sub.next().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store
+        .append(&sid("p"), ExpectedVersion::Any, vec![event(8)])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.payload["n"], json!(8));
+}
