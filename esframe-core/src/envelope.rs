@@ -87,16 +87,16 @@ pub struct EventEnvelope<P> {
     pub event_id: Uuid,
     /// Stream (aggregate instance) the event belongs to.
     pub stream_id: StreamId,
-    /// Type of the aggregate that owns the stream.
-    pub aggregate_type: String,
+    /// Type of the aggregate that owns the stream (borrowed from the code when possible).
+    pub aggregate_type: Cow<'static, str>,
     /// Position within the stream, starting at 1, without gaps.
     pub stream_version: u64,
     /// Position in the global log of all streams, starting at 1, strictly increasing.
     pub global_position: u64,
     /// When the store recorded the event.
     pub recorded_at: DateTime<Utc>,
-    /// Stable event type name.
-    pub event_type: String,
+    /// Stable event type name (borrowed from the code when possible).
+    pub event_type: Cow<'static, str>,
     /// Schema version the payload was written with.
     pub schema_version: u32,
     /// The event: raw JSON in a [`RecordedEvent`], the application's type once decoded.
@@ -134,7 +134,7 @@ impl RecordedEvent {
         let fail = |kind| EventDecodeError {
             stream: self.stream_id.clone(),
             stream_version: self.stream_version,
-            event_type: self.event_type.clone(),
+            event_type: self.event_type.to_string(),
             schema_version: self.schema_version,
             kind,
         };

@@ -10,7 +10,9 @@ use uuid::Uuid;
 use crate::{
     Aggregate, CachePolicy, Command, CommandError, ConcurrencyMode, Decision, EventEnvelope,
     EventMetadata, ExpectedVersion, NewEvent, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotStore,
-    StoreError, StreamId, cache::StateCache, stream_lock::StreamLocks,
+    StoreError, StreamId,
+    batch::{Job, StreamQueues},
+    cache::StateCache,
 };
 
 /// Default number of aggregate states the handler keeps in memory.
@@ -112,7 +114,7 @@ pub struct CommandHandler<A: Aggregate, S> {
     snapshots: SnapshotPolicy,
     cache: Option<Arc<StateCache<A>>>,
     cache_policy: CachePolicy,
-    stream_locks: Option<Arc<StreamLocks>>,
+    queues: Option<Arc<StreamQueues<A>>>,
 }
 
 impl<A: Aggregate, S: Clone> Clone for CommandHandler<A, S> {
@@ -124,7 +126,7 @@ impl<A: Aggregate, S: Clone> Clone for CommandHandler<A, S> {
             snapshots: self.snapshots,
             cache: self.cache.clone(),
             cache_policy: self.cache_policy,
-            stream_locks: self.stream_locks.clone(),
+            queues: self.queues.clone(),
         }
     }
 }
@@ -137,7 +139,7 @@ impl<A: Aggregate, S> std::fmt::Debug for CommandHandler<A, S> {
             .field("snapshots", &self.snapshots)
             .field("state_cache", &self.cache.is_some())
             .field("cache_policy", &self.cache_policy)
-            .field("pessimistic", &self.stream_locks.is_some())
+            .field("pessimistic", &self.queues.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -162,7 +164,7 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
             snapshots: SnapshotPolicy::default(),
             cache: Some(Arc::new(StateCache::new(DEFAULT_STATE_CACHE_CAPACITY))),
             cache_policy: CachePolicy::default(),
-            stream_locks: None,
+            queues: None,
         }
     }
 
@@ -176,9 +178,9 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
     /// Sets whether commands on one stream run in parallel or queue within this process.
     #[must_use]
     pub fn concurrency_mode(mut self, mode: ConcurrencyMode) -> Self {
-        self.stream_locks = match mode {
+        self.queues = match mode {
             ConcurrencyMode::Optimistic => None,
-            ConcurrencyMode::Pessimistic => Some(Arc::new(StreamLocks::default())),
+            ConcurrencyMode::Pessimistic => Some(Arc::new(StreamQueues::default())),
         };
         self
     }
@@ -231,8 +233,17 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
         context: CommandContext,
     ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
         let stream = StreamId::new(command.aggregate_id())?;
-        let span = tracing::debug_span!("esframe.command", aggregate = A::TYPE, stream = %stream);
-        self.run(stream, command, context).instrument(span).await
+        let metadata = metadata_for(&command, context);
+        match &self.queues {
+            None => {
+                let span =
+                    tracing::debug_span!("esframe.command", aggregate = A::TYPE, stream = %stream);
+                self.run_single(&stream, &command, &metadata)
+                    .instrument(span)
+                    .await
+            }
+            Some(queues) => self.enqueue(queues, stream, command, metadata).await,
+        }
     }
 
     /// Rebuilds the current state of aggregate `aggregate_id` from its snapshot and events.
@@ -242,138 +253,334 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
         Ok(Loaded { state, version })
     }
 
-    async fn run(
+    /// Handles one command on its own: load, decide, append, retry on conflict.
+    async fn run_single(
         &self,
-        stream: StreamId,
-        command: A::Command,
-        context: CommandContext,
+        stream: &StreamId,
+        command: &A::Command,
+        metadata: &EventMetadata,
     ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
-        let command_id = context
-            .command_id
-            .or_else(|| command.command_id())
-            .unwrap_or_else(Uuid::now_v7);
-        let mut extra = command.metadata();
-        extra.extend(context.metadata);
-        let metadata = EventMetadata {
-            correlation_id: Some(context.correlation_id.unwrap_or(command_id)),
-            causation_id: Some(context.causation_id.unwrap_or(command_id)),
-            extra,
-        };
-
-        let _queued = match &self.stream_locks {
-            Some(locks) => Some(locks.lock(&stream).await),
-            None => None,
-        };
         let mut attempt = 0;
         loop {
             attempt += 1;
             let (mut state, version, snapshot_unusable, trusted_cache) =
-                self.load_state(&stream, attempt == 1).await?;
-            let mut decision = Decision::new(&mut state, &stream, version);
-            let decided = A::handle(&mut decision, &command, &self.services).await;
+                self.load_state(stream, attempt == 1).await?;
+            let mut decision = Decision::new(&mut state, stream, version);
+            let decided = A::handle(&mut decision, command, &self.services).await;
             let emitted = decision.into_emitted();
             if let Err(rejection) = decided {
                 if emitted.is_empty() {
-                    self.cache_put(&stream, version, state);
+                    self.cache_put(stream, version, state);
                 }
                 return Err(CommandError::Rejected(rejection));
             }
             if emitted.is_empty() {
-                self.cache_put(&stream, version, state);
+                self.cache_put(stream, version, state);
                 return Ok(CommandOutcome {
-                    stream_id: stream,
+                    stream_id: stream.clone(),
                     version,
                     events: Vec::new(),
                     attempts: attempt,
                 });
             }
-
-            let new_events = emitted
-                .iter()
-                .map(|event| {
-                    let payload =
-                        crate::Event::to_payload(event).map_err(|source| CommandError::Encode {
-                            stream: stream.clone(),
-                            event_type: crate::Event::event_type(event),
-                            source,
-                        })?;
-                    Ok(NewEvent {
-                        event_id: Uuid::now_v7(),
-                        aggregate_type: Cow::Borrowed(A::TYPE),
-                        event_type: Cow::Borrowed(crate::Event::event_type(event)),
-                        schema_version: crate::Event::schema_version(event),
-                        payload,
-                        metadata: metadata.clone(),
-                    })
-                })
-                .collect::<Result<Vec<_>, CommandError<A::Error>>>()?;
+            let new_events = self.encode(stream, &emitted, metadata)?;
             let event_ids: Vec<Uuid> = new_events.iter().map(|e| e.event_id).collect();
-            let new_version = version + emitted.len() as u64;
-            let expected = if version == 0 {
-                ExpectedVersion::NoStream
-            } else {
-                ExpectedVersion::Exact(version)
-            };
-
-            let appended =
-                match self.snapshot_of(&stream, &state, version, new_version, snapshot_unusable) {
-                    Some(snapshot) => {
-                        self.store
-                            .append_with_snapshot(&stream, expected, new_events, snapshot)
-                            .await
-                    }
-                    None => self.store.append(&stream, expected, new_events).await,
-                };
-            match appended {
+            match self
+                .store_events(stream, Some(&state), version, new_events, snapshot_unusable)
+                .await
+            {
                 Ok(outcome) => {
-                    self.cache_put(&stream, outcome.stream_version, state);
-                    tracing::debug!(
-                        version = outcome.stream_version,
-                        events = emitted.len(),
-                        attempt,
-                        "command stored"
-                    );
+                    self.cache_put(stream, outcome.stream_version, state);
                     let events = emitted
                         .into_iter()
                         .zip(event_ids)
-                        .zip(outcome.positions)
+                        .zip(&outcome.positions)
                         .enumerate()
-                        .map(|(i, ((event, event_id), position))| EventEnvelope {
-                            event_id,
-                            stream_id: stream.clone(),
-                            aggregate_type: A::TYPE.to_owned(),
-                            stream_version: version + 1 + i as u64,
-                            global_position: position,
-                            recorded_at: outcome.recorded_at,
-                            event_type: crate::Event::event_type(&event).to_owned(),
-                            schema_version: crate::Event::schema_version(&event),
-                            payload: event,
-                            metadata: metadata.clone(),
+                        .map(|(i, ((event, id), &position))| {
+                            let at = version + 1 + i as u64;
+                            envelope::<A>(stream, event, id, at, position, &outcome, metadata)
                         })
                         .collect();
                     return Ok(CommandOutcome {
-                        stream_id: stream,
+                        stream_id: stream.clone(),
                         version: outcome.stream_version,
                         events,
                         attempts: attempt,
                     });
                 }
                 Err(StoreError::Conflict(conflict)) => {
-                    if attempt >= self.retry.max_attempts() {
-                        return Err(CommandError::Conflict {
-                            conflict,
-                            attempts: attempt,
-                        });
-                    }
-                    tracing::debug!(%conflict, attempt, "conflict; retrying");
-                    // A trusted cached state was simply stale: reload at once, no backoff.
-                    if !trusted_cache {
-                        tokio::time::sleep(self.retry.jittered_backoff(attempt)).await;
-                    }
+                    self.after_conflict(conflict, attempt, trusted_cache)
+                        .await?;
                 }
                 Err(other) => return Err(CommandError::Store(other)),
             }
         }
+    }
+
+    /// Gives up with the conflict once the attempts are used, else waits before the retry.
+    async fn after_conflict(
+        &self,
+        conflict: crate::Conflict,
+        attempt: u32,
+        trusted_cache: bool,
+    ) -> Result<(), CommandError<A::Error>> {
+        if attempt >= self.retry.max_attempts() {
+            return Err(CommandError::Conflict {
+                conflict,
+                attempts: attempt,
+            });
+        }
+        tracing::debug!(%conflict, attempt, "conflict; retrying");
+        // A trusted cached state was simply stale: reload at once, no backoff.
+        if !trusted_cache {
+            tokio::time::sleep(self.retry.jittered_backoff(attempt)).await;
+        }
+        Ok(())
+    }
+
+    /// Serializes emitted events with fresh UUIDv7 ids and the command's metadata.
+    fn encode(
+        &self,
+        stream: &StreamId,
+        events: &[A::Event],
+        metadata: &EventMetadata,
+    ) -> Result<Vec<NewEvent>, CommandError<A::Error>> {
+        events
+            .iter()
+            .map(|event| {
+                let payload =
+                    crate::Event::to_payload(event).map_err(|source| CommandError::Encode {
+                        stream: stream.clone(),
+                        event_type: crate::Event::event_type(event),
+                        source,
+                    })?;
+                Ok(NewEvent {
+                    event_id: Uuid::now_v7(),
+                    aggregate_type: Cow::Borrowed(A::TYPE),
+                    event_type: Cow::Borrowed(crate::Event::event_type(event)),
+                    schema_version: crate::Event::schema_version(event),
+                    payload,
+                    metadata: metadata.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Appends expecting the stream at `version`, with a snapshot of `state` (the state after
+    /// the events) when the policy asks for one; `state` is `None` when it is not that state.
+    async fn store_events(
+        &self,
+        stream: &StreamId,
+        state: Option<&A>,
+        version: u64,
+        events: Vec<NewEvent>,
+        snapshot_unusable: bool,
+    ) -> Result<crate::AppendOutcome, StoreError> {
+        let new_version = version + events.len() as u64;
+        let expected = if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        };
+        let snapshot = state.and_then(|state| {
+            self.snapshot_of(stream, state, version, new_version, snapshot_unusable)
+        });
+        match snapshot {
+            Some(snapshot) => {
+                self.store
+                    .append_with_snapshot(stream, expected, events, snapshot)
+                    .await
+            }
+            None => self.store.append(stream, expected, events).await,
+        }
+    }
+
+    /// Queues `command` behind the others of its stream and waits for its result.
+    async fn enqueue(
+        &self,
+        queues: &Arc<StreamQueues<A>>,
+        stream: StreamId,
+        command: A::Command,
+        metadata: EventMetadata,
+    ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let job = Job {
+            command,
+            metadata,
+            reply,
+        };
+        if queues.push(&stream, job) {
+            let (handler, queues, stream) = (self.clone(), Arc::clone(queues), stream.clone());
+            tokio::spawn(async move { handler.serve_queue(&queues, &stream).await });
+        }
+        result.await.unwrap_or_else(|_| {
+            Err(CommandError::Store(StoreError::backend(RunnerStopped {
+                stream: stream.to_string(),
+            })))
+        })
+    }
+
+    /// Runs batches of a stream's queued commands until none wait.
+    async fn serve_queue(&self, queues: &StreamQueues<A>, stream: &StreamId) {
+        /// If a handler panics, forget the stream's queue so later commands start a new runner;
+        /// the waiting callers see `RunnerStopped`.
+        struct Abandon<'a, A: Aggregate>(&'a StreamQueues<A>, &'a StreamId, bool);
+        impl<A: Aggregate> Drop for Abandon<'_, A> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0.abandon(self.1);
+                }
+            }
+        }
+        let mut guard = Abandon(queues, stream, false);
+        loop {
+            let jobs = queues.take(stream);
+            if jobs.is_empty() {
+                guard.2 = true;
+                return;
+            }
+            let span = tracing::debug_span!("esframe.command_batch", aggregate = A::TYPE, stream = %stream, commands = jobs.len());
+            let leftover = self.run_batch(stream, jobs).instrument(span).await;
+            if !leftover.is_empty() {
+                queues.put_back(stream, leftover);
+            }
+        }
+    }
+
+    /// Decides `jobs` in order on one loaded state and stores all their events in one append
+    /// (group commit). Returns the jobs it did not get to.
+    ///
+    /// Same results as running them one by one: each command sees the state its predecessors
+    /// left. A command rejected after emitting events leaves that state unusable, so the batch
+    /// stops there and the rest go back to the queue. Conflicts rerun the whole batch; any other
+    /// failure runs each command on its own, so each caller gets its own error.
+    async fn run_batch(&self, stream: &StreamId, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut state, version, snapshot_unusable, trusted_cache) =
+                match self.load_state(stream, attempt == 1).await {
+                    Ok(loaded) => loaded,
+                    Err(_) => return self.run_each(stream, jobs).await,
+                };
+            let mut emitted: Vec<A::Event> = Vec::new();
+            let mut new_events = Vec::new();
+            let mut decided: Vec<Result<std::ops::Range<usize>, CommandError<A::Error>>> =
+                Vec::with_capacity(jobs.len());
+            let mut clean = true;
+            for job in &jobs {
+                let at = version + emitted.len() as u64;
+                let mut decision = Decision::new(&mut state, stream, at);
+                let result = A::handle(&mut decision, &job.command, &self.services).await;
+                let events = decision.into_emitted();
+                match result {
+                    Err(rejection) => {
+                        clean = events.is_empty();
+                        decided.push(Err(CommandError::Rejected(rejection)));
+                    }
+                    Ok(()) => match self.encode(stream, &events, &job.metadata) {
+                        Ok(encoded) => {
+                            let start = emitted.len();
+                            emitted.extend(events);
+                            new_events.extend(encoded);
+                            decided.push(Ok(start..emitted.len()));
+                        }
+                        Err(err) => {
+                            clean = events.is_empty();
+                            decided.push(Err(err));
+                        }
+                    },
+                }
+                if !clean {
+                    break;
+                }
+            }
+            let event_ids: Vec<Uuid> = new_events.iter().map(|e| e.event_id).collect();
+            let outcome = if new_events.is_empty() {
+                None
+            } else {
+                let snapshot_state = clean.then_some(&state);
+                match self
+                    .store_events(
+                        stream,
+                        snapshot_state,
+                        version,
+                        new_events,
+                        snapshot_unusable,
+                    )
+                    .await
+                {
+                    Ok(outcome) => Some(outcome),
+                    Err(StoreError::Conflict(conflict)) => {
+                        if let Err(err) =
+                            self.after_conflict(conflict, attempt, trusted_cache).await
+                        {
+                            let CommandError::Conflict { conflict, attempts } = err else {
+                                return self.run_each(stream, jobs).await;
+                            };
+                            let mut jobs = jobs;
+                            let leftover = jobs.split_off(decided.len());
+                            for job in jobs {
+                                let _ = job.reply.send(Err(CommandError::Conflict {
+                                    conflict: conflict.clone(),
+                                    attempts,
+                                }));
+                            }
+                            return leftover;
+                        }
+                        continue;
+                    }
+                    Err(_) => return self.run_each(stream, jobs).await,
+                }
+            };
+            let new_version = version + emitted.len() as u64;
+            if clean {
+                self.cache_put(stream, new_version, state);
+            }
+            let mut jobs = jobs;
+            let leftover = jobs.split_off(decided.len());
+            let mut events = emitted.into_iter();
+            for (job, result) in jobs.into_iter().zip(decided) {
+                let reply = result.map(|range| {
+                    let count = range.len();
+                    let envelopes = range
+                        .clone()
+                        .zip(events.by_ref().take(count))
+                        .filter_map(|(i, event)| {
+                            let outcome = outcome.as_ref()?;
+                            let at = version + 1 + i as u64;
+                            let position = *outcome.positions.get(i)?;
+                            Some(envelope::<A>(
+                                stream,
+                                event,
+                                event_ids[i],
+                                at,
+                                position,
+                                outcome,
+                                &job.metadata,
+                            ))
+                        })
+                        .collect();
+                    CommandOutcome {
+                        stream_id: stream.clone(),
+                        version: version + range.end as u64,
+                        events: envelopes,
+                        attempts: attempt,
+                    }
+                });
+                let _ = job.reply.send(reply);
+            }
+            return leftover;
+        }
+    }
+
+    /// Runs each job on its own (after a batch failed for a reason other than a conflict).
+    async fn run_each(&self, stream: &StreamId, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
+        for job in jobs {
+            let result = self.run_single(stream, &job.command, &job.metadata).await;
+            let _ = job.reply.send(result);
+        }
+        Vec::new()
     }
 
     /// Builds the snapshot to store with this append, if the policy asks for one.
@@ -433,7 +640,7 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
                 return Err(CommandError::WrongAggregateType {
                     stream: stream.clone(),
                     expected: A::TYPE,
-                    found: recorded.aggregate_type,
+                    found: recorded.aggregate_type.into_owned(),
                     version: recorded.stream_version,
                 });
             }
@@ -465,4 +672,53 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
             }
         }
     }
+}
+
+/// The ids and metadata a command gives its events.
+fn metadata_for<C: Command>(command: &C, context: CommandContext) -> EventMetadata {
+    let command_id = context
+        .command_id
+        .or_else(|| command.command_id())
+        .unwrap_or_else(Uuid::now_v7);
+    let mut extra = command.metadata();
+    extra.extend(context.metadata);
+    EventMetadata {
+        correlation_id: Some(context.correlation_id.unwrap_or(command_id)),
+        causation_id: Some(context.causation_id.unwrap_or(command_id)),
+        extra,
+    }
+}
+
+/// The envelope of an event just stored.
+fn envelope<A: Aggregate>(
+    stream: &StreamId,
+    event: A::Event,
+    event_id: Uuid,
+    stream_version: u64,
+    global_position: u64,
+    outcome: &crate::AppendOutcome,
+    metadata: &EventMetadata,
+) -> EventEnvelope<A::Event> {
+    EventEnvelope {
+        event_id,
+        stream_id: stream.clone(),
+        aggregate_type: Cow::Borrowed(A::TYPE),
+        stream_version,
+        global_position,
+        recorded_at: outcome.recorded_at,
+        event_type: Cow::Borrowed(crate::Event::event_type(&event)),
+        schema_version: crate::Event::schema_version(&event),
+        payload: event,
+        metadata: metadata.clone(),
+    }
+}
+
+/// The task running a stream's queued commands stopped (a handler panicked) before this
+/// command's turn.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the task running queued commands for stream `{stream}` stopped before this command ran (did a handler panic?)"
+)]
+struct RunnerStopped {
+    stream: String,
 }

@@ -59,6 +59,7 @@
 //! | `testing` | no      | [`testing`]: the conformance suite every store backend runs |
 
 mod aggregate;
+mod batch;
 mod cache;
 mod command;
 mod envelope;
@@ -68,7 +69,6 @@ mod handler;
 mod policy;
 mod store;
 mod stream_id;
-mod stream_lock;
 mod subscription;
 pub mod testkit;
 

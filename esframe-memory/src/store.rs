@@ -2,7 +2,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
+    },
 };
 
 use chrono::Utc;
@@ -10,7 +13,7 @@ use esframe_core::{
     AppendOutcome, Conflict, EventStore, ExpectedVersion, NewEvent, RecordedEvent, Snapshot,
     SnapshotStore, StoreError, StreamId,
 };
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 /// An event and snapshot store held in memory.
@@ -26,8 +29,52 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Inner {
     data: RwLock<Data>,
-    /// Global position of the last appended event; wakes subscriptions.
-    head: watch::Sender<u64>,
+    head: Head,
+}
+
+/// The global position of the last appended event, and wake-ups for those waiting past it.
+///
+/// Appends only pay for a wake-up when someone waits: the appender raises `position` and then
+/// reads `waiters`; a waiter registers with `notify`, raises `waiters` and then reads
+/// `position`. Both sides use sequentially consistent operations, so at least one of them sees
+/// the other: either the waiter sees the new position, or the appender sees the waiter and
+/// notifies it.
+#[derive(Debug, Default)]
+struct Head {
+    position: AtomicU64,
+    waiters: AtomicUsize,
+    notify: Notify,
+}
+
+impl Head {
+    fn advance(&self, position: u64) {
+        self.position.fetch_max(position, SeqCst);
+        if self.waiters.load(SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    async fn wait_past(&self, after: u64) {
+        struct Registered<'a>(&'a AtomicUsize);
+        impl Drop for Registered<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, SeqCst);
+            }
+        }
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let _registered = {
+                self.waiters.fetch_add(1, SeqCst);
+                Registered(&self.waiters)
+            };
+            if self.position.load(SeqCst) > after {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -53,7 +100,7 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Inner {
                 data: RwLock::new(Data::default()),
-                head: watch::Sender::new(0),
+                head: Head::default(),
             }),
         }
     }
@@ -105,13 +152,7 @@ impl MemoryStore {
             outcome
         };
         if let Some(&last) = outcome.positions.last() {
-            self.inner.head.send_if_modified(|head| {
-                let moved = last > *head;
-                if moved {
-                    *head = last;
-                }
-                moved
-            });
+            self.inner.head.advance(last);
         }
         Ok(outcome)
     }
@@ -198,11 +239,11 @@ impl Data {
             self.log.push(RecordedEvent {
                 event_id: event.event_id,
                 stream_id: stream.clone(),
-                aggregate_type: event.aggregate_type.into_owned(),
+                aggregate_type: event.aggregate_type,
                 stream_version: indices.len() as u64,
                 global_position: position,
                 recorded_at,
-                event_type: event.event_type.into_owned(),
+                event_type: event.event_type,
                 schema_version: event.schema_version,
                 payload: event.payload,
                 metadata: event.metadata,
@@ -268,9 +309,7 @@ impl EventStore for MemoryStore {
     }
 
     async fn wait_for_events(&self, after: u64) -> Result<(), StoreError> {
-        let mut head = self.inner.head.subscribe();
-        // The sender lives as long as the store; an error cannot happen while `self` exists.
-        let _ = head.wait_for(|&position| position > after).await;
+        self.inner.head.wait_past(after).await;
         Ok(())
     }
 }

@@ -63,14 +63,19 @@ enum CounterCommand {
     Reject {
         id: String,
     },
+    /// Emits an event, then rejects: the state it leaves is unusable.
+    EmitThenReject {
+        id: String,
+    },
 }
 
 impl Command for CounterCommand {
     fn aggregate_id(&self) -> String {
         match self {
-            Self::Add { id, .. } | Self::AddTwiceBelow { id, .. } | Self::Reject { id } => {
-                id.clone()
-            }
+            Self::Add { id, .. }
+            | Self::AddTwiceBelow { id, .. }
+            | Self::Reject { id }
+            | Self::EmitThenReject { id } => id.clone(),
         }
     }
     fn metadata(&self) -> serde_json::Map<String, Value> {
@@ -84,9 +89,10 @@ impl Command for CounterCommand {
 #[error("rejected on purpose")]
 struct Rejected;
 
-/// Services: optionally a store to write to behind the handler's back (a concurrent writer).
+/// Services: optionally a store to write to behind the handler's back (a concurrent writer),
+/// and a pause in every decision so that queued commands pile up.
 #[derive(Default)]
-struct Meddler(Option<MemoryStore>);
+struct Meddler(Option<MemoryStore>, Option<std::time::Duration>);
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 struct Counter {
@@ -106,6 +112,9 @@ impl Aggregate for Counter {
         command: &CounterCommand,
         services: &Meddler,
     ) -> Result<(), Rejected> {
+        if let Some(pause) = services.1 {
+            tokio::time::sleep(pause).await;
+        }
         if let Some(store) = &services.0 {
             let sneaky = NewEvent::from_event(Self::TYPE, &CounterEvent::Added { n: 0 }).unwrap();
             store
@@ -124,6 +133,10 @@ impl Aggregate for Counter {
                 }
             }
             CounterCommand::Reject { .. } => return Err(Rejected),
+            CounterCommand::EmitThenReject { .. } => {
+                decision.emit(CounterEvent::Added { n: 1_000_000 });
+                return Err(Rejected);
+            }
         }
         Ok(())
     }
@@ -297,9 +310,11 @@ async fn concurrent_commands_on_one_aggregate_lose_nothing() {
 #[tokio::test]
 async fn gives_up_after_the_retry_policy_is_exhausted() {
     let store = MemoryStore::new();
-    let handler =
-        CommandHandler::<Counter, _>::with_services(store.clone(), Meddler(Some(store.clone())))
-            .retry_policy(RetryPolicy::attempts(3));
+    let handler = CommandHandler::<Counter, _>::with_services(
+        store.clone(),
+        Meddler(Some(store.clone()), None),
+    )
+    .retry_policy(RetryPolicy::attempts(3));
     let err = handler.execute(add("meddled", 1)).await.unwrap_err();
     match err {
         CommandError::Conflict { attempts, conflict } => {
@@ -525,4 +540,147 @@ async fn pessimistic_mode_queues_commands_on_one_stream_without_conflicts() {
     }
     let loaded = handler.load("queued").await.unwrap();
     assert_eq!((loaded.version, loaded.state.total), (640, 640));
+}
+
+/// Runs `commands` at once on a pessimistic handler whose decisions pause, so they batch.
+async fn run_batched(
+    handler: &CommandHandler<Counter, MemoryStore>,
+    commands: Vec<(CounterCommand, Uuid)>,
+) -> Vec<Result<esframe_core::CommandOutcome<CounterEvent>, CommandError<Rejected>>> {
+    let tasks: Vec<_> = commands
+        .into_iter()
+        .map(|(command, id)| {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                handler
+                    .execute_with(command, CommandContext::new().command_id(id))
+                    .await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+fn pausing(store: &MemoryStore) -> CommandHandler<Counter, MemoryStore> {
+    CommandHandler::<Counter, _>::with_services(
+        store.clone(),
+        Meddler(None, Some(std::time::Duration::from_millis(2))),
+    )
+    .concurrency_mode(esframe_core::ConcurrencyMode::Pessimistic)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_commands_are_stored_together_with_their_own_results_and_metadata() {
+    let store = MemoryStore::new();
+    let handler = pausing(&store);
+    handler.execute(add("b", 1)).await.unwrap();
+    let commands: Vec<_> = (0..40)
+        .map(|i| {
+            let command = if i % 10 == 3 {
+                CounterCommand::Reject { id: "b".into() }
+            } else {
+                add("b", 1)
+            };
+            (command, Uuid::now_v7())
+        })
+        .collect();
+    let ids: Vec<Uuid> = commands.iter().map(|(_, id)| *id).collect();
+    let results = run_batched(&handler, commands).await;
+    let mut stored_at = std::collections::HashMap::new();
+    for (i, result) in results.iter().enumerate() {
+        if i % 10 == 3 {
+            assert!(
+                matches!(result, Err(CommandError::Rejected(Rejected))),
+                "{i}: {result:?}"
+            );
+            continue;
+        }
+        let outcome = result.as_ref().unwrap();
+        assert_eq!(outcome.events.len(), 1);
+        let event = &outcome.events[0];
+        assert_eq!(
+            event.metadata.causation_id,
+            Some(ids[i]),
+            "each event keeps its own command's ids"
+        );
+        assert_eq!(event.stream_version, outcome.version);
+        *stored_at.entry(event.recorded_at).or_insert(0) += 1;
+    }
+    assert!(
+        stored_at.values().any(|&n| n > 1),
+        "commands were stored together: {stored_at:?}"
+    );
+    let loaded = handler.load("b").await.unwrap();
+    assert_eq!((loaded.version, loaded.state.total), (37, 37));
+    let versions: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|o| o.version)
+        .collect();
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        versions.len(),
+        "no two commands got the same version"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_rejected_after_emitting_does_not_leak_its_events_into_the_batch() {
+    let store = MemoryStore::new();
+    let handler = pausing(&store);
+    handler.execute(add("d", 1)).await.unwrap();
+    let mut commands: Vec<_> = (0..10).map(|_| (add("d", 1), Uuid::now_v7())).collect();
+    commands.insert(
+        5,
+        (
+            CounterCommand::EmitThenReject { id: "d".into() },
+            Uuid::now_v7(),
+        ),
+    );
+    let results = run_batched(&handler, commands).await;
+    assert!(matches!(results[5], Err(CommandError::Rejected(Rejected))));
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 10);
+    let loaded = handler.load("d").await.unwrap();
+    assert_eq!(
+        (loaded.version, loaded.state.total),
+        (11, 11),
+        "the rejected command's event is not stored"
+    );
+    // The cached state is not poisoned either.
+    assert_eq!(handler.execute(add("d", 1)).await.unwrap().version, 12);
+    assert_eq!(handler.load("d").await.unwrap().state.total, 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_retry_conflicts_with_other_writers_and_lose_nothing() {
+    let store = MemoryStore::new();
+    let batched = pausing(&store).retry_policy(RetryPolicy::attempts(1_000));
+    let other =
+        CommandHandler::<Counter, _>::new(store.clone()).retry_policy(RetryPolicy::attempts(1_000));
+    batched.execute(add("c", 1)).await.unwrap();
+    let interferer = tokio::spawn(async move {
+        for _ in 0..50 {
+            other.execute(add("c", 100)).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+    });
+    let results = run_batched(
+        &batched,
+        (0..50).map(|_| (add("c", 1), Uuid::now_v7())).collect(),
+    )
+    .await;
+    interferer.await.unwrap();
+    assert!(results.iter().all(Result::is_ok));
+    let loaded = batched.load("c").await.unwrap();
+    assert_eq!(
+        (loaded.version, loaded.state.total),
+        (101, 1 + 50 + 50 * 100)
+    );
 }

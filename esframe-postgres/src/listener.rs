@@ -1,7 +1,10 @@
 //! Wake-ups for subscriptions: one `LISTEN` connection per store, started on first use.
 
 use std::{
-    sync::{Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -27,6 +30,13 @@ impl Waker {
             channel,
             sender: watch::Sender::new(0),
             task: Mutex::new(None),
+        }
+    }
+
+    /// Wakes this process's subscriptions after a local append.
+    pub(crate) fn wake_local(&self) {
+        if self.sender.receiver_count() > 0 {
+            self.sender.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
@@ -87,6 +97,77 @@ async fn listen(pool: PgPool, channel: String, sender: watch::Sender<u64>) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Sends `NOTIFY` after appends commit, from a background task on its own connection.
+///
+/// `poke` only sets a flag and wakes the task, so an append never waits for it; pokes that
+/// arrive while a notification is being sent are coalesced into one more. Sending it outside
+/// the append's transaction keeps appends from queueing on PostgreSQL's notification lock, which
+/// a notifying transaction holds through its commit.
+pub(crate) struct Notifier {
+    pool: PgPool,
+    channel: String,
+    min_interval: Duration,
+    pending: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Notifier {
+    pub(crate) fn new(pool: PgPool, channel: String, min_interval: Duration) -> Self {
+        Self {
+            pool,
+            channel,
+            min_interval,
+            pending: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            task: Mutex::new(None),
+        }
+    }
+
+    /// Asks for a notification to be sent soon.
+    pub(crate) fn poke(&self) {
+        self.pending.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if task.as_ref().is_none_or(JoinHandle::is_finished) {
+            let (pool, channel) = (self.pool.clone(), self.channel.clone());
+            let (pending, wake) = (Arc::clone(&self.pending), Arc::clone(&self.wake));
+            let min_interval = self.min_interval;
+            *task = Some(tokio::spawn(async move {
+                loop {
+                    wake.notified().await;
+                    while pending.swap(false, Ordering::SeqCst) {
+                        let sent = tokio::time::Instant::now();
+                        if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
+                            .bind(&channel)
+                            .execute(&pool)
+                            .await
+                        {
+                            tracing::warn!(error = %err, channel, "esframe NOTIFY failed; subscribers fall back to polling");
+                        }
+                        // Under a steady stream of appends, one notification per interval wakes
+                        // every subscriber just as well as one per append.
+                        tokio::time::sleep_until(sent + min_interval).await;
+                    }
+                }
+            }));
+        }
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .task
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
         }
     }
 }

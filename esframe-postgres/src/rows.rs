@@ -62,7 +62,9 @@ pub(crate) fn event(
         event_id: row
             .try_get::<Uuid, _>(1)
             .map_err(|e| field("event_id", e))?,
-        aggregate_type: row.try_get(4).map_err(|e| field("aggregate_type", e))?,
+        aggregate_type: std::borrow::Cow::Owned(
+            row.try_get(4).map_err(|e| field("aggregate_type", e))?,
+        ),
         global_position: u64::try_from(raw_position).map_err(|_| {
             corrupt(
                 &stream_id,
@@ -73,7 +75,7 @@ pub(crate) fn event(
         recorded_at: row
             .try_get::<DateTime<Utc>, _>(11)
             .map_err(|e| field("recorded_at", e))?,
-        event_type: row.try_get(5).map_err(|e| field("event_type", e))?,
+        event_type: std::borrow::Cow::Owned(row.try_get(5).map_err(|e| field("event_type", e))?),
         schema_version: u32::try_from(raw_schema).map_err(|_| {
             corrupt(
                 &stream_id,

@@ -23,8 +23,13 @@ const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint <<
 
 #[derive(Debug)]
 pub(crate) struct Queries {
+    /// The plain append: one `INSERT ... SELECT` returning a row per stored event, none when the
+    /// expectation does not hold. Parameters $1 to $11 as in [`append_sql`].
     pub(crate) append: Arc<str>,
     pub(crate) append_with_snapshot: Arc<str>,
+    /// The append with an in-transaction `NOTIFY`, for appends inside the caller's transaction
+    /// (whose commit the store cannot see).
+    pub(crate) append_notify: Arc<str>,
     pub(crate) find_event_ids: Arc<str>,
     pub(crate) read_stream: Arc<str>,
     pub(crate) stream_version: Arc<str>,
@@ -35,13 +40,32 @@ pub(crate) struct Queries {
 }
 
 impl Queries {
-    pub(crate) fn new(schema: &SchemaName, notify: bool) -> Self {
+    pub(crate) fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
-        let append = append_sql(&s, notify, false);
-        let append_with_snapshot = append_sql(&s, notify, true);
         Self {
-            append: append.into(),
-            append_with_snapshot: append_with_snapshot.into(),
+            append: format!(
+                "INSERT INTO {s}.events (global_position, event_id, stream_id, stream_version,
+                     aggregate_type, event_type, schema_version, payload, correlation_id,
+                     causation_id, metadata)
+                 SELECT (pg_current_xact_id()::text::bigint << {POSITION_SHIFT}) + e.ord - 1,
+                        e.event_id, $1, cur.v + e.ord, e.aggregate_type, e.event_type,
+                        e.schema_version, e.payload, e.correlation_id, e.causation_id, e.metadata
+                 FROM (SELECT coalesce(max(stream_version), 0) AS v
+                       FROM {s}.events WHERE stream_id = $1) cur,
+                      unnest($2::uuid[], $3::text[], $4::text[], $5::int4[], $6::jsonb[],
+                             $7::uuid[], $8::uuid[], $9::jsonb[])
+                      WITH ORDINALITY AS e(event_id, aggregate_type, event_type, schema_version,
+                                           payload, correlation_id, causation_id, metadata, ord)
+                 WHERE CASE $10::int4
+                     WHEN 0 THEN true
+                     WHEN 1 THEN cur.v = 0
+                     WHEN 2 THEN cur.v > 0
+                     ELSE cur.v = $11::int8 END
+                 RETURNING global_position, stream_version, recorded_at"
+            )
+            .into(),
+            append_with_snapshot: append_sql(&s, false, true).into(),
+            append_notify: append_sql(&s, true, false).into(),
             find_event_ids: format!(
                 "SELECT e.event_id, e.stream_id, e.stream_version, e.global_position, e.recorded_at,
                         (e.stream_id = $2 AND e.event_type = n.event_type
@@ -92,8 +116,10 @@ impl Queries {
     }
 }
 
-/// One statement that checks the expected version and idempotency, inserts every event with one
-/// `INSERT ... SELECT FROM unnest(...)`, optionally stores a snapshot and notifies listeners.
+/// One statement that checks the expected version, inserts every event with one
+/// `INSERT ... SELECT FROM unnest(...)`, and optionally stores a snapshot and notifies listeners
+/// at commit. A reused event id fails on the `event_id` unique constraint; the store then looks
+/// the ids up (the idempotency path), so the common case pays no extra lookup.
 ///
 /// Parameters: $1 stream, $2 event ids, $3 aggregate types, $4 event types, $5 schema versions,
 /// $6 payloads, $7 correlation ids, $8 causation ids, $9 metadata, $10 expectation kind
@@ -127,11 +153,9 @@ fn append_sql(s: &str, notify: bool, snapshot: bool) -> String {
     format!(
         "WITH cur AS (
              SELECT coalesce(max(stream_version), 0) AS v FROM {s}.events WHERE stream_id = $1
-         ), dup AS (
-             SELECT count(*) AS n FROM {s}.events WHERE event_id = ANY($2::uuid[])
          ), ok AS (
-             SELECT cur.v FROM cur, dup
-             WHERE dup.n = 0 AND CASE $10::int4
+             SELECT cur.v FROM cur
+             WHERE CASE $10::int4
                  WHEN 0 THEN true
                  WHEN 1 THEN cur.v = 0
                  WHEN 2 THEN cur.v > 0
@@ -150,7 +174,6 @@ fn append_sql(s: &str, notify: bool, snapshot: bool) -> String {
              RETURNING global_position, recorded_at
          ){notify_cte}{snapshot_cte}
          SELECT (SELECT v FROM cur) AS current_version,
-                (SELECT n FROM dup) AS duplicates,
                 (SELECT count(*) FROM ok) AS accepted,
                 coalesce((SELECT array_agg(global_position ORDER BY global_position) FROM ins),
                          '{{}}'::int8[]) AS positions,

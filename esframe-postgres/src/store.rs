@@ -12,7 +12,10 @@ use esframe_core::{
     SnapshotStore, StoreError, StreamId,
 };
 use serde_json::Value;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
+use sqlx::{
+    AssertSqlSafe, PgConnection, PgPool, Row,
+    postgres::{PgPoolOptions, PgRow},
+};
 use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -21,7 +24,7 @@ use crate::{
     PgStoreError, SchemaName,
     diagnostics::{self, HorizonStatus},
     error::{AppendFailure, classify},
-    listener::Waker,
+    listener::{Notifier, Waker},
     rows,
     schema::migrate,
     sql::{MAX_EVENTS_PER_APPEND, Queries},
@@ -50,6 +53,8 @@ struct Inner {
     schema: SchemaName,
     sql: Queries,
     channel: String,
+    notify: bool,
+    notifier: Notifier,
     waker: Waker,
     poll_interval: Duration,
     stall_warning_after: Duration,
@@ -88,6 +93,7 @@ pub struct PgEventStoreBuilder {
     pool: PgPool,
     schema: SchemaName,
     notify: bool,
+    notify_interval: Duration,
     poll_interval: Duration,
     stall_warning_after: Duration,
 }
@@ -99,10 +105,21 @@ impl PgEventStoreBuilder {
         Ok(self)
     }
 
-    /// Whether appends send `NOTIFY` to wake subscriptions at once (default `true`). Without it,
-    /// subscriptions see new events after at most the poll interval.
+    /// Whether appends wake subscriptions in other processes with `NOTIFY` (default `true`).
+    /// The notification is sent after the append commits, by a background task on its own
+    /// connection, coalescing bursts into one, so appends never wait on PostgreSQL's
+    /// notification lock. Subscriptions in this process are woken directly either way; without
+    /// it, other processes see new events after at most their poll interval.
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = notify;
+        self
+    }
+
+    /// The shortest time between two notifications (default 1 ms): appends within it share one
+    /// `NOTIFY`, bounding its cost under heavy load at the price of that much extra latency for
+    /// subscribers in other processes.
+    pub fn notify_interval(mut self, interval: Duration) -> Self {
+        self.notify_interval = interval;
         self
     }
 
@@ -122,11 +139,20 @@ impl PgEventStoreBuilder {
 
     /// Applies pending migrations and opens the store.
     pub async fn build(self) -> Result<PgEventStore, PgStoreError> {
+        if self.pool.options().get_test_before_acquire() {
+            tracing::info!(
+                "the sqlx pool pings each connection before every statement (test_before_acquire), \
+                 doubling the round trips of esframe's one-statement appends; build the pool with \
+                 PgPoolOptions::new().test_before_acquire(false) for full speed"
+            );
+        }
         migrate(&self.pool, &self.schema).await?;
         let channel = format!("esframe_{}", self.schema.as_str().to_ascii_lowercase());
         Ok(PgEventStore {
             inner: Arc::new(Inner {
-                sql: Queries::new(&self.schema, self.notify),
+                sql: Queries::new(&self.schema),
+                notify: self.notify,
+                notifier: Notifier::new(self.pool.clone(), channel.clone(), self.notify_interval),
                 waker: Waker::new(self.pool.clone(), channel.clone()),
                 pool: self.pool,
                 schema: self.schema,
@@ -139,13 +165,14 @@ impl PgEventStoreBuilder {
     }
 }
 
-/// What the single append statement reported.
-struct AppendRow {
-    current_version: u64,
-    duplicates: i64,
-    accepted: bool,
-    positions: Vec<i64>,
-    recorded_at: Option<DateTime<Utc>>,
+/// What an append statement did.
+enum Appended {
+    Stored(AppendOutcome),
+    /// The expectation did not hold; `actual` is the version if the statement reported it
+    /// (`Some(None)`: no stream).
+    Refused {
+        actual: Option<Option<u64>>,
+    },
 }
 
 impl PgEventStore {
@@ -155,14 +182,27 @@ impl PgEventStore {
             pool,
             schema: SchemaName::default(),
             notify: true,
+            notify_interval: Duration::from_millis(1),
             poll_interval: Duration::from_secs(1),
             stall_warning_after: Duration::from_secs(10),
         }
     }
 
-    /// Connects to `url` and opens the store in the default schema.
+    /// Connects to `url` with the recommended pool settings ([`PgEventStore::pool_options`]) and
+    /// opens the store in the default schema.
     pub async fn connect(url: &str) -> Result<Self, PgStoreError> {
-        Self::builder(PgPool::connect(url).await?).build().await
+        Self::builder(Self::pool_options().connect(url).await?)
+            .build()
+            .await
+    }
+
+    /// Pool settings for esframe: no ping before each statement (sqlx's default pings, which
+    /// doubles the cost of a one-round-trip append; a broken connection still surfaces as an
+    /// error and is replaced), 20 connections.
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(20)
     }
 
     /// The connection pool.
@@ -201,6 +241,14 @@ impl PgEventStore {
             .await
     }
 
+    /// Wakes subscriptions after a committed append: local ones at once, others by `NOTIFY`.
+    fn appended(&self) {
+        self.inner.waker.wake_local();
+        if self.inner.notify {
+            self.inner.notifier.poke();
+        }
+    }
+
     /// Who holds the global log back, if anyone; see [`HorizonStatus`].
     pub async fn horizon_status(&self) -> Result<HorizonStatus, StoreError> {
         diagnostics::horizon_status(&self.inner.pool, &self.inner.sql)
@@ -232,6 +280,9 @@ impl PgEventStore {
             let outcome = self
                 .append_on(&mut conn, stream, expected, events, snapshot, true)
                 .await?;
+            if !outcome.positions.is_empty() && !outcome.deduplicated {
+                self.appended();
+            }
             tracing::Span::current().record("version", outcome.stream_version);
             Ok(outcome)
         }
@@ -273,13 +324,37 @@ impl PgEventStore {
             ExpectedVersion::StreamExists => (2, 0),
             ExpectedVersion::Exact(v) => (3, i64::try_from(v).unwrap_or(i64::MAX)),
         };
+        if events.is_empty() {
+            let current = if retry {
+                self.stream_version(stream).await?
+            } else {
+                self.stream_version_on(conn, stream).await?
+            };
+            if !expected.accepts(current) {
+                return Err(Conflict {
+                    stream: stream.clone(),
+                    expected,
+                    actual: current,
+                }
+                .into());
+            }
+            return Ok(AppendOutcome {
+                stream_version: current.unwrap_or(0),
+                positions: Vec::new(),
+                recorded_at: Utc::now(),
+                deduplicated: false,
+            });
+        }
+        // The lean statement for the common case; the summarising one when a snapshot or an
+        // in-transaction NOTIFY rides along.
+        let lean = snapshot.is_none() && (retry || !self.inner.notify);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let sql = if snapshot.is_some() {
-                &self.inner.sql.append_with_snapshot
-            } else {
-                &self.inner.sql.append
+            let sql = match (&snapshot, lean) {
+                (Some(_), _) => &self.inner.sql.append_with_snapshot,
+                (None, true) => &self.inner.sql.append,
+                (None, false) => &self.inner.sql.append_notify,
             };
             let mut query = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
                 .bind(stream.as_str())
@@ -292,8 +367,10 @@ impl PgEventStore {
                 .bind(&columns.causation_ids)
                 .bind(&columns.metadata)
                 .bind(kind)
-                .bind(exact)
-                .bind(&self.inner.channel);
+                .bind(exact);
+            if !lean {
+                query = query.bind(&self.inner.channel);
+            }
             if let Some(snapshot) = &snapshot {
                 query = query
                     .bind(&snapshot.aggregate_type)
@@ -302,27 +379,37 @@ impl PgEventStore {
                     .bind(&snapshot.state)
                     .bind(snapshot.taken_at);
             }
-            let failure = match query.fetch_one(&mut *conn).await {
-                Ok(row) => {
-                    let row = append_row(&row).map_err(StoreError::backend)?;
-                    if row.duplicates > 0 {
-                        return self.deduplicate(conn, stream, &columns).await;
+            let result = if lean {
+                query
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map(|rows| stored_rows(&rows))
+            } else {
+                query
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map(|row| summary_row(&row, events.len()))
+            };
+            let failure = match result {
+                Ok(Err(err)) => return Err(StoreError::backend(err)),
+                Ok(Ok(Appended::Stored(outcome))) => return Ok(outcome),
+                Ok(Ok(Appended::Refused { actual })) => {
+                    // A retry of an append that already landed carries a stale expectation:
+                    // idempotency is decided before the conflict.
+                    if let Some(original) = self.deduplicate(conn, stream, &columns).await? {
+                        return Ok(original);
                     }
-                    let actual = (row.current_version > 0).then_some(row.current_version);
-                    if !row.accepted {
-                        return Err(Conflict {
-                            stream: stream.clone(),
-                            expected,
-                            actual,
-                        }
-                        .into());
+                    let actual = match actual {
+                        Some(actual) => actual,
+                        None if retry => self.stream_version(stream).await?,
+                        None => self.stream_version_on(conn, stream).await?,
+                    };
+                    return Err(Conflict {
+                        stream: stream.clone(),
+                        expected,
+                        actual,
                     }
-                    return Ok(AppendOutcome {
-                        stream_version: row.current_version + events.len() as u64,
-                        positions: row.positions.into_iter().map(|p| p as u64).collect(),
-                        recorded_at: row.recorded_at.unwrap_or_else(Utc::now),
-                        deduplicated: false,
-                    });
+                    .into());
                 }
                 Err(err) => (classify(&err), err),
             };
@@ -350,20 +437,49 @@ impl PgEventStore {
                     }
                     .into());
                 }
-                (AppendFailure::EventIdTaken | AppendFailure::Transient, _)
-                    if retry && attempt < ANY_RETRIES => {}
+                (AppendFailure::EventIdTaken, err) => {
+                    // In the caller's transaction the failed statement ended the transaction, so
+                    // nothing more can be read there.
+                    if !retry {
+                        return Err(StoreError::backend(err));
+                    }
+                    if let Some(original) = self.deduplicate(conn, stream, &columns).await? {
+                        return Ok(original);
+                    }
+                    // The other writer of that id rolled back: try again.
+                    if attempt >= ANY_RETRIES {
+                        return Err(StoreError::backend(err));
+                    }
+                }
+                (AppendFailure::Transient, _) if retry && attempt < ANY_RETRIES => {}
                 (_, err) => return Err(StoreError::backend(err)),
             }
         }
     }
 
-    /// Some event ids are stored already: the original outcome if all are, with the same content.
+    /// The stream's version, read on `conn` (inside the caller's transaction).
+    async fn stream_version_on(
+        &self,
+        conn: &mut PgConnection,
+        stream: &StreamId,
+    ) -> Result<Option<u64>, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.stream_version)))
+                .bind(stream.as_str())
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(StoreError::backend)?;
+        Ok(version.map(|v| v as u64))
+    }
+
+    /// Looks the append's event ids up: `None` if none is stored, the original outcome if all
+    /// are with the same content, an error otherwise.
     async fn deduplicate(
         &self,
         conn: &mut PgConnection,
         stream: &StreamId,
         columns: &Columns,
-    ) -> Result<AppendOutcome, StoreError> {
+    ) -> Result<Option<AppendOutcome>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.find_event_ids)))
             .bind(&columns.event_ids)
             .bind(stream.as_str())
@@ -387,6 +503,9 @@ impl PgEventStore {
             }
             stored.insert(found.event_id, found);
         }
+        if stored.is_empty() {
+            return Ok(None);
+        }
         if stored.len() < columns.event_ids.len() {
             let stored_event_id = columns
                 .event_ids
@@ -404,12 +523,12 @@ impl PgEventStore {
             .iter()
             .filter_map(|id| stored.get(id))
             .collect();
-        Ok(AppendOutcome {
+        Ok(Some(AppendOutcome {
             stream_version: in_order.iter().map(|s| s.stream_version).max().unwrap_or(0),
             positions: in_order.iter().map(|s| s.global_position).collect(),
             recorded_at: in_order.first().map_or_else(Utc::now, |s| s.recorded_at),
             deduplicated: true,
-        })
+        }))
     }
 
     /// Tracks whether the log is held back and warns, naming the holder, past the threshold.
@@ -510,14 +629,43 @@ impl StoredId {
     }
 }
 
-fn append_row(row: &PgRow) -> Result<AppendRow, sqlx::Error> {
-    Ok(AppendRow {
-        current_version: row.try_get::<i64, _>("current_version")? as u64,
-        duplicates: row.try_get("duplicates")?,
-        accepted: row.try_get::<i64, _>("accepted")? > 0,
-        positions: row.try_get("positions")?,
-        recorded_at: row.try_get("recorded_at")?,
-    })
+/// Reads the lean statement's rows: one per stored event, none if the expectation failed.
+fn stored_rows(rows: &[PgRow]) -> Result<Appended, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Appended::Refused { actual: None });
+    }
+    let mut stored = Vec::with_capacity(rows.len());
+    for row in rows {
+        let position: i64 = row.try_get(0)?;
+        let version: i64 = row.try_get(1)?;
+        let recorded_at: DateTime<Utc> = row.try_get(2)?;
+        stored.push((version as u64, position as u64, recorded_at));
+    }
+    stored.sort_unstable_by_key(|&(version, ..)| version);
+    Ok(Appended::Stored(AppendOutcome {
+        stream_version: stored.last().map_or(0, |s| s.0),
+        positions: stored.iter().map(|s| s.1).collect(),
+        recorded_at: stored[0].2,
+        deduplicated: false,
+    }))
+}
+
+/// Reads the summarising statement's single row.
+fn summary_row(row: &PgRow, events: usize) -> Result<Appended, sqlx::Error> {
+    let current = row.try_get::<i64, _>("current_version")? as u64;
+    if row.try_get::<i64, _>("accepted")? == 0 {
+        return Ok(Appended::Refused {
+            actual: Some((current > 0).then_some(current)),
+        });
+    }
+    let positions: Vec<i64> = row.try_get("positions")?;
+    let recorded_at: Option<DateTime<Utc>> = row.try_get("recorded_at")?;
+    Ok(Appended::Stored(AppendOutcome {
+        stream_version: current + events as u64,
+        positions: positions.into_iter().map(|p| p as u64).collect(),
+        recorded_at: recorded_at.unwrap_or_else(Utc::now),
+        deduplicated: false,
+    }))
 }
 
 impl EventStore for PgEventStore {

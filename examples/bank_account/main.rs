@@ -1,12 +1,35 @@
-//! The bank-account example on the in-memory store:
-//! `cargo run --example bank_account`.
+//! The bank-account example.
+//!
+//! - `cargo run --example bank_account`: on the in-memory store.
+//! - `cargo run --example bank_account -- --postgres`: on PostgreSQL at `DATABASE_URL`
+//!   (default `postgres://postgres@127.0.0.1:5432/test`), in the schema `esframe_demo`, created on
+//!   first use. Each run uses new account ids, so it can be run again and again.
 
 use esframe_examples::bank_account::run_demo;
 use esframe_memory::MemoryStore;
+use esframe_postgres::PgEventStore;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    println!("esframe bank account (in-memory store)\n");
-    run_demo(MemoryStore::new(), &mut std::io::stdout()).await?;
+async fn main() -> Result<(), Error> {
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let run = &run[run.len() - 6..];
+    if std::env::args().any(|arg| arg == "--postgres") {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let pool = sqlx::PgPool::connect(&url)
+            .await
+            .map_err(|err| format!("cannot reach PostgreSQL at {url}: {err}"))?;
+        let store = PgEventStore::builder(pool)
+            .schema("esframe_demo")?
+            .build()
+            .await?;
+        println!("esframe bank account (PostgreSQL at {url}, schema esframe_demo)\n");
+        run_demo(store, run, &mut std::io::stdout()).await?;
+    } else {
+        println!("esframe bank account (in-memory store)\n");
+        run_demo(MemoryStore::new(), run, &mut std::io::stdout()).await?;
+    }
     Ok(())
 }

@@ -1,3 +1,8 @@
 //! Example domains for esframe, shared by the runnable examples, their tests and the benchmarks.
 
 pub mod bank_account;
+
+/// The README's code, compiled and run as doctests so the quick start stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -108,7 +108,9 @@ async fn the_test_kit_fails_when_an_expected_error_does_not_happen() {
 #[tokio::test]
 async fn the_demo_replays_deposits_to_the_live_balance() {
     let mut out = Vec::new();
-    let report = run_demo(MemoryStore::new(), &mut out).await.unwrap();
+    let report = run_demo(MemoryStore::new(), "test", &mut out)
+        .await
+        .unwrap();
     // Ada: +100.00 -50.00 +25.00 +12.34
     assert_eq!(report.live_balance, 8_734);
     assert_eq!(report.replayed_balance, report.live_balance);
@@ -119,7 +121,7 @@ async fn the_demo_replays_deposits_to_the_live_balance() {
         "{}",
         report.overdraft_error
     );
-    assert_eq!(report.total_events, 8);
+    assert_eq!(report.stream_events, 8);
     let printed = String::from_utf8(out).unwrap();
     assert!(
         printed.contains("the rebuilt balance equals the live one"),

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use esframe_postgres::PgEventStore;
-use sqlx::{PgPool, postgres::PgPoolOptions};
+use sqlx::PgPool;
 
 /// The server the tests use; `.ci/run` exports it, and this default fits the local server.
 pub fn database_url() -> String {
@@ -16,7 +16,7 @@ pub fn database_url() -> String {
 /// A pool on the test database; fails the test with a clear message if PostgreSQL is down.
 pub async fn pool(max_connections: u32) -> PgPool {
     let url = database_url();
-    PgPoolOptions::new()
+    PgEventStore::pool_options()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(30))
         .connect(&url)

@@ -19,19 +19,22 @@ pub struct DemoReport {
     pub deposit_count: usize,
     /// The error the overdraft got.
     pub overdraft_error: String,
-    /// Events in the store's global log at the end.
-    pub total_events: usize,
+    /// Events stored in this run's two account streams.
+    pub stream_events: usize,
 }
 
 type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Runs the walkthrough against `store`, printing what happens to `out`.
+/// Runs the walkthrough against `store`, printing what happens to `out`. Account ids end in
+/// `run`, so runs against a persistent store do not collide.
 pub async fn run_demo<S: SnapshotStore>(
     store: S,
+    run: &str,
     out: &mut impl Write,
 ) -> Result<DemoReport, DemoError> {
     let accounts = CommandHandler::<Account, S>::new(store.clone());
-    let (ada, bob) = ("account-ada", "account-bob");
+    let (ada, bob) = (format!("account-ada-{run}"), format!("account-bob-{run}"));
+    let (ada, bob) = (ada.as_str(), bob.as_str());
 
     writeln!(out, "== Opening accounts")?;
     for (id, owner) in [(ada, "Ada"), (bob, "Bob")] {
@@ -122,15 +125,18 @@ pub async fn run_demo<S: SnapshotStore>(
     }
     writeln!(out, "the rebuilt balance equals the live one")?;
 
-    let total_events = store.read_all(0, usize::MAX).await?.len();
-    writeln!(out, "\n{total_events} events in the global log")?;
+    let mut stream_events = 0;
+    for id in [ada, bob] {
+        stream_events += store.read_stream(&StreamId::new(id)?, 1).await?.len();
+    }
+    writeln!(out, "\n{stream_events} events stored in the two accounts")?;
     Ok(DemoReport {
         live_balance: live.state.balance,
         replayed_balance: rebuilt.balance,
         replayed_deposits: deposits,
         deposit_count,
         overdraft_error,
-        total_events,
+        stream_events,
     })
 }
 
