@@ -11,6 +11,7 @@ use esframe_core::{
     AppendOutcome, Conflict, EventStore, ExpectedVersion, NewEvent, RecordedEvent, Snapshot,
     SnapshotStore, StoreError, StreamId,
 };
+use futures_util::TryStreamExt;
 use serde_json::Value;
 use sqlx::{
     AssertSqlSafe, PgConnection, PgPool, Row,
@@ -685,16 +686,17 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let span = tracing::debug_span!("esframe.read_stream", stream = %stream, from_version, events = tracing::field::Empty);
         async {
-            let rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
+            // Rows are decoded as they arrive, so a long stream never sits in memory twice.
+            let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
                 .bind(stream.as_str())
                 .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            tracing::Span::current().record("events", rows.len());
-            rows.iter()
-                .map(|row| rows::event(row, Some(stream)))
-                .collect()
+                .fetch(&self.inner.pool);
+            let mut events = Vec::new();
+            while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
+                events.push(rows::event(&row, Some(stream))?);
+            }
+            tracing::Span::current().record("events", events.len());
+            Ok(events)
         }
         .instrument(span)
         .await
@@ -718,14 +720,16 @@ impl EventStore for PgEventStore {
             events = tracing::field::Empty
         );
         async {
-            let rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
+            let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
                 .bind(i64::try_from(after).unwrap_or(i64::MAX))
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            tracing::Span::current().record("events", rows.len());
-            rows.iter().map(|row| rows::event(row, None)).collect()
+                .fetch(&self.inner.pool);
+            let mut events = Vec::with_capacity(limit.min(4096));
+            while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
+                events.push(rows::event(&row, None)?);
+            }
+            tracing::Span::current().record("events", events.len());
+            Ok(events)
         }
         .instrument(span)
         .await

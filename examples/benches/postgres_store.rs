@@ -23,6 +23,7 @@ use esframe_core::{
 };
 use esframe_examples::bank_account::{Account, AccountCommand, AccountEvent};
 use esframe_postgres::PgEventStore;
+use futures_util::TryStreamExt;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -77,25 +78,23 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
          'MoneyDeposited', 1, '{{\"amount\": 1}}', gen_random_uuid(), gen_random_uuid(), '{{}}' \
          FROM generate_series(0, 99) g, (SELECT gen_random_uuid()::text AS id) s;\n"
     );
-    let raw_c1 = pgbench(url, &one_row, 1, window)?;
-    let raw_c8 = pgbench(url, &one_row, 8, window)?;
-    let raw_100 = pgbench(url, &hundred_rows, 1, window)? * 100.0;
-    println!("\nraw ceiling (pgbench)");
-    println!("  one-row INSERT per transaction, 1 client    {raw_c1:>10.0} rows/s");
-    println!("  one-row INSERT per transaction, 8 clients   {raw_c8:>10.0} rows/s");
-    println!("  100-row INSERT per transaction, 1 client    {raw_100:>10.0} rows/s");
-    reset_schema(&pool, RAW_SCHEMA).await?;
-
     reset_schema(&pool, SCHEMA).await?;
-    let notify = std::env::var("ESFRAME_BENCH_NOTIFY").map_or(true, |v| v != "0");
     let store = PgEventStore::builder(pool.clone())
         .schema(SCHEMA)?
-        .notify(notify)
         .build()
         .await?;
-    println!("(appends send NOTIFY: {notify})");
+    let rounds: usize = std::env::var("ESFRAME_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    println!(
+        "\nEach ratio pairs an esframe measurement with a pgbench run made just before it; \
+         {rounds} rounds, median ratio (min..max)."
+    );
 
-    println!("\ndeposit command round trip (load, handle, append), 1 writer");
+    println!(
+        "\ndeposit command round trip (load, handle, append), 1 writer, vs one-row INSERT with 1 client"
+    );
     for (label, policy, cache) in [
         ("state cache, CachePolicy::Trust ", CachePolicy::Trust, true),
         (
@@ -113,34 +112,41 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         if !cache {
             handler = handler.without_state_cache();
         }
-        let rate = deposits(&handler, 1, false, window).await?;
-        report(label, rate, "commands/s", raw_c1, "raw 1-client rate");
+        let mut pairs = Vec::new();
+        for _ in 0..rounds {
+            let raw = pgbench(url, &one_row, 1, window)?;
+            pairs.push((deposits(&handler, 1, false, window).await?, raw));
+        }
+        report(label, &pairs, "commands/s");
     }
 
-    println!("\ndeposit commands, 8 writers on 8 streams");
+    println!("\ndeposit commands, 8 writers on 8 streams, vs one-row INSERT with 8 clients");
     for (label, policy) in [
         ("CachePolicy::Trust ", CachePolicy::Trust),
         ("CachePolicy::Verify", CachePolicy::Verify),
     ] {
         let handler = CommandHandler::<Account, _>::new(store.clone()).cache_policy(policy);
-        let rate = deposits(&handler, 8, false, window).await?;
-        report(label, rate, "commands/s", raw_c8, "raw 8-client rate");
+        let mut pairs = Vec::new();
+        for _ in 0..rounds {
+            let raw = pgbench(url, &one_row, 8, window)?;
+            pairs.push((deposits(&handler, 8, false, window).await?, raw));
+        }
+        report(label, &pairs, "commands/s");
     }
 
-    println!("\nappends of 100 events per call, 1 writer");
-    let rate = batch_appends(&store, window).await?;
-    report(
-        "events appended",
-        rate,
-        "events/s",
-        raw_100,
-        "raw 100-row rate",
-    );
+    println!("\nappends of 100 events per call, 1 writer, vs 100-row INSERT with 1 client");
+    let mut pairs = Vec::new();
+    for _ in 0..rounds {
+        let raw = pgbench(url, &hundred_rows, 1, window)? * 100.0;
+        pairs.push((batch_appends(&store, window).await?, raw));
+    }
+    report("events appended", &pairs, "events/s");
+    reset_schema(&pool, RAW_SCHEMA).await?;
 
     println!("\nloading a 10,000-event stream without a snapshot (median of 15)");
     let (esframe, bare) = load_10k(&store, &pool).await?;
     println!(
-        "  CommandHandler::load {:>8.2} ms   bare sqlx fetch of the same rows {:>8.2} ms   ratio {:.2}x",
+        "  CommandHandler::load {:>8.2} ms   bare sqlx query of the same rows (faster of fetch_all and fetch) {:>8.2} ms   ratio {:.2}x",
         esframe.as_secs_f64() * 1e3,
         bare.as_secs_f64() * 1e3,
         esframe.as_secs_f64() / bare.as_secs_f64()
@@ -171,10 +177,21 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
     Ok(())
 }
 
-fn report(label: &str, rate: f64, unit: &str, raw: f64, raw_name: &str) {
+/// Prints the median esframe rate, the median raw rate and the median ratio of the pairs.
+fn report(label: &str, pairs: &[(f64, f64)], unit: &str) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratios: Vec<f64> = pairs.iter().map(|(ours, raw)| 100.0 * ours / raw).collect();
+    let (min, max) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     println!(
-        "  {label:<34} {rate:>10.0} {unit:<11} = {:>5.1}% of the {raw_name}",
-        100.0 * rate / raw
+        "  {label:<34} {:>8.0} {unit:<11} raw {:>8.0}   {:>5.1}% of raw ({min:.1}..{max:.1})",
+        median(pairs.iter().map(|p| p.0).collect()),
+        median(pairs.iter().map(|p| p.1).collect()),
+        median(ratios),
     );
 }
 
@@ -354,7 +371,7 @@ async fn load_10k(store: &PgEventStore, pool: &PgPool) -> Result<(Duration, Dura
          payload, correlation_id, causation_id, metadata, recorded_at FROM {SCHEMA}.events \
          WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
     );
-    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    let (mut ours, mut bare_all, mut bare_stream) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..15 {
         let started = Instant::now();
         let loaded = handler.load(&id).await?;
@@ -362,41 +379,61 @@ async fn load_10k(store: &PgEventStore, pool: &PgPool) -> Result<(Duration, Dura
         assert_eq!(loaded.version, 10_001);
         assert_eq!(loaded.state.balance, 10_000);
 
+        // The bare query, both ways sqlx offers: all rows at once, and as a stream.
         let started = Instant::now();
         let rows = sqlx::query(AssertSqlSafe(bare_sql.clone()))
             .bind(&id)
             .bind(1i64)
             .fetch_all(pool)
             .await?;
-        let mut sum = 0i64;
-        for row in &rows {
-            let _: (i64, uuid::Uuid, String, i64, String, String, i32) = (
-                row.try_get(0)?,
-                row.try_get(1)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-                row.try_get(4)?,
-                row.try_get(5)?,
-                row.try_get(6)?,
-            );
-            let payload: serde_json::Value = row.try_get(7)?;
-            let _: (
-                Option<uuid::Uuid>,
-                Option<uuid::Uuid>,
-                serde_json::Value,
-                chrono::DateTime<chrono::Utc>,
-            ) = (
-                row.try_get(8)?,
-                row.try_get(9)?,
-                row.try_get(10)?,
-                row.try_get(11)?,
-            );
-            sum += payload["amount"].as_i64().unwrap_or(0);
+        let sum: i64 = rows
+            .iter()
+            .map(bare_row)
+            .sum::<Result<i64, sqlx::Error>>()?;
+        bare_all.push(started.elapsed());
+        assert_eq!(sum, 10_000);
+
+        let started = Instant::now();
+        let mut stream = sqlx::query(AssertSqlSafe(bare_sql.clone()))
+            .bind(&id)
+            .bind(1i64)
+            .fetch(pool);
+        let mut sum = 0;
+        while let Some(row) = stream.try_next().await? {
+            sum += bare_row(&row)?;
         }
-        bare.push(started.elapsed());
+        bare_stream.push(started.elapsed());
         assert_eq!(sum, 10_000);
     }
-    ours.sort();
-    bare.sort();
-    Ok((ours[ours.len() / 2], bare[bare.len() / 2]))
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    Ok((median(ours), median(bare_all).min(median(bare_stream))))
+}
+
+/// Reads every column of a row the way a hand-written loader would; returns the amount.
+fn bare_row(row: &sqlx::postgres::PgRow) -> Result<i64, sqlx::Error> {
+    let _: (i64, uuid::Uuid, String, i64, String, String, i32) = (
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    );
+    let payload: serde_json::Value = row.try_get(7)?;
+    let _: (
+        Option<uuid::Uuid>,
+        Option<uuid::Uuid>,
+        serde_json::Value,
+        chrono::DateTime<chrono::Utc>,
+    ) = (
+        row.try_get(8)?,
+        row.try_get(9)?,
+        row.try_get(10)?,
+        row.try_get(11)?,
+    );
+    Ok(payload["amount"].as_i64().unwrap_or(0))
 }
