@@ -30,12 +30,18 @@ pub async fn pool(max_connections: u32) -> PgPool {
         })
 }
 
-/// A unique schema name for one test, dropped first in case an earlier run left it.
+/// A unique schema name for one test: `t_<label>_<unix seconds>_<pid>_<n>`. The first call in a
+/// process also drops test schemas more than an hour old, left by earlier runs.
 pub async fn fresh_schema(pool: &PgPool, label: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = format!("t_{}_{}_{n}", label, std::process::id());
-    let name: String = name
+    if n == 0 {
+        drop_old_test_schemas(pool, now).await;
+    }
+    let label: String = label
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -44,15 +50,31 @@ pub async fn fresh_schema(pool: &PgPool, label: &str) -> String {
                 '_'
             }
         })
-        .take(63)
+        .take(24)
         .collect();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
-    )))
-    .execute(pool)
-    .await
-    .expect("drop old test schema");
-    name
+    format!("t_{label}_{now}_{}_{n}", std::process::id())
+}
+
+async fn drop_old_test_schemas(pool: &PgPool, now: u64) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 't\\_%'")
+            .fetch_all(pool)
+            .await
+            .expect("list test schemas");
+    for name in names {
+        // t_<label>_<secs>_<pid>_<n>: the creation time is the third field from the end.
+        let created = name
+            .rsplit('_')
+            .nth(2)
+            .and_then(|secs| secs.parse::<u64>().ok());
+        if created.is_some_and(|secs| now.saturating_sub(secs) > 3600) {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+            )))
+            .execute(pool)
+            .await;
+        }
+    }
 }
 
 /// A store in its own fresh schema.
