@@ -18,14 +18,7 @@ use crate::{
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut errors = Errors::new();
     let (model, attrs) = AggregateInput::from_syn(input, &mut errors);
-    match (errors.finish(), model) {
-        (Ok(()), Some(model)) => model.expand(),
-        (Err(errors), _) => {
-            let fallback = fallback(input, &attrs);
-            quote!(#errors #fallback)
-        }
-        (Ok(()), None) => fallback(input, &attrs),
-    }
+    errors.expand_or_fallback(model, |model| model.expand(), || fallback(input, &attrs))
 }
 
 /// The keys of `#[aggregate(...)]` as written.

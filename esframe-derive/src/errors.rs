@@ -32,6 +32,25 @@ impl Errors {
         result.map_err(|error| self.push(error)).ok()
     }
 
+    /// The impl if the input was valid; otherwise every error followed by `fallback`, a minimal
+    /// impl that keeps one mistake from cascading into "trait not implemented" errors elsewhere.
+    pub(crate) fn expand_or_fallback<M>(
+        self,
+        model: Option<M>,
+        expand: impl FnOnce(M) -> TokenStream,
+        fallback: impl FnOnce() -> TokenStream,
+    ) -> TokenStream {
+        match (self.finish(), model) {
+            (Ok(()), Some(model)) => expand(model),
+            (Err(errors), _) => {
+                let mut out = errors;
+                out.extend(fallback());
+                out
+            }
+            (Ok(()), None) => fallback(),
+        }
+    }
+
     /// `Ok` if nothing was recorded, otherwise every recorded error as `compile_error!` calls.
     pub(crate) fn finish(self) -> Result<(), TokenStream> {
         if self.errors.is_empty() {

@@ -17,14 +17,7 @@ use crate::{
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut errors = Errors::new();
     let model = EventEnum::from_syn(input, &mut errors);
-    match (errors.finish(), model) {
-        (Ok(()), Some(model)) => model.expand(),
-        (Err(errors), _) => {
-            let fallback = fallback(input);
-            quote!(#errors #fallback)
-        }
-        (Ok(()), None) => fallback(input),
-    }
+    errors.expand_or_fallback(model, |model| model.expand(), || fallback(input))
 }
 
 /// A validated event enum.

@@ -20,7 +20,33 @@ pub(crate) struct Waker {
     pool: PgPool,
     channel: String,
     sender: watch::Sender<u64>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: BackgroundTask,
+}
+
+/// A background task started on first use, restarted if it ended, and aborted with its owner.
+#[derive(Default)]
+struct BackgroundTask(Mutex<Option<JoinHandle<()>>>);
+
+impl BackgroundTask {
+    fn ensure_running(&self, start: impl FnOnce() -> JoinHandle<()>) {
+        let mut task = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if task.as_ref().is_none_or(JoinHandle::is_finished) {
+            *task = Some(start());
+        }
+    }
+}
+
+impl Drop for BackgroundTask {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .0
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
 }
 
 impl Waker {
@@ -29,7 +55,7 @@ impl Waker {
             pool,
             channel,
             sender: watch::Sender::new(0),
-            task: Mutex::new(None),
+            task: BackgroundTask::default(),
         }
     }
 
@@ -43,26 +69,12 @@ impl Waker {
     /// A receiver that sees every wake-up from now on; starts the listener if needed.
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         let receiver = self.sender.subscribe();
-        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if task.as_ref().is_none_or(JoinHandle::is_finished) {
+        self.task.ensure_running(|| {
             let (pool, channel, sender) =
                 (self.pool.clone(), self.channel.clone(), self.sender.clone());
-            *task = Some(tokio::spawn(listen(pool, channel, sender)));
-        }
+            tokio::spawn(listen(pool, channel, sender))
+        });
         receiver
-    }
-}
-
-impl Drop for Waker {
-    fn drop(&mut self) {
-        if let Some(task) = self
-            .task
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            task.abort();
-        }
     }
 }
 
@@ -113,7 +125,7 @@ pub(crate) struct Notifier {
     min_interval: Duration,
     pending: Arc<AtomicBool>,
     wake: Arc<tokio::sync::Notify>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: BackgroundTask,
 }
 
 impl Notifier {
@@ -124,7 +136,7 @@ impl Notifier {
             min_interval,
             pending: Arc::new(AtomicBool::new(false)),
             wake: Arc::new(tokio::sync::Notify::new()),
-            task: Mutex::new(None),
+            task: BackgroundTask::default(),
         }
     }
 
@@ -132,12 +144,11 @@ impl Notifier {
     pub(crate) fn poke(&self) {
         self.pending.store(true, Ordering::SeqCst);
         self.wake.notify_one();
-        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if task.as_ref().is_none_or(JoinHandle::is_finished) {
+        self.task.ensure_running(|| {
             let (pool, channel) = (self.pool.clone(), self.channel.clone());
             let (pending, wake) = (Arc::clone(&self.pending), Arc::clone(&self.wake));
             let min_interval = self.min_interval;
-            *task = Some(tokio::spawn(async move {
+            tokio::spawn(async move {
                 loop {
                     wake.notified().await;
                     while pending.swap(false, Ordering::SeqCst) {
@@ -154,20 +165,7 @@ impl Notifier {
                         tokio::time::sleep_until(sent + min_interval).await;
                     }
                 }
-            }));
-        }
-    }
-}
-
-impl Drop for Notifier {
-    fn drop(&mut self) {
-        if let Some(task) = self
-            .task
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            task.abort();
-        }
+            })
+        });
     }
 }

@@ -320,27 +320,36 @@ async fn notify_wakes_subscriptions_of_another_process_long_before_the_poll_inte
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_notify_polling_still_delivers() {
+async fn without_notify_polling_still_delivers_to_another_process() {
+    // Separate stores (pools) stand for separate processes; with NOTIFY off only polling can
+    // tell the reader about the writer's event.
     let pool = common::pool(5).await;
     let schema = common::fresh_schema(&pool, "poll").await;
-    let store = PgEventStore::builder(pool)
-        .schema(schema)
-        .unwrap()
-        .notify(false)
-        .poll_interval(Duration::from_millis(50))
-        .build()
-        .await
-        .unwrap();
-    let mut sub = store.subscribe(0);
+    let open = |pool| {
+        let schema = schema.clone();
+        async move {
+            PgEventStore::builder(pool)
+                .schema(schema)
+                .unwrap()
+                .notify(false)
+                .poll_interval(Duration::from_millis(50))
+                .build()
+                .await
+                .unwrap()
+        }
+    };
+    let reader_store = open(pool).await;
+    let writer_store = open(common::pool(5).await).await;
+    let mut sub = reader_store.subscribe(0);
     let reader = tokio::spawn(async move { sub.next().await.unwrap() });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    store
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    writer_store
         .append(&sid("p"), ExpectedVersion::Any, vec![event(8)])
         .await
         .unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
-        .unwrap()
+        .expect("found by polling")
         .unwrap();
     assert_eq!(got.payload["n"], json!(8));
 }
