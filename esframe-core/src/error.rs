@@ -87,6 +87,23 @@ pub enum StoreError {
         /// The repeated id.
         event_id: Uuid,
     },
+    /// An upcaster failed to convert a stored event (its payload does not have the shape that
+    /// version should have).
+    #[error(
+        "cannot upcast event `{event_type}` (schema v{schema_version}) at version {version} of stream `{stream}`: {reason}"
+    )]
+    Upcast {
+        /// Stream of the event.
+        stream: StreamId,
+        /// Version of the event within its stream.
+        version: u64,
+        /// Type being upcast.
+        event_type: String,
+        /// Schema version being upcast.
+        schema_version: u32,
+        /// What the upcaster reported.
+        reason: String,
+    },
     /// A stored row cannot be read (corrupt data).
     #[error("corrupt data at version {version} of stream `{stream}`: {reason}")]
     Corrupt {

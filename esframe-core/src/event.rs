@@ -47,6 +47,12 @@ pub trait Event: Send + Sync + Sized + 'static {
     /// Rebuilds an event from its type name and stored JSON, at the current schema version.
     fn from_payload(event_type: &str, payload: &Value) -> Result<Self, DecodeErrorKind>;
 
+    /// The upcasters `#[derive(Event)]` declares with `#[event(upcast(...))]`; none by default.
+    /// [`Upcasters`](crate::Upcasters) collects them with `.current::<Self>()`.
+    fn upcasters() -> Vec<std::sync::Arc<dyn crate::Upcaster>> {
+        Vec::new()
+    }
+
     /// The current schema version of `event_type`, or `None` if this type does not know it.
     fn current_version(event_type: &str) -> Option<u32> {
         Self::event_types()

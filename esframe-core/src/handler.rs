@@ -115,6 +115,7 @@ pub struct CommandHandler<A: Aggregate, S> {
     cache: Option<Arc<StateCache<A>>>,
     cache_policy: CachePolicy,
     queues: Option<Arc<StreamQueues<A>>>,
+    skip_unknown_types: bool,
 }
 
 impl<A: Aggregate, S: Clone> Clone for CommandHandler<A, S> {
@@ -127,6 +128,7 @@ impl<A: Aggregate, S: Clone> Clone for CommandHandler<A, S> {
             cache: self.cache.clone(),
             cache_policy: self.cache_policy,
             queues: self.queues.clone(),
+            skip_unknown_types: self.skip_unknown_types,
         }
     }
 }
@@ -165,7 +167,18 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
             cache: Some(Arc::new(StateCache::new(DEFAULT_STATE_CACHE_CAPACITY))),
             cache_policy: CachePolicy::default(),
             queues: None,
+            skip_unknown_types: false,
         }
+    }
+
+    /// Skips stored events whose type this aggregate's event enum does not know, instead of
+    /// failing the load with [`DecodeErrorKind::UnknownType`](crate::DecodeErrorKind). Only for
+    /// streams that legitimately hold events other code writes; by default an unknown type is an
+    /// error, since skipping it could change the state the aggregate decides on.
+    #[must_use]
+    pub fn skip_unknown_event_types(mut self, skip: bool) -> Self {
+        self.skip_unknown_types = skip;
+        self
     }
 
     /// Sets whether a cached state is checked against the store before deciding.
@@ -644,7 +657,18 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
                     version: recorded.stream_version,
                 });
             }
-            let event = recorded.decode::<A::Event>()?;
+            let event = match recorded.decode::<A::Event>() {
+                Ok(event) => event,
+                Err(err)
+                    if self.skip_unknown_types
+                        && matches!(err.kind, crate::DecodeErrorKind::UnknownType) =>
+                {
+                    tracing::debug!(stream = %stream, version = recorded.stream_version, event_type = %recorded.event_type, "skipping an event type this code does not know");
+                    version = recorded.stream_version;
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
             state.apply(&event);
             version = recorded.stream_version;
         }

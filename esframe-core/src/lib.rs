@@ -71,6 +71,7 @@ mod store;
 mod stream_id;
 mod subscription;
 pub mod testkit;
+pub mod upcast;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -88,9 +89,10 @@ pub use handler::{
     CommandContext, CommandHandler, CommandOutcome, DEFAULT_STATE_CACHE_CAPACITY, Loaded,
 };
 pub use policy::{CachePolicy, ConcurrencyMode, RetryPolicy, SnapshotPolicy};
-pub use store::{AppendOutcome, EventStore, ExpectedVersion, Snapshot, SnapshotStore};
+pub use store::{AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, Snapshot, SnapshotStore};
 pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId};
 pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};
+pub use upcast::{Upcaster, Upcasters};
 
 #[cfg(feature = "derive")]
 pub use esframe_derive::{Aggregate, Command, Event};

@@ -65,6 +65,16 @@ pub struct AppendOutcome {
     pub deduplicated: bool,
 }
 
+/// A batch of the global log, from [`EventStore::read_all_batch`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GlobalBatch {
+    /// The events, at their current versions.
+    pub events: Vec<RecordedEvent>,
+    /// The position of the last stored event looked at (`after` if none): the next batch starts
+    /// after it.
+    pub scanned_to: u64,
+}
+
 /// The stored state of an aggregate at a stream version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
@@ -120,13 +130,24 @@ pub trait EventStore: Clone + Send + Sync + 'static {
         stream: &StreamId,
     ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
 
-    /// Reads at most `limit` events of all streams with a global position greater than `after`,
-    /// in global order. Within one stream the order is the version order.
+    /// Reads at most `limit` stored events of all streams with a global position greater than
+    /// `after`, in global order (within one stream, version order), brought to their current
+    /// versions by the store's upcasters. Also reports how far it looked, which is past the last
+    /// returned event when upcasters dropped retired events.
+    fn read_all_batch(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<GlobalBatch, StoreError>> + Send;
+
+    /// The events of [`EventStore::read_all_batch`].
     fn read_all(
         &self,
         after: u64,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send {
+        async move { Ok(self.read_all_batch(after, limit).await?.events) }
+    }
 
     /// Resolves once events after global position `after` may be readable.
     ///

@@ -17,6 +17,8 @@ pub struct Subscription<S> {
     position: u64,
     batch_size: usize,
     buffer: VecDeque<RecordedEvent>,
+    /// How far the last batch looked.
+    scanned_to: u64,
 }
 
 impl<S: EventStore> Subscription<S> {
@@ -27,6 +29,7 @@ impl<S: EventStore> Subscription<S> {
             position: after,
             batch_size: DEFAULT_BATCH_SIZE,
             buffer: VecDeque::new(),
+            scanned_to: after,
         }
     }
 
@@ -37,7 +40,8 @@ impl<S: EventStore> Subscription<S> {
         self
     }
 
-    /// The position of the last event returned by [`Subscription::next`].
+    /// How far the log has been consumed: the position of the last event returned by
+    /// [`Subscription::next`], or past it when retired events followed it.
     pub fn position(&self) -> u64 {
         self.position
     }
@@ -46,14 +50,28 @@ impl<S: EventStore> Subscription<S> {
     pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
         loop {
             if let Some(event) = self.buffer.pop_front() {
-                self.position = event.global_position;
+                self.position = if self.buffer.is_empty() {
+                    // Past any retired events that followed it in the batch.
+                    self.scanned_to.max(event.global_position)
+                } else {
+                    event.global_position
+                };
                 return Ok(event);
             }
-            let batch = self.store.read_all(self.position, self.batch_size).await?;
-            if batch.is_empty() {
-                self.store.wait_for_events(self.position).await?;
+            let batch = self
+                .store
+                .read_all_batch(self.position, self.batch_size)
+                .await?;
+            if batch.events.is_empty() {
+                if batch.scanned_to > self.position {
+                    // Everything read was retired by upcasters: move past it.
+                    self.position = batch.scanned_to;
+                } else {
+                    self.store.wait_for_events(self.position).await?;
+                }
             } else {
-                self.buffer.extend(batch);
+                self.scanned_to = batch.scanned_to;
+                self.buffer.extend(batch.events);
             }
         }
     }

@@ -208,7 +208,7 @@ pub(crate) fn name(
 }
 
 /// Looks through the invisible groups a `macro_rules!` macro wraps around `$x:expr` fragments.
-fn ungroup(expr: &Expr) -> &Expr {
+pub(crate) fn ungroup(expr: &Expr) -> &Expr {
     match expr {
         Expr::Group(group) => ungroup(&group.expr),
         _ => expr,

@@ -11,6 +11,7 @@ use crate::{
     attr::{self, Setting},
     errors::Errors,
     generics,
+    upcast::Upcasts,
 };
 
 /// Expands `#[derive(Event)]`: the impl, or the errors and a fallback impl.
@@ -36,10 +37,12 @@ struct EventVariant<'a> {
     name_lit: Option<LitStr>,
     /// The schema version the code writes.
     version: u32,
+    /// `#[event(upcast(...))]`: the upcasters from older versions of this event type.
+    upcasts: Upcasts,
 }
 
-const ENUM_KEYS: &str = "`version` (`name` is set on each variant)";
-const VARIANT_KEYS: &str = "`name` or `version`";
+const ENUM_KEYS: &str = "`version` (`name` and `upcast` are set on each variant)";
+const VARIANT_KEYS: &str = "`name`, `version` or `upcast`";
 
 impl<'a> EventEnum<'a> {
     /// Parses and validates the input, recording every mistake in `errors`.
@@ -79,6 +82,13 @@ impl<'a> EventEnum<'a> {
                     "`name` is set on each variant, not on the enum: move it to the variant it names",
                 );
                 attr::skip_value(&meta)
+            } else if meta.path.is_ident("upcast") {
+                errors.spanned(
+                    &meta.path,
+                    "`upcast` is set on each variant, not on the enum: upcasters belong to the \
+                     variant whose event type they convert",
+                );
+                attr::skip_value(&meta)
             } else {
                 attr::unknown_key(errors, &meta, "event", ENUM_KEYS)
             }
@@ -95,7 +105,12 @@ impl<'a> EventEnum<'a> {
                 ),
             );
         }
-        let default_version = default_version.into_value().unwrap_or(1);
+        // `None` when the written version was wrong (already reported).
+        let default_version = if default_version.is_present() {
+            default_version.value().copied()
+        } else {
+            Some(1)
+        };
         let model = Self {
             ident: &input.ident,
             generics: &input.generics,
@@ -175,6 +190,24 @@ impl<'a> EventEnum<'a> {
         });
         let encode = quote_spanned!(serde_span=> ::esframe_core::__private::encode_variant(self));
         let json = quote!(::esframe_core::__private::serde_json);
+        // The default `Event::upcasters` (none) unless a variant declares some.
+        let upcasters = self
+            .variants
+            .iter()
+            .any(|variant| !variant.upcasts.is_empty())
+            .then(|| {
+                let upcasters = self
+                    .variants
+                    .iter()
+                    .flat_map(|variant| variant.upcasts.expand(&variant.name));
+                quote! {
+                    fn upcasters() -> ::std::vec::Vec<
+                        ::std::sync::Arc<dyn ::esframe_core::Upcaster>,
+                    > {
+                        ::std::vec![#(#upcasters),*]
+                    }
+                }
+            });
 
         quote! {
             const _: () = {
@@ -211,6 +244,8 @@ impl<'a> EventEnum<'a> {
                             _ => ::esframe_core::__private::unknown_event_type(),
                         }
                     }
+
+                    #upcasters
                 }
             };
         }
@@ -231,13 +266,14 @@ impl EventVariant<'_> {
 
 fn parse_variants<'a>(
     data: &'a DataEnum,
-    default_version: u32,
+    default_version: Option<u32>,
     errors: &mut Errors,
 ) -> Vec<EventVariant<'a>> {
     let mut variants = Vec::new();
     for variant in &data.variants {
         let mut name: Setting<LitStr> = Setting::default();
         let mut version = Setting::default();
+        let mut upcasts = Upcasts::default();
         attr::for_each_key(&variant.attrs, "event", errors, |errors, meta| {
             if meta.path.is_ident("name") {
                 let value = attr::name(errors, &meta, "AccountOpened")?;
@@ -247,6 +283,8 @@ fn parse_variants<'a>(
                 let value = attr::positive_int(errors, &meta)?;
                 version.set(errors, "event", &meta.path, value);
                 Ok(())
+            } else if meta.path.is_ident("upcast") {
+                upcasts.parse(errors, &meta)
             } else {
                 attr::unknown_key(errors, &meta, "event", VARIANT_KEYS)
             }
@@ -257,14 +295,25 @@ fn parse_variants<'a>(
         check_serde_variant_attrs(variant, errors);
 
         let name_lit = name.into_value();
+        let name = match &name_lit {
+            Some(lit) => lit.value(),
+            None => variant.ident.unraw().to_string(),
+        };
+        let version = if version.is_present() {
+            version.into_value()
+        } else {
+            default_version
+        };
+        // Against a version written wrong, the chain would be checked against a guess.
+        if let Some(version) = version {
+            upcasts.validate(errors, &name, version);
+        }
         variants.push(EventVariant {
             original: variant,
-            name: match &name_lit {
-                Some(lit) => lit.value(),
-                None => variant.ident.unraw().to_string(),
-            },
+            name,
             name_lit,
-            version: version.into_value().unwrap_or(default_version),
+            version: version.unwrap_or(1),
+            upcasts,
         });
     }
     variants
@@ -396,6 +445,63 @@ mod tests {
             assert!(out.contains(expected), "missing {expected} in {out}");
         }
         assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn overrides_upcasters_only_when_a_variant_declares_some() {
+        let out = expand(parse_quote! {
+            enum E {
+                #[event(name = "Deposited", version = 3, upcast(v2 = two, v1 = one))]
+                A,
+                #[event(version = 2, upcast(v1 = m::b_one))]
+                B,
+                C,
+            }
+        });
+        assert!(!out.contains("compile_error"), "{out}");
+        let upcasters = out
+            .split("fn upcasters ()")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no `upcasters` in {out}"));
+        let order: Vec<usize> = [
+            r#"upcaster ("Deposited" , 1u32"#,
+            r#"upcaster ("Deposited" , 2u32"#,
+            r#"upcaster ("B" , 1u32"#,
+        ]
+        .iter()
+        .map(|call| {
+            upcasters
+                .find(call)
+                .unwrap_or_else(|| panic!("no {call} in {out}"))
+        })
+        .collect();
+        assert!(order.is_sorted(), "{out}");
+
+        let out = expand(parse_quote!(
+            enum E {
+                #[event(version = 2)]
+                A,
+            }
+        ));
+        assert!(!out.contains("upcasters"), "{out}");
+    }
+
+    #[test]
+    fn checks_upcasters_only_against_a_version_written_right() {
+        let out = expand(parse_quote! {
+            #[event(version = "3")]
+            enum E {
+                #[event(upcast(v2 = f))]
+                A,
+                #[event(version = 0, upcast(v1 = f))]
+                B,
+                #[event(version = 2, upcast(v2 = f))]
+                C,
+            }
+        });
+        // The two versions, and `v2` of `C`: nothing about `A` or `B`'s upcasters.
+        assert_eq!(out.matches("compile_error").count(), 3, "{out}");
+        assert!(out.contains("`C` is at version 2"), "{out}");
     }
 
     #[test]

@@ -89,6 +89,7 @@
 //! | `#[event(version = N)]` | the enum | schema version of every variant | `1` |
 //! | `#[event(version = N)]` | a variant | schema version of this event type, overriding the enum's | the enum's |
 //! | `#[event(name = "...")]` | a variant | the stored event type name | the variant's name as written (`r#` removed) |
+//! | `#[event(upcast(vN = path, ...))]` | a variant | the upcasters from older versions of this event type | none |
 //!
 //! Versions are integer literals of at least 1. Names are not empty, contain no whitespace or
 //! control characters, and are unique within the enum.
@@ -113,7 +114,65 @@
 //! - `event_type(&self)` and `schema_version(&self)` match on the variant;
 //! - `to_payload(&self)` serializes the variant's data;
 //! - `from_payload(event_type, payload)` maps the name to the variant and decodes the payload as
-//!   that variant; an unknown name is `DecodeErrorKind::UnknownType`.
+//!   that variant; an unknown name is `DecodeErrorKind::UnknownType`;
+//! - `upcasters()`, only if a variant declares `upcast(...)`, builds one
+//!   `esframe_core::upcast::upcaster(name, N, path)` per declared `vN = path`.
+//!
+//! **Upcasters.** When a variant's data changes shape, raise its `version` and declare, next to
+//! it, the functions that bring payloads stored under older versions up to date. `vN = path`
+//! registers the function `path`, a `fn(serde_json::Value) -> Result<Upcast, UpcastFailure>`
+//! (see `esframe_core::upcast`), as the upcaster of this variant's stored event type name from
+//! schema version N to N + 1:
+//!
+//! ```
+//! use esframe_core::upcast::{Upcast, UpcastFailure};
+//! use esframe_core::{Event, Upcasters};
+//! use serde::{Deserialize, Serialize};
+//! use serde_json::{Value, json};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! enum AccountEvent {
+//!     #[event(version = 3, upcast(v1 = deposit_v1_to_v2, v2 = deposit_v2_to_v3))]
+//!     MoneyDeposited { amount: u64, currency: String, note: Option<String> },
+//! }
+//!
+//! /// v1 deposits had no currency: they were all in euros.
+//! fn deposit_v1_to_v2(mut payload: Value) -> Result<Upcast, UpcastFailure> {
+//!     payload["currency"] = json!("EUR");
+//!     Ok(Upcast::Next(payload))
+//! }
+//!
+//! /// v3 added an optional note.
+//! fn deposit_v2_to_v3(mut payload: Value) -> Result<Upcast, UpcastFailure> {
+//!     payload["note"] = Value::Null;
+//!     Ok(Upcast::Next(payload))
+//! }
+//!
+//! # fn main() {
+//! // `current::<AccountEvent>()` registers the upcasters the derive declares.
+//! let upcasters = Upcasters::builder().current::<AccountEvent>().build().unwrap();
+//! assert!(!upcasters.is_empty());
+//! assert_eq!(AccountEvent::upcasters().len(), 2);
+//! # }
+//! ```
+//!
+//! The derive overrides `Event::upcasters()` with these, lowest version first, when any variant
+//! declares one, and checks at compile time, on the tokens written:
+//!
+//! - keys are `v1`, `v2`, ...: the version the upcaster reads, at least 1, each given once per
+//!   variant (over all its `upcast(...)` lists);
+//! - every key is below the variant's version: `v2` upcasts to v3, so the variant is at version
+//!   3 or more;
+//! - the keys climb one version at a time to the variant's version: the highest is `version - 1`
+//!   and none is skipped between the lowest and it. The lowest may be above `v1`, for an event
+//!   type first stored at a later version;
+//! - the value is a path to a function with the upcaster signature; another signature is a type
+//!   error on that path;
+//! - `upcast` is written on variants, not on the enum.
+//!
+//! Each declared upcaster keeps the event type's name. One that renames or splits an event
+//! (`Upcast::Renamed`, `Upcast::Split`) must declare the types it produces with
+//! `FnUpcaster::outputs`, so register it by hand with `UpcastersBuilder::register`.
 //!
 //! ## `#[derive(Command)]`
 //!
@@ -206,6 +265,7 @@ mod command;
 mod errors;
 mod event;
 mod generics;
+mod upcast;
 
 use proc_macro::TokenStream;
 use syn::{DeriveInput, parse_macro_input};

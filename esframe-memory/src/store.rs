@@ -10,8 +10,8 @@ use std::{
 
 use chrono::Utc;
 use esframe_core::{
-    AppendOutcome, Conflict, EventStore, ExpectedVersion, NewEvent, RecordedEvent, Snapshot,
-    SnapshotStore, StoreError, StreamId,
+    AppendOutcome, Conflict, EventStore, ExpectedVersion, GlobalBatch, NewEvent, RecordedEvent,
+    Snapshot, SnapshotStore, StoreError, StreamId, Upcasters,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -30,6 +30,7 @@ pub struct MemoryStore {
 struct Inner {
     data: RwLock<Data>,
     head: Head,
+    upcasters: Upcasters,
 }
 
 /// The global position of the last appended event, and wake-ups for those waiting past it.
@@ -97,10 +98,17 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
+        Self::with_upcasters(Upcasters::default())
+    }
+
+    /// An empty store whose reads bring old events to their current version with `upcasters`
+    /// (see [`esframe_core::upcast`]); stored events are never rewritten.
+    pub fn with_upcasters(upcasters: Upcasters) -> Self {
         Self {
             inner: Arc::new(Inner {
                 data: RwLock::new(Data::default()),
                 head: Head::default(),
+                upcasters,
             }),
         }
     }
@@ -288,24 +296,32 @@ impl EventStore for MemoryStore {
             return Ok(Vec::new());
         };
         let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
-        Ok(indices
+        let events = indices
             .iter()
             .skip(skip)
             .map(|&i| data.log[i].clone())
-            .collect())
+            .collect();
+        drop(data);
+        self.inner.upcasters.apply_all(events)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>, StoreError> {
         Ok(self.read().streams.get(stream).map(|v| v.len() as u64))
     }
 
-    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_all_batch(&self, after: u64, limit: usize) -> Result<GlobalBatch, StoreError> {
         let data = self.read();
         let start = usize::try_from(after)
             .unwrap_or(usize::MAX)
             .min(data.log.len());
         let end = start.saturating_add(limit).min(data.log.len());
-        Ok(data.log[start..end].to_vec())
+        let events = data.log[start..end].to_vec();
+        drop(data);
+        let scanned_to = events.last().map_or(after, |e| e.global_position);
+        Ok(GlobalBatch {
+            events: self.inner.upcasters.apply_all(events)?,
+            scanned_to,
+        })
     }
 
     async fn wait_for_events(&self, after: u64) -> Result<(), StoreError> {

@@ -684,3 +684,78 @@ async fn batches_retry_conflicts_with_other_writers_and_lose_nothing() {
         (101, 1 + 50 + 50 * 100)
     );
 }
+
+mod snapshots_change_nothing {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn command() -> impl Strategy<Value = CounterCommand> {
+        prop_oneof![
+            (1..50u64).prop_map(|n| add("p", n)),
+            (1..20u64, 1..200u64).prop_map(|(n, limit)| CounterCommand::AddTwiceBelow {
+                id: "p".into(),
+                n,
+                limit
+            }),
+            Just(CounterCommand::Reject { id: "p".into() }),
+            Just(CounterCommand::EmitThenReject { id: "p".into() }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// For random histories, a handler that snapshots every `every` events loads exactly the
+        /// state (and version) of one that never does, after every command.
+        #[test]
+        fn loading_with_snapshots_equals_loading_without(
+            commands in proptest::collection::vec(command(), 1..60),
+            every in 1..12u64,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let snapshotting = CommandHandler::<Counter, _>::new(MemoryStore::new())
+                    .snapshot_policy(SnapshotPolicy::every(every))
+                    .without_state_cache();
+                let plain = CommandHandler::<Counter, _>::new(MemoryStore::new())
+                    .snapshot_policy(SnapshotPolicy::Never)
+                    .without_state_cache();
+                for command in commands {
+                    let a = snapshotting.execute(command.clone()).await.map(|o| o.version).map_err(|e| e.to_string());
+                    let b = plain.execute(command).await.map(|o| o.version).map_err(|e| e.to_string());
+                    prop_assert_eq!(a, b);
+                    prop_assert_eq!(snapshotting.load("p").await.unwrap(), plain.load("p").await.unwrap());
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_event_types_are_skipped_only_when_asked() {
+    let store = MemoryStore::new();
+    let mut foreign = NewEvent::from_event("counter", &CounterEvent::Added { n: 1 }).unwrap();
+    foreign.event_type = "Annotated".into();
+    store
+        .append(&sid("mixed"), ExpectedVersion::Any, vec![foreign])
+        .await
+        .unwrap();
+    let strict = CommandHandler::<Counter, _>::new(store.clone()).without_state_cache();
+    let err = strict.execute(add("mixed", 5)).await.unwrap_err();
+    assert!(
+        matches!(&err, CommandError::Decode(d) if matches!(d.kind, DecodeErrorKind::UnknownType)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("`Annotated`"), "{err}");
+    let lenient = CommandHandler::<Counter, _>::new(store.clone())
+        .without_state_cache()
+        .skip_unknown_event_types(true);
+    let outcome = lenient.execute(add("mixed", 5)).await.unwrap();
+    assert_eq!(
+        outcome.version, 2,
+        "the skipped event still counts for the version"
+    );
+    assert_eq!(lenient.load("mixed").await.unwrap().state.total, 5);
+}

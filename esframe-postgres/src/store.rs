@@ -8,8 +8,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use esframe_core::{
-    AppendOutcome, Conflict, EventStore, ExpectedVersion, NewEvent, RecordedEvent, Snapshot,
-    SnapshotStore, StoreError, StreamId,
+    AppendOutcome, Conflict, EventStore, ExpectedVersion, GlobalBatch, NewEvent, RecordedEvent,
+    Snapshot, SnapshotStore, StoreError, StreamId, Upcasters,
 };
 use futures_util::TryStreamExt;
 use serde_json::Value;
@@ -54,6 +54,7 @@ struct Inner {
     schema: SchemaName,
     sql: Queries,
     channel: String,
+    upcasters: Upcasters,
     notify: bool,
     notifier: Notifier,
     waker: Waker,
@@ -93,6 +94,7 @@ impl std::fmt::Debug for PgEventStore {
 pub struct PgEventStoreBuilder {
     pool: PgPool,
     schema: SchemaName,
+    upcasters: Upcasters,
     notify: bool,
     notify_interval: Duration,
     poll_interval: Duration,
@@ -104,6 +106,14 @@ impl PgEventStoreBuilder {
     pub fn schema(mut self, name: impl Into<String>) -> Result<Self, PgStoreError> {
         self.schema = SchemaName::new(name)?;
         Ok(self)
+    }
+
+    /// Upcasters applied to every event read (streams, the global log, subscriptions), so
+    /// events stored by older code arrive at their current schema version. Stored rows are never
+    /// rewritten.
+    pub fn upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
     }
 
     /// Whether appends wake subscriptions in other processes with `NOTIFY` (default `true`).
@@ -152,6 +162,7 @@ impl PgEventStoreBuilder {
         Ok(PgEventStore {
             inner: Arc::new(Inner {
                 sql: Queries::new(&self.schema),
+                upcasters: self.upcasters,
                 notify: self.notify,
                 notifier: Notifier::new(self.pool.clone(), channel.clone(), self.notify_interval),
                 waker: Waker::new(self.pool.clone(), channel.clone()),
@@ -182,6 +193,7 @@ impl PgEventStore {
         PgEventStoreBuilder {
             pool,
             schema: SchemaName::default(),
+            upcasters: Upcasters::default(),
             notify: true,
             notify_interval: Duration::from_millis(1),
             poll_interval: Duration::from_secs(1),
@@ -692,8 +704,9 @@ impl EventStore for PgEventStore {
                 .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
                 .fetch(&self.inner.pool);
             let mut events = Vec::new();
+            let upcasters = &self.inner.upcasters;
             while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
-                events.push(rows::event(&row, Some(stream))?);
+                upcasters.apply(rows::event(&row, Some(stream))?, &mut events)?;
             }
             tracing::Span::current().record("events", events.len());
             Ok(events)
@@ -712,7 +725,7 @@ impl EventStore for PgEventStore {
         Ok(version.map(|v| v as u64))
     }
 
-    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_all_batch(&self, after: u64, limit: usize) -> Result<GlobalBatch, StoreError> {
         let span = tracing::debug_span!(
             "esframe.read_all",
             after,
@@ -725,11 +738,15 @@ impl EventStore for PgEventStore {
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch(&self.inner.pool);
             let mut events = Vec::with_capacity(limit.min(4096));
+            let upcasters = &self.inner.upcasters;
+            let mut scanned_to = after;
             while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
-                events.push(rows::event(&row, None)?);
+                let event = rows::event(&row, None)?;
+                scanned_to = event.global_position;
+                upcasters.apply(event, &mut events)?;
             }
             tracing::Span::current().record("events", events.len());
-            Ok(events)
+            Ok(GlobalBatch { events, scanned_to })
         }
         .instrument(span)
         .await

@@ -12,6 +12,7 @@
 //! Each check is also a public async function here, to run one on its own.
 
 mod conformance;
+pub mod upcasting;
 
 pub use conformance::*;
 
@@ -55,6 +56,35 @@ macro_rules! __conformance_tests {
             async fn $check() {
                 let store = $make_store.await;
                 $crate::testing::$check(store).await;
+            }
+        )*
+    };
+}
+
+/// Expands to one `#[tokio::test]` per upcasting check; `$make_store` is a closure taking the
+/// fixture [`Upcasters`](crate::Upcasters) and returning a future of a fresh store that applies
+/// them, e.g. `|upcasters| async move { MemoryStore::with_upcasters(upcasters) }`.
+#[macro_export]
+macro_rules! upcasting_suite {
+    ($make_store:expr) => {
+        $crate::__upcasting_tests! {
+            $make_store;
+            old_events_are_read_at_their_current_version,
+            failing_upcasters_are_typed_errors
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __upcasting_tests {
+    ($make_store:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let make = $make_store;
+                let store = make($crate::testing::upcasting::sample_upcasters()).await;
+                $crate::testing::upcasting::$check(store).await;
             }
         )*
     };

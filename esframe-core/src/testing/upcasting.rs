@@ -1,0 +1,217 @@
+//! The upcasting checks: every read path of a store built with [`sample_upcasters`] brings old
+//! events to their current version. Run them with [`upcasting_suite!`](crate::upcasting_suite).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{
+    DecodeErrorKind, Event, EventMetadata, EventType, ExpectedVersion, NewEvent, RecordedEvent,
+    SnapshotStore, StoreError, StreamId,
+    upcast::{Upcast, Upcasters, upcaster},
+};
+
+/// The current event type of the fixture: `Sampled` v3 `{ "amount": n, "currency": c }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// The amount.
+    pub amount: u64,
+    /// The currency.
+    pub currency: String,
+}
+
+impl Event for Sampled {
+    fn event_types() -> &'static [EventType] {
+        const TYPES: &[EventType] = &[EventType::new("Sampled", 3)];
+        TYPES
+    }
+    fn event_type(&self) -> &'static str {
+        "Sampled"
+    }
+    fn schema_version(&self) -> u32 {
+        3
+    }
+    fn to_payload(&self) -> Result<Value, serde_json::Error> {
+        Ok(json!({ "amount": self.amount, "currency": self.currency }))
+    }
+    fn from_payload(event_type: &str, payload: &Value) -> Result<Self, DecodeErrorKind> {
+        let parsed = (event_type == "Sampled")
+            .then(|| {
+                Some((
+                    payload["amount"].as_u64()?,
+                    payload["currency"].as_str()?.to_owned(),
+                ))
+            })
+            .flatten();
+        match parsed {
+            Some((amount, currency)) => Ok(Self { amount, currency }),
+            None if event_type != "Sampled" => Err(DecodeErrorKind::UnknownType),
+            None => Err(DecodeErrorKind::Payload(serde::de::Error::custom(format!(
+                "not a Sampled v3 payload: {payload}"
+            )))),
+        }
+    }
+}
+
+/// The fixture chain: `Sampled` v1 `{amt}` -> v2 `{amount}` -> v3 `{amount, currency: "EUR"}`;
+/// the retired `OldSampled` v1 is renamed to `Sampled` v2; `Noise` v1 is dropped. A v1 payload
+/// whose `amt` is not a number makes the first step fail.
+pub fn sample_upcasters() -> Upcasters {
+    Upcasters::builder()
+        .current::<Sampled>()
+        .register(upcaster("Sampled", 1, |payload: Value| {
+            let amount = payload["amt"].as_u64().ok_or("`amt` is not a number")?;
+            Ok(Upcast::Next(json!({ "amount": amount })))
+        }))
+        .register(upcaster("Sampled", 2, |mut payload: Value| {
+            payload["currency"] = json!("EUR");
+            Ok(Upcast::Next(payload))
+        }))
+        .register(
+            upcaster("OldSampled", 1, |payload| {
+                Ok(Upcast::Renamed {
+                    event_type: "Sampled".into(),
+                    payload,
+                })
+            })
+            .outputs(["Sampled"]),
+        )
+        .register(upcaster("Noise", 1, |_| Ok(Upcast::Drop)).outputs([]))
+        .build()
+        .expect("the fixture chain is complete")
+}
+
+fn raw(event_type: &'static str, schema_version: u32, payload: Value) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        aggregate_type: "sample".into(),
+        event_type: event_type.into(),
+        schema_version,
+        payload,
+        metadata: EventMetadata::default(),
+    }
+}
+
+fn decoded(events: &[RecordedEvent]) -> Vec<Sampled> {
+    events
+        .iter()
+        .map(|e| {
+            e.decode::<Sampled>()
+                .expect("every event reads as the current type")
+        })
+        .collect()
+}
+
+/// Old events, stored as their old JSON, come back at the current version from every read path.
+pub async fn old_events_are_read_at_their_current_version<S: SnapshotStore>(store: S) {
+    let stream = StreamId::new("upcast-history").expect("valid id");
+    let history = vec![
+        raw("Sampled", 1, json!({ "amt": 1 })),
+        raw("Noise", 1, json!({ "loud": true })),
+        raw("OldSampled", 1, json!({ "amount": 2 })),
+        raw("Sampled", 2, json!({ "amount": 3 })),
+        raw("Sampled", 3, json!({ "amount": 4, "currency": "USD" })),
+    ];
+    store
+        .append(&stream, ExpectedVersion::NoStream, history)
+        .await
+        .expect("append");
+    let expected = vec![
+        Sampled {
+            amount: 1,
+            currency: "EUR".into(),
+        },
+        Sampled {
+            amount: 2,
+            currency: "EUR".into(),
+        },
+        Sampled {
+            amount: 3,
+            currency: "EUR".into(),
+        },
+        Sampled {
+            amount: 4,
+            currency: "USD".into(),
+        },
+    ];
+
+    let by_stream = store.read_stream(&stream, 1).await.expect("read_stream");
+    assert_eq!(decoded(&by_stream), expected, "read_stream upcasts");
+    assert!(
+        by_stream
+            .iter()
+            .all(|e| e.schema_version == 3 && e.event_type == "Sampled")
+    );
+    assert_eq!(
+        by_stream
+            .iter()
+            .map(|e| e.stream_version)
+            .collect::<Vec<_>>(),
+        vec![1, 3, 4, 5],
+        "stored versions are kept; the dropped event leaves a hole"
+    );
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let global = loop {
+        let events = store.read_all(0, 100).await.expect("read_all");
+        if events.len() >= 4 || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(decoded(&global), expected, "read_all upcasts");
+
+    // Batches of one: the dropped event is a whole batch that returns nothing, and the
+    // subscription must still move past it.
+    let mut subscription = store.subscribe(0).batch_size(1);
+    let mut live = Vec::new();
+    for _ in 0..4 {
+        let next = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("subscription");
+        live.push(next);
+    }
+    assert_eq!(decoded(&live), expected, "subscriptions upcast");
+    assert_eq!(
+        store.stream_version(&stream).await.expect("version"),
+        Some(5)
+    );
+}
+
+/// A payload an upcaster cannot convert is a typed error naming the event; nothing changes.
+pub async fn failing_upcasters_are_typed_errors<S: SnapshotStore>(store: S) {
+    let stream = StreamId::new("upcast-broken").expect("valid id");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![raw("Sampled", 1, json!({ "amt": "many" }))],
+        )
+        .await
+        .expect("append");
+    for _ in 0..2 {
+        match store.read_stream(&stream, 1).await {
+            Err(StoreError::Upcast {
+                stream: s,
+                version,
+                event_type,
+                schema_version,
+                reason,
+            }) => {
+                assert_eq!(
+                    (s, version, event_type.as_str(), schema_version),
+                    (stream.clone(), 1, "Sampled", 1)
+                );
+                assert!(reason.contains("`amt` is not a number"), "{reason}");
+            }
+            other => panic!("expected StoreError::Upcast, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.stream_version(&stream).await.expect("version"),
+        Some(1),
+        "the event is still stored"
+    );
+}
