@@ -102,7 +102,7 @@ async fn corrupt_unknown_and_too_new_events_are_typed_errors_and_change_nothing(
                 k,
                 DecodeErrorKind::VersionTooNew {
                     stored: 7,
-                    current: 1
+                    current: 2
                 }
             )
         }),

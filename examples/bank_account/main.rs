@@ -5,7 +5,7 @@
 //!   (default `postgres://postgres@127.0.0.1:5432/test`), in the schema `esframe_demo`, created on
 //!   first use. Each run uses new account ids, so it can be run again and again.
 
-use esframe_examples::bank_account::run_demo;
+use esframe_examples::bank_account::{run_demo, upcasters};
 use esframe_memory::MemoryStore;
 use esframe_postgres::PgEventStore;
 
@@ -29,7 +29,12 @@ async fn main() -> Result<(), Error> {
         run_demo(store, run, &mut std::io::stdout()).await?;
     } else {
         println!("esframe bank account (in-memory store)\n");
-        run_demo(MemoryStore::new(), run, &mut std::io::stdout()).await?;
+        run_demo(
+            MemoryStore::with_upcasters(upcasters()),
+            run,
+            &mut std::io::stdout(),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -38,6 +38,7 @@ fn main() {
             false,
         )
         .await;
+        upcast_load(10_000 / scale).await;
     });
 }
 
@@ -52,7 +53,14 @@ fn report_window(from: usize, to: usize, ops: usize, started: Instant) {
 }
 
 fn deposit_event() -> NewEvent {
-    NewEvent::from_event("account", &AccountEvent::MoneyDeposited { amount: 1 }).expect("encodes")
+    NewEvent::from_event(
+        "account",
+        &AccountEvent::MoneyDeposited {
+            amount: 1,
+            currency: "EUR".into(),
+        },
+    )
+    .expect("encodes")
 }
 
 /// `prebuilt`: events (UUIDv7 id, encoded payload) are made before the clock starts, so the
@@ -153,5 +161,62 @@ async fn deposits(title: &str, total: usize, cache: bool) {
         balance,
         (per_window * windows) as u64,
         "every deposit counted"
+    );
+}
+
+/// Loads an account of `n` deposits stored at the current version, then one whose deposits were
+/// all stored as v1 and are upcast on read.
+async fn upcast_load(n: usize) {
+    println!("\nloading an account of {n} deposits without snapshot or cache (median of 15)");
+    let mut medians = Vec::new();
+    for (label, schema_version) in [
+        ("stored at the current version (v2)", 2),
+        ("stored as v1, one upcast step each", 1),
+    ] {
+        let store = MemoryStore::with_upcasters(esframe_examples::bank_account::upcasters());
+        let stream = StreamId::new("upcast").expect("valid id");
+        let opened = NewEvent::from_event(
+            "account",
+            &AccountEvent::AccountOpened {
+                owner: "bench".into(),
+            },
+        )
+        .expect("encodes");
+        store
+            .append(&stream, ExpectedVersion::NoStream, vec![opened])
+            .await
+            .expect("append");
+        let events: Vec<NewEvent> = (0..n)
+            .map(|_| {
+                let mut event = deposit_event();
+                if schema_version == 1 {
+                    event.schema_version = 1;
+                    event.payload = serde_json::json!({ "amount": 1 });
+                }
+                event
+            })
+            .collect();
+        store
+            .append(&stream, ExpectedVersion::Exact(1), events)
+            .await
+            .expect("append");
+        let handler = CommandHandler::<Account, _>::new(store)
+            .without_state_cache()
+            .snapshot_policy(SnapshotPolicy::Never);
+        let mut times = Vec::new();
+        for _ in 0..15 {
+            let started = Instant::now();
+            let loaded = handler.load("upcast").await.expect("load");
+            times.push(started.elapsed());
+            assert_eq!(loaded.state.balance, n as u64);
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        println!("  {label:<38} {:>8.2} ms", median.as_secs_f64() * 1e3);
+        medians.push(median);
+    }
+    println!(
+        "  ratio {:.2}x",
+        medians[1].as_secs_f64() / medians[0].as_secs_f64()
     );
 }

@@ -152,6 +152,8 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         esframe.as_secs_f64() / bare.as_secs_f64()
     );
 
+    upcast_load(&pool).await?;
+
     println!("\ndeposit commands, 8 writers on ONE stream");
     for (label, mode) in [
         (
@@ -326,8 +328,14 @@ async fn deposits(
 fn deposit_events(n: usize) -> Vec<NewEvent> {
     (0..n)
         .map(|_| {
-            NewEvent::from_event("account", &AccountEvent::MoneyDeposited { amount: 1 })
-                .expect("encodes")
+            NewEvent::from_event(
+                "account",
+                &AccountEvent::MoneyDeposited {
+                    amount: 1,
+                    currency: "EUR".into(),
+                },
+            )
+            .expect("encodes")
         })
         .collect()
 }
@@ -436,4 +444,63 @@ fn bare_row(row: &sqlx::postgres::PgRow) -> Result<i64, sqlx::Error> {
         row.try_get(11)?,
     );
     Ok(payload["amount"].as_i64().unwrap_or(0))
+}
+
+/// Loads a 10,000-deposit account stored at the current version, then one stored as v1 and
+/// upcast on read.
+async fn upcast_load(pool: &PgPool) -> Result<(), Error> {
+    println!(
+        "\nloading 10,000 deposits without a snapshot: current vs one upcast step each (median of 15)"
+    );
+    let store = PgEventStore::builder(pool.clone())
+        .schema(SCHEMA)?
+        .upcasters(esframe_examples::bank_account::upcasters())
+        .build()
+        .await?;
+    let mut medians = Vec::new();
+    for (label, schema_version) in [
+        ("stored at the current version (v2)", 2),
+        ("stored as v1, one upcast step each", 1),
+    ] {
+        let id = format!("upcast-{schema_version}-{}", uuid::Uuid::now_v7());
+        let stream = StreamId::new(&id)?;
+        let opened = NewEvent::from_event(
+            "account",
+            &AccountEvent::AccountOpened {
+                owner: "bench".into(),
+            },
+        )?;
+        store
+            .append(&stream, ExpectedVersion::NoStream, vec![opened])
+            .await?;
+        for _ in 0..100 {
+            let mut events = deposit_events(100);
+            if schema_version == 1 {
+                for event in &mut events {
+                    event.schema_version = 1;
+                    event.payload = serde_json::json!({ "amount": 1 });
+                }
+            }
+            store.append(&stream, ExpectedVersion::Any, events).await?;
+        }
+        let handler = CommandHandler::<Account, _>::new(store.clone())
+            .without_state_cache()
+            .snapshot_policy(SnapshotPolicy::Never);
+        let mut times = Vec::new();
+        for _ in 0..15 {
+            let started = Instant::now();
+            let loaded = handler.load(&id).await?;
+            times.push(started.elapsed());
+            assert_eq!(loaded.state.balance, 10_000);
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        println!("  {label:<38} {:>8.2} ms", median.as_secs_f64() * 1e3);
+        medians.push(median);
+    }
+    println!(
+        "  ratio {:.2}x",
+        medians[1].as_secs_f64() / medians[0].as_secs_f64()
+    );
+    Ok(())
 }

@@ -2,7 +2,9 @@
 
 use std::io::Write;
 
-use esframe_core::{Aggregate, CommandError, CommandHandler, SnapshotStore, StreamId};
+use esframe_core::{
+    Aggregate, CommandError, CommandHandler, ExpectedVersion, NewEvent, SnapshotStore, StreamId,
+};
 
 use super::{Account, AccountCommand, AccountError, AccountEvent};
 
@@ -46,6 +48,30 @@ pub async fn run_demo<S: SnapshotStore>(
             .await?;
         writeln!(out, "opened {id} for {owner} (version {})", done.version)?;
     }
+
+    writeln!(
+        out,
+        "\n== A deposit stored by the first release (MoneyDeposited v1, no currency)"
+    )?;
+    // What release 1 of this application wrote: `{"amount": n}` at schema version 1. The store
+    // was built with the account's upcasters, so every read sees it as v2, in euros.
+    let stream = StreamId::new(ada)?;
+    let version = store.stream_version(&stream).await?.unwrap_or(0);
+    let old_deposit = NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "account".into(),
+        event_type: "MoneyDeposited".into(),
+        schema_version: 1,
+        payload: serde_json::json!({ "amount": 700 }),
+        metadata: Default::default(),
+    };
+    store
+        .append(&stream, ExpectedVersion::Exact(version), vec![old_deposit])
+        .await?;
+    writeln!(
+        out,
+        "{ada}: stored {{\"amount\": 700}} as MoneyDeposited v1"
+    )?;
 
     writeln!(out, "\n== Deposits and withdrawals")?;
     let moves = [
@@ -95,17 +121,16 @@ pub async fn run_demo<S: SnapshotStore>(
 
     let live = accounts.load(ada).await?;
     writeln!(out, "\n== Replaying {ada} from the store")?;
-    let stream = StreamId::new(ada)?;
     let mut rebuilt = Account::default();
     let (mut deposits, mut deposit_count) = (0, 0);
     for recorded in store.read_stream(&stream, 1).await? {
         let event: AccountEvent = recorded.decode()?;
-        if let AccountEvent::MoneyDeposited { amount } = &event {
+        if let AccountEvent::MoneyDeposited { amount, currency } = &event {
             deposits += amount;
             deposit_count += 1;
             writeln!(
                 out,
-                "  v{} {} deposit {}",
+                "  v{} {} deposit {} {currency}",
                 recorded.stream_version,
                 recorded.recorded_at.format("%H:%M:%S%.3f"),
                 cents(*amount)

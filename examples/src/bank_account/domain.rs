@@ -1,7 +1,11 @@
 //! The bank-account aggregate: events, commands, errors and business rules.
 
-use esframe_core::{Aggregate, Command, Decision, Event};
+use esframe_core::{
+    Aggregate, Command, Decision, Event, Upcasters,
+    upcast::{Upcast, UpcastFailure},
+};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 /// What can happen to an account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Event)]
@@ -11,16 +15,38 @@ pub enum AccountEvent {
         /// Who owns it.
         owner: String,
     },
-    /// Money was paid in.
+    /// Money was paid in. Version 2 added the currency; version 1 deposits, stored before
+    /// accounts had currencies, were all in euros and are read through
+    /// [`money_deposited_v1`].
+    #[event(version = 2, upcast(v1 = money_deposited_v1))]
     MoneyDeposited {
         /// Cents deposited.
         amount: u64,
+        /// ISO 4217 currency code.
+        currency: String,
     },
     /// Money was taken out.
     MoneyWithdrawn {
         /// Cents withdrawn.
         amount: u64,
     },
+}
+
+/// Reads a version 1 `MoneyDeposited` (`{"amount": n}`) as version 2: deposits were in euros.
+pub fn money_deposited_v1(mut payload: Value) -> Result<Upcast, UpcastFailure> {
+    if !payload["amount"].is_u64() {
+        return Err(format!("a v1 deposit needs a whole `amount`, got {payload}").into());
+    }
+    payload["currency"] = json!("EUR");
+    Ok(Upcast::Next(payload))
+}
+
+/// The account's upcaster chains, for the store: every stored version reads as the current one.
+pub fn upcasters() -> Upcasters {
+    Upcasters::builder()
+        .current::<AccountEvent>()
+        .build()
+        .expect("the account's upcaster chains are complete")
 }
 
 /// What can be asked of an account.
@@ -106,7 +132,10 @@ impl Account {
             }
             AccountCommand::Deposit { amount, .. } => {
                 decision.require_open(*amount)?;
-                decision.emit(AccountEvent::MoneyDeposited { amount: *amount });
+                decision.emit(AccountEvent::MoneyDeposited {
+                    amount: *amount,
+                    currency: "EUR".to_owned(),
+                });
             }
             AccountCommand::Withdraw { amount, .. } => {
                 decision.require_open(*amount)?;
@@ -128,7 +157,7 @@ impl Account {
                 self.open = true;
                 self.owner.clone_from(owner);
             }
-            AccountEvent::MoneyDeposited { amount } => self.balance += amount,
+            AccountEvent::MoneyDeposited { amount, .. } => self.balance += amount,
             AccountEvent::MoneyWithdrawn { amount } => self.balance -= amount,
         }
     }

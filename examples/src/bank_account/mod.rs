@@ -6,4 +6,6 @@ mod demo;
 mod domain;
 
 pub use demo::{DemoReport, run_demo};
-pub use domain::{Account, AccountCommand, AccountError, AccountEvent};
+pub use domain::{
+    Account, AccountCommand, AccountError, AccountEvent, money_deposited_v1, upcasters,
+};
