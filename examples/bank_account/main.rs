@@ -18,11 +18,13 @@ async fn main() -> Result<(), Error> {
     if std::env::args().any(|arg| arg == "--postgres") {
         let url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let pool = sqlx::PgPool::connect(&url)
+        let pool = PgEventStore::pool_options()
+            .connect(&url)
             .await
             .map_err(|err| format!("cannot reach PostgreSQL at {url}: {err}"))?;
         let store = PgEventStore::builder(pool)
             .schema("esframe_demo")?
+            .upcasters(upcasters())
             .build()
             .await?;
         println!("esframe bank account (PostgreSQL at {url}, schema esframe_demo)\n");
