@@ -543,7 +543,7 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
                         }
                         continue;
                     }
-                    Err(_) => return self.run_each(stream, jobs).await,
+                    Err(err) => return self.fail_batch(stream, jobs, decided.len(), err),
                 }
             };
             let new_version = version + emitted.len() as u64;
@@ -587,7 +587,37 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
         }
     }
 
-    /// Runs each job on its own (after a batch failed for a reason other than a conflict).
+    /// The batch's append failed for a reason other than a conflict: it may or may not have been
+    /// stored (a connection lost after commit, say), so nothing is decided again with new event
+    /// ids, which could store a command twice. Every decided job gets the error (the first the
+    /// original, the others its message): even a rejection was decided on a state that included
+    /// its predecessors' events. Jobs not decided go back to the queue.
+    fn fail_batch(
+        &self,
+        stream: &StreamId,
+        mut jobs: Vec<Job<A>>,
+        decided: usize,
+        err: StoreError,
+    ) -> Vec<Job<A>> {
+        if let Some(cache) = &self.cache {
+            let _ = cache.take(stream);
+        }
+        let leftover = jobs.split_off(decided);
+        let message = err.to_string();
+        let mut original = Some(err);
+        for job in jobs {
+            let err = original.take().unwrap_or_else(|| {
+                StoreError::backend(BatchAppendFailed {
+                    stream: stream.to_string(),
+                    reason: message.clone(),
+                })
+            });
+            let _ = job.reply.send(Err(CommandError::Store(err)));
+        }
+        leftover
+    }
+
+    /// Runs each job on its own (after a batch failed before anything was appended).
     async fn run_each(&self, stream: &StreamId, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
         for job in jobs {
             let result = self.run_single(stream, &job.command, &job.metadata).await;
@@ -735,6 +765,16 @@ fn envelope<A: Aggregate>(
         payload: event,
         metadata: metadata.clone(),
     }
+}
+
+/// A batched append failed for a reason other than a conflict; whether it was stored is unknown.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the batched append to stream `{stream}` that held this command failed and may or may not have been stored (check the stream before retrying): {reason}"
+)]
+struct BatchAppendFailed {
+    stream: String,
+    reason: String,
 }
 
 /// The task running a stream's queued commands stopped (a handler panicked) before this

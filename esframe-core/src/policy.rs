@@ -146,10 +146,11 @@ pub enum CachePolicy {
     /// command), so the decision always sees the latest state. The default.
     #[default]
     Verify,
-    /// Decide on the cached state without reading the store. If another writer changed the
-    /// stream meanwhile, the append's version check refuses it and the command is retried on a
-    /// freshly loaded state at once, so results are the same; choose it when one process owns
-    /// each aggregate (one round trip per command instead of two).
+    /// Decide on the cached state without reading the store: one round trip per command instead
+    /// of two. A decision that stores events is still checked by the append's version check, so
+    /// if another writer changed the stream meanwhile it is retried on a freshly loaded state.
+    /// But a rejection, or a command that emits nothing, decided on a stale state is returned as
+    /// is. Choose it only when this process is the only writer of its aggregates.
     Trust,
 }
 

@@ -41,7 +41,9 @@ impl<S: EventStore> Subscription<S> {
     }
 
     /// How far the log has been consumed: the position of the last event returned by
-    /// [`Subscription::next`], or past it when retired events followed it.
+    /// [`Subscription::next`], or past it when retired events followed it, or just before it
+    /// while more parts of the same (split) stored event are still to come. Resuming after this
+    /// position never loses an event.
     pub fn position(&self) -> u64 {
         self.position
     }
@@ -50,11 +52,16 @@ impl<S: EventStore> Subscription<S> {
     pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
         loop {
             if let Some(event) = self.buffer.pop_front() {
-                self.position = if self.buffer.is_empty() {
+                self.position = match self.buffer.front() {
+                    // More parts of one stored event (an upcaster split it) follow: its position
+                    // is not consumed until the last part is, so resuming here repeats parts
+                    // rather than losing them.
+                    Some(next) if next.global_position == event.global_position => {
+                        event.global_position - 1
+                    }
+                    Some(_) => event.global_position,
                     // Past any retired events that followed it in the batch.
-                    self.scanned_to.max(event.global_position)
-                } else {
-                    event.global_position
+                    None => self.scanned_to.max(event.global_position),
                 };
                 return Ok(event);
             }

@@ -215,6 +215,19 @@ pub enum UpcastChainError {
         /// The version reached.
         version: u32,
     },
+    /// Two event enums declare the same type name at different versions; names must be unique
+    /// across the store's events, since stored events are looked up by name.
+    #[error(
+        "event type `{event_type}` is declared at version {first} and at version {second}: event type names must be unique across the enums given to `current`"
+    )]
+    ConflictingCurrent {
+        /// The type name.
+        event_type: String,
+        /// One declared version.
+        first: u32,
+        /// The other.
+        second: u32,
+    },
     /// `Upcasters::build` was called without any current event type.
     #[error("no current event types given: call `.current::<YourEvent>()` before `build()`")]
     NoCurrentTypes,
@@ -251,6 +264,7 @@ impl fmt::Debug for Upcasters {
 pub struct UpcastersBuilder {
     upcasters: Vec<Arc<dyn Upcaster>>,
     current: HashMap<String, u32>,
+    conflict: Option<UpcastChainError>,
 }
 
 impl fmt::Debug for UpcastersBuilder {
@@ -282,6 +296,9 @@ impl UpcastersBuilder {
 
     /// Checks every chain and returns the registry.
     pub fn build(self) -> Result<Upcasters, UpcastChainError> {
+        if let Some(conflict) = self.conflict {
+            return Err(conflict);
+        }
         if self.current.is_empty() {
             return Err(UpcastChainError::NoCurrentTypes);
         }

@@ -60,9 +60,9 @@ struct Inner {
     waker: Waker,
     poll_interval: Duration,
     stall_warning_after: Duration,
-    /// When the global log was first seen held back by an open transaction, and when that was
-    /// last reported.
-    stall: Mutex<Option<(Instant, Option<Instant>)>>,
+    /// When the global log was first seen held back by an open transaction, when that was last
+    /// reported, and the horizon it was stuck at.
+    stall: Mutex<Option<(Instant, Option<Instant>, i64)>>,
 }
 
 impl std::fmt::Debug for PgEventStore {
@@ -338,11 +338,7 @@ impl PgEventStore {
             ExpectedVersion::Exact(v) => (3, i64::try_from(v).unwrap_or(i64::MAX)),
         };
         if events.is_empty() {
-            let current = if retry {
-                self.stream_version(stream).await?
-            } else {
-                self.stream_version_on(conn, stream).await?
-            };
+            let current = self.stream_version_on(conn, stream).await?;
             if !expected.accepts(current) {
                 return Err(Conflict {
                     stream: stream.clone(),
@@ -414,7 +410,6 @@ impl PgEventStore {
                     }
                     let actual = match actual {
                         Some(actual) => actual,
-                        None if retry => self.stream_version(stream).await?,
                         None => self.stream_version_on(conn, stream).await?,
                     };
                     return Err(Conflict {
@@ -438,8 +433,15 @@ impl PgEventStore {
                     tokio::task::yield_now().await;
                 }
                 (AppendFailure::VersionTaken, _) => {
+                    // Read on the connection already held: asking the pool for a second one
+                    // could wait forever when every connection is held by a conflicting writer.
                     let actual = if retry {
-                        self.stream_version(stream).await?
+                        // An idempotent retry racing its original loses on the version first:
+                        // the original outcome still wins over the conflict.
+                        if let Some(original) = self.deduplicate(conn, stream, &columns).await? {
+                            return Ok(original);
+                        }
+                        self.stream_version_on(conn, stream).await?
                     } else {
                         None
                     };
@@ -545,19 +547,23 @@ impl PgEventStore {
     }
 
     /// Tracks whether the log is held back and warns, naming the holder, past the threshold.
-    async fn note_stall(&self, blocked: bool) {
+    async fn note_stall(&self, blocked: bool, horizon: i64) {
         let due = {
             let mut stall = self
                 .inner
                 .stall
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if !blocked {
+            // Appends in flight keep events beyond the horizon all the time under load; the log
+            // is only stalled while the horizon itself does not move.
+            if !blocked || stall.is_some_and(|(_, _, seen)| seen != horizon) {
                 *stall = None;
+            }
+            if !blocked {
                 return;
             }
             let now = Instant::now();
-            let (since, last_warned) = stall.get_or_insert((now, None));
+            let (since, last_warned, _) = stall.get_or_insert((now, None, horizon));
             let threshold = self.inner.stall_warning_after;
             let due = now.duration_since(*since) >= threshold
                 && last_warned.is_none_or(|at| now.duration_since(at) >= threshold);
@@ -765,7 +771,7 @@ impl EventStore for PgEventStore {
         let head: Option<i64> = row.try_get("head").map_err(StoreError::backend)?;
         let horizon: i64 = row.try_get("horizon").map_err(StoreError::backend)?;
         let after_i = i64::try_from(after).unwrap_or(i64::MAX);
-        self.note_stall(head.is_some_and(|h| h > after_i && h >= horizon))
+        self.note_stall(head.is_some_and(|h| h > after_i && h >= horizon), horizon)
             .await;
         if ready {
             return Ok(());
