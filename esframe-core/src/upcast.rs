@@ -179,7 +179,7 @@ pub enum UpcastChainError {
     /// A chain skips a version.
     #[error(
         "the upcaster chain of `{event_type}` has a gap: nothing converts v{missing_from} to v{}, on the way to the current v{current}",
-        missing_from + 1
+        missing_from.saturating_add(1)
     )]
     MissingStep {
         /// The event type.
@@ -330,7 +330,14 @@ impl UpcastersBuilder {
             }
             let upcaster = &steps[event_type][&from];
             for output in upcaster.output_types() {
-                check_reaches_current(&steps, &self.current, event_type, from, &output, from + 1)?;
+                check_reaches_current(
+                    &steps,
+                    &self.current,
+                    event_type,
+                    from,
+                    &output,
+                    from.saturating_add(1),
+                )?;
             }
         }
         Ok(Upcasters {
@@ -415,7 +422,7 @@ impl Upcasters {
             schema_version: event.schema_version,
             reason: err.to_string(),
         })?;
-        event.schema_version += 1;
+        event.schema_version = event.schema_version.saturating_add(1);
         match converted {
             Upcast::Next(payload) => {
                 event.payload = payload;
