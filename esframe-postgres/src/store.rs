@@ -330,14 +330,15 @@ impl PgEventStore {
                 });
             }
         }
-        let columns = Columns::new(&events);
+        let count = events.len();
+        let columns = Columns::new(events);
         let (kind, exact) = match expected {
             ExpectedVersion::Any => (0, 0),
             ExpectedVersion::NoStream => (1, 0),
             ExpectedVersion::StreamExists => (2, 0),
             ExpectedVersion::Exact(v) => (3, i64::try_from(v).unwrap_or(i64::MAX)),
         };
-        if events.is_empty() {
+        if count == 0 {
             let current = self.stream_version_on(conn, stream).await?;
             if !expected.accepts(current) {
                 return Err(Conflict {
@@ -397,7 +398,7 @@ impl PgEventStore {
                 query
                     .fetch_one(&mut *conn)
                     .await
-                    .map(|row| summary_row(&row, events.len()))
+                    .map(|row| summary_row(&row, count))
             };
             let failure = match result {
                 Ok(Err(err)) => return Err(StoreError::backend(err)),
@@ -600,27 +601,29 @@ struct Columns {
 }
 
 impl Columns {
-    fn new(events: &[NewEvent]) -> Self {
+    /// Takes the events apart into one array per column (moving, not copying, the payloads).
+    fn new(events: Vec<NewEvent>) -> Self {
+        let n = events.len();
         let mut c = Self {
-            event_ids: Vec::with_capacity(events.len()),
-            aggregate_types: Vec::with_capacity(events.len()),
-            event_types: Vec::with_capacity(events.len()),
-            schema_versions: Vec::with_capacity(events.len()),
-            payloads: Vec::with_capacity(events.len()),
-            correlation_ids: Vec::with_capacity(events.len()),
-            causation_ids: Vec::with_capacity(events.len()),
-            metadata: Vec::with_capacity(events.len()),
+            event_ids: Vec::with_capacity(n),
+            aggregate_types: Vec::with_capacity(n),
+            event_types: Vec::with_capacity(n),
+            schema_versions: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            correlation_ids: Vec::with_capacity(n),
+            causation_ids: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
         };
         for e in events {
             c.event_ids.push(e.event_id);
-            c.aggregate_types.push(e.aggregate_type.to_string());
-            c.event_types.push(e.event_type.to_string());
+            c.aggregate_types.push(e.aggregate_type.into_owned());
+            c.event_types.push(e.event_type.into_owned());
             c.schema_versions
                 .push(i32::try_from(e.schema_version).unwrap_or(i32::MAX));
-            c.payloads.push(e.payload.clone());
+            c.payloads.push(e.payload);
             c.correlation_ids.push(e.metadata.correlation_id);
             c.causation_ids.push(e.metadata.causation_id);
-            c.metadata.push(Value::Object(e.metadata.extra.clone()));
+            c.metadata.push(Value::Object(e.metadata.extra));
         }
         c
     }
