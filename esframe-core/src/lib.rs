@@ -3,7 +3,8 @@
 //! The heart of esframe, a CQRS and event-sourcing framework: the traits you implement
 //! ([`Aggregate`], [`Command`], [`Event`]), the event envelope, the storage contract
 //! ([`EventStore`], [`SnapshotStore`]), command handling with optimistic concurrency, retries and
-//! snapshots ([`CommandHandler`]), and a given/when/then test kit ([`testkit`]).
+//! snapshots ([`CommandHandler`]), projections with checkpoints, dead letters and rebuilds
+//! ([`projection`]), and a given/when/then test kit ([`testkit`]).
 //!
 //! ```
 //! use esframe_core::{Aggregate, Command, Decision, Event};
@@ -67,6 +68,7 @@ mod error;
 mod event;
 mod handler;
 mod policy;
+pub mod projection;
 mod store;
 mod stream_id;
 mod subscription;

@@ -149,6 +149,16 @@ pub trait EventStore: Clone + Send + Sync + 'static {
         async move { Ok(self.read_all_batch(after, limit).await?.events) }
     }
 
+    /// How many stored events have a global position greater than `after`, if the store can
+    /// count them (used for rebuild progress estimates); `None` by default.
+    fn count_events_after(
+        &self,
+        after: u64,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send {
+        let _ = after;
+        async { Ok(None) }
+    }
+
     /// Resolves once events after global position `after` may be readable.
     ///
     /// May resolve early (a poll interval, say); must not stay pending while such events exist.

@@ -28,8 +28,10 @@
 //! Every operation is O(events read or written): appends never copy a stream, so speed stays flat
 //! as streams grow. Data lives as long as the last clone of the store.
 
+mod checkpoints;
 mod store;
 
+pub use checkpoints::{MemoryCheckpoints, MemoryLease};
 pub use store::MemoryStore;
 
 #[doc(no_inline)]

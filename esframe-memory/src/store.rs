@@ -324,6 +324,11 @@ impl EventStore for MemoryStore {
         })
     }
 
+    async fn count_events_after(&self, after: u64) -> Result<Option<u64>, StoreError> {
+        let stored = self.read().log.len() as u64;
+        Ok(Some(stored.saturating_sub(after)))
+    }
+
     async fn wait_for_events(&self, after: u64) -> Result<(), StoreError> {
         self.inner.head.wait_past(after).await;
         Ok(())

@@ -31,7 +31,10 @@
 //! - **Snapshots in the same transaction** as the events they cover (`append_with_snapshot`).
 //! - **Live subscriptions** woken by `LISTEN/NOTIFY`, polling as a fallback.
 //! - **Embedded migrations** in a configurable schema, safe when processes start together.
+//! - **Exactly-once projections** with [`PgCheckpoints`]: the read model and the checkpoint
+//!   commit in one transaction; leases by advisory lock; dead letters in a table.
 
+mod checkpoints;
 mod diagnostics;
 mod error;
 mod listener;
@@ -40,6 +43,7 @@ mod schema;
 mod sql;
 mod store;
 
+pub use checkpoints::{PgCheckpoints, PgLease, PgTransaction};
 pub use diagnostics::{HorizonHolder, HorizonStatus};
 pub use error::PgStoreError;
 pub use schema::{SCHEMA_VERSION, SchemaName};

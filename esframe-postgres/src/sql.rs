@@ -35,6 +35,7 @@ pub(crate) struct Queries {
     pub(crate) stream_version: Arc<str>,
     pub(crate) read_all: Arc<str>,
     pub(crate) readiness: Arc<str>,
+    pub(crate) count_after: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
 }
@@ -96,6 +97,8 @@ impl Queries {
                  FROM (SELECT {HORIZON} AS horizon) h"
             )
             .into(),
+            count_after: format!("SELECT count(*) FROM {s}.events WHERE global_position > $1")
+                .into(),
             save_snapshot: format!(
                 "INSERT INTO {s}.snapshots AS old
                      (stream_id, aggregate_type, version, schema_version, state, taken_at)

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    PgStoreError, SchemaName,
+    PgCheckpoints, PgStoreError, SchemaName,
     diagnostics::{self, HorizonStatus},
     error::{AppendFailure, classify},
     listener::{Notifier, Waker},
@@ -260,6 +260,12 @@ impl PgEventStore {
         if self.inner.notify {
             self.inner.notifier.poke();
         }
+    }
+
+    /// Projection checkpoints, leases and dead letters in this store's schema, exactly once;
+    /// see [`PgCheckpoints`].
+    pub fn checkpoints(&self) -> PgCheckpoints {
+        PgCheckpoints::new(self.inner.pool.clone(), self.inner.schema.clone())
     }
 
     /// Who holds the global log back, if anyone; see [`HorizonStatus`].
@@ -548,8 +554,9 @@ impl PgEventStore {
     }
 
     /// Tracks whether the log is held back and warns, naming the holder, past the threshold.
-    async fn note_stall(&self, blocked: bool, horizon: i64) {
-        let due = {
+    /// Returns how long it has been held back at this horizon (zero if it is not).
+    async fn note_stall(&self, blocked: bool, horizon: i64) -> Duration {
+        let (due, blocked_for) = {
             let mut stall = self
                 .inner
                 .stall
@@ -561,7 +568,7 @@ impl PgEventStore {
                 *stall = None;
             }
             if !blocked {
-                return;
+                return Duration::ZERO;
             }
             let now = Instant::now();
             let (since, last_warned, _) = stall.get_or_insert((now, None, horizon));
@@ -571,7 +578,8 @@ impl PgEventStore {
             if due {
                 *last_warned = Some(now);
             }
-            due.then_some(now.duration_since(*since))
+            let blocked_for = now.duration_since(*since);
+            (due.then_some(blocked_for), blocked_for)
         };
         if let Some(blocked_for) = due {
             match self.horizon_status().await {
@@ -585,6 +593,7 @@ impl PgEventStore {
                 }
             }
         }
+        blocked_for
     }
 }
 
@@ -761,6 +770,15 @@ impl EventStore for PgEventStore {
         .await
     }
 
+    async fn count_events_after(&self, after: u64) -> Result<Option<u64>, StoreError> {
+        let count: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.count_after)))
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Some(u64::try_from(count).unwrap_or(0)))
+    }
+
     async fn wait_for_events(&self, after: u64) -> Result<(), StoreError> {
         // Register for wake-ups before checking, so a commit between the check and the wait
         // still wakes us.
@@ -774,12 +792,20 @@ impl EventStore for PgEventStore {
         let head: Option<i64> = row.try_get("head").map_err(StoreError::backend)?;
         let horizon: i64 = row.try_get("horizon").map_err(StoreError::backend)?;
         let after_i = i64::try_from(after).unwrap_or(i64::MAX);
-        self.note_stall(head.is_some_and(|h| h > after_i && h >= horizon), horizon)
-            .await;
+        let pending = head.is_some_and(|h| h > after_i && h >= horizon);
+        let blocked_for = self.note_stall(pending, horizon).await;
         if ready {
             return Ok(());
         }
-        let _ = tokio::time::timeout(self.inner.poll_interval, woken.changed()).await;
+        // Events are stored but a transaction still running holds them back (usually another
+        // append or a projection's transaction, ending within a millisecond). Its commit may
+        // not notify anyone, so look again soon, backing off while the same horizon holds.
+        let wait = if pending {
+            (blocked_for / 4).clamp(Duration::from_micros(200), self.inner.poll_interval)
+        } else {
+            self.inner.poll_interval
+        };
+        let _ = tokio::time::timeout(wait, woken.changed()).await;
         Ok(())
     }
 }

@@ -1,0 +1,73 @@
+//! [`AtLeastOnce`]: checkpoints in one store, read model somewhere else.
+
+use super::{Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, DeadLetter, Delivery};
+
+/// Runs projections whose read model lives outside the checkpoint store (another database, a
+/// search index, a cache, a message broker) on any checkpoint store, at least once.
+///
+/// Handlers get `()` as their transaction and write wherever they like; after they return, the
+/// runner saves the checkpoint in `C`'s own transaction. If the process dies in between, the
+/// batch is handled again on restart, so handlers must be idempotent:
+///
+/// - upsert keyed by something in the event (its `event_id`, or stream and version) instead of
+///   inserting or incrementing blindly;
+/// - or keep the last applied `global_position` beside the data and ignore events at or below it;
+/// - never fire an external side effect twice without a key the receiver deduplicates on.
+#[derive(Debug, Clone)]
+pub struct AtLeastOnce<C>(pub C);
+
+impl<C: CheckpointStore> CheckpointStore for AtLeastOnce<C> {
+    type Tx = ();
+    type Lease = C::Lease;
+
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
+    }
+
+    async fn try_lease(&self, projection: &str) -> Result<Option<Self::Lease>, CheckpointError> {
+        self.0.try_lease(projection).await
+    }
+
+    fn lease_held(&self, lease: &Self::Lease) -> bool {
+        self.0.lease_held(lease)
+    }
+
+    async fn release(&self, lease: Self::Lease) {
+        self.0.release(lease).await;
+    }
+
+    async fn load(&self, projection: &str) -> Result<Option<Checkpoint>, CheckpointError> {
+        self.0.load(projection).await
+    }
+
+    async fn begin(&self) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+
+    async fn commit(&self, (): (), commit: CheckpointCommit) -> Result<(), CheckpointError> {
+        let tx = self.0.begin().await?;
+        self.0.commit(tx, commit).await
+    }
+
+    async fn rollback(&self, (): ()) {}
+
+    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, CheckpointError> {
+        self.0.dead_letters(projection).await
+    }
+
+    async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, CheckpointError> {
+        self.0.dead_letter(id).await
+    }
+
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, CheckpointError> {
+        self.0.discard_dead_letter(id).await
+    }
+
+    async fn note_retry_failure(&self, id: u64, error: &str) -> Result<(), CheckpointError> {
+        self.0.note_retry_failure(id, error).await
+    }
+
+    fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.0.changed()
+    }
+}

@@ -1,0 +1,51 @@
+//! Projections: read models kept up to date from the global log.
+//!
+//! A [`Projection`] turns events into a read model. A [`ProjectionRunner`] feeds it: it catches
+//! up from the projection's checkpoint by reading the global log in batches, then follows new
+//! events as they are appended, and stores the checkpoint through a [`CheckpointStore`].
+//!
+//! ```text
+//!   global log ──read_all_batch──▶ runner ──handle_batch(events, ctx)──▶ projection
+//!        ▲                           │                                     │ writes through ctx.tx()
+//!        └──wait_for_events◀─────────┤                                     ▼
+//!                                    └──commit(tx, checkpoint from → to)──▶ checkpoint store
+//! ```
+//!
+//! What is guaranteed depends on the checkpoint store's [`Delivery`]:
+//!
+//! - [`Delivery::ExactlyOnce`] (the PostgreSQL checkpoint store): the handler writes its read
+//!   model through the transaction the runner gives it, and the runner advances the checkpoint in
+//!   that same transaction with a compare-and-set. A crash at any point either commits both or
+//!   neither, so no event is lost or applied twice, even when two runners race.
+//! - [`Delivery::AtLeastOnce`] (the memory checkpoint store, or [`AtLeastOnce`] around any
+//!   store, for read models outside the checkpoint's database): the checkpoint is saved after the
+//!   handler returns, so a crash in between replays the batch. Handlers must be idempotent: an
+//!   upsert keyed by the event id, or a "last applied position" column compared before writing.
+//!
+//! Either way, events reach a projection in global order (within a stream, in version order),
+//! a failing event is retried with exponential backoff and then parked as a [`DeadLetter`] (or
+//! stops the runner, see [`OnFailure`]), one runner per projection is active across processes
+//! (a lease from the checkpoint store), and [`ProjectionRunner::rebuild`] replays a projection
+//! into a fresh read model with [`RebuildProgress`] reports.
+
+mod at_least_once;
+mod checkpoint;
+mod context;
+mod error;
+mod interest;
+mod progress;
+mod runner;
+mod wait;
+
+pub use at_least_once::AtLeastOnce;
+pub use checkpoint::{
+    Checkpoint, CheckpointCommit, CheckpointStore, DeadLetter, Delivery, NewDeadLetter,
+};
+pub use context::{HandlerError, Projection, ProjectionContext};
+pub use error::{CheckpointError, ProjectionError};
+pub use interest::Interest;
+pub use progress::{RebuildProgress, RebuildReport};
+pub use runner::{
+    DEFAULT_PROJECTION_BATCH_SIZE, HandlerRetry, OnFailure, ProjectionRunner, RunningProjection,
+};
+pub use wait::wait_for_projections;
