@@ -149,6 +149,12 @@ pub trait EventStore: Clone + Send + Sync + 'static {
         async move { Ok(self.read_all_batch(after, limit).await?.events) }
     }
 
+    /// The global position of the last stored event that has committed (0 if none), if the
+    /// store can tell; `None` by default. A projection catch-up reads until it has passed it.
+    fn head_position(&self) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send {
+        async { Ok(None) }
+    }
+
     /// How many stored events have a global position greater than `after`, if the store can
     /// count them (used for rebuild progress estimates); `None` by default.
     fn count_events_after(

@@ -324,6 +324,10 @@ impl EventStore for MemoryStore {
         })
     }
 
+    async fn head_position(&self) -> Result<Option<u64>, StoreError> {
+        Ok(Some(self.read().log.len() as u64))
+    }
+
     async fn count_events_after(&self, after: u64) -> Result<Option<u64>, StoreError> {
         let stored = self.read().log.len() as u64;
         Ok(Some(stored.saturating_sub(after)))

@@ -404,9 +404,10 @@ async fn a_newer_projection_version_resets_and_replays_and_an_older_one_is_refus
         .catch_up()
         .await
         .unwrap();
-    let model = v2.model.lock().unwrap();
-    assert_eq!((model.resets, model.replayed, model.totals["v"]), (1, 2, 3));
-    drop(model);
+    {
+        let model = v2.model.lock().unwrap();
+        assert_eq!((model.resets, model.replayed, model.totals["v"]), (1, 2, 3));
+    }
     assert_eq!(
         checkpoints
             .load("versioned")

@@ -36,6 +36,7 @@ pub(crate) struct Queries {
     pub(crate) read_all: Arc<str>,
     pub(crate) readiness: Arc<str>,
     pub(crate) count_after: Arc<str>,
+    pub(crate) head: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
 }
@@ -97,6 +98,7 @@ impl Queries {
                  FROM (SELECT {HORIZON} AS horizon) h"
             )
             .into(),
+            head: format!("SELECT max(global_position) FROM {s}.events").into(),
             count_after: format!("SELECT count(*) FROM {s}.events WHERE global_position > $1")
                 .into(),
             save_snapshot: format!(

@@ -770,6 +770,14 @@ impl EventStore for PgEventStore {
         .await
     }
 
+    async fn head_position(&self) -> Result<Option<u64>, StoreError> {
+        let head: Option<i64> = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.head)))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Some(head.map_or(0, |h| u64::try_from(h).unwrap_or(0))))
+    }
+
     async fn count_events_after(&self, after: u64) -> Result<Option<u64>, StoreError> {
         let count: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.count_after)))
             .bind(i64::try_from(after).unwrap_or(i64::MAX))

@@ -304,18 +304,18 @@ where
         }
     }
 
-    /// Processes every event stored now, then returns the position reached. Fails with
+    /// Processes every event committed before the call (waiting, if need be, for transactions
+    /// that hold the global log back to end), then returns the position reached. Fails with
     /// [`ProjectionError::Busy`] if another runner holds the lease.
     pub async fn catch_up(&self) -> Result<u64, ProjectionError> {
         self.check_name()?;
         let lease = self.lease_or_busy().await?;
         let result = async {
+            let target = self.head().await?;
             let mut cursor = self.open_cursor(None).await?;
             let (_keep_open, never_stop) = watch::channel(false);
-            while self
-                .step(&mut cursor, &lease, &never_stop, &mut None)
-                .await?
-            {}
+            self.run_to(&mut cursor, &lease, target, &never_stop, &mut None)
+                .await?;
             Ok(cursor.position())
         }
         .await;
@@ -335,14 +335,13 @@ where
         self.check_name()?;
         let lease = self.lease_or_busy().await?;
         let result = async {
+            let target = self.head().await?;
             let mut cursor = self.open_cursor(Some(from)).await?;
             let (_keep_open, never_stop) = watch::channel(false);
             let started = Instant::now();
             let mut replay = Some(self.start_replay(from).await);
-            while self
-                .step(&mut cursor, &lease, &never_stop, &mut replay)
-                .await?
-            {}
+            self.run_to(&mut cursor, &lease, target, &never_stop, &mut replay)
+                .await?;
             Ok(RebuildReport {
                 events: replay.map_or(0, |r| r.done),
                 position: cursor.position(),
@@ -586,6 +585,41 @@ where
                 Err(StepError::Stopped) => return Ok(SessionEnd::Stopped),
                 Err(StepError::Fatal(err)) => return Err(err),
             }
+        }
+    }
+
+    /// The store's head position now (0 if it cannot tell).
+    async fn head(&self) -> Result<u64, StepError> {
+        Ok(self
+            .store
+            .head_position()
+            .await
+            .map_err(|err| self.store_error(err))?
+            .unwrap_or(0))
+    }
+
+    /// Processes batches until the checkpoint has reached `target` and nothing more is readable.
+    /// Events committed below `target` but still held back by an open transaction are waited
+    /// for.
+    async fn run_to(
+        &self,
+        cursor: &mut Cursor,
+        lease: &C::Lease,
+        target: u64,
+        stop: &watch::Receiver<bool>,
+        replay: &mut Option<Replay>,
+    ) -> Result<(), StepError> {
+        loop {
+            if self.step(cursor, lease, stop, replay).await? {
+                continue;
+            }
+            if cursor.position() >= target {
+                return Ok(());
+            }
+            self.store
+                .wait_for_events(cursor.position())
+                .await
+                .map_err(|err| self.store_error(err))?;
         }
     }
 

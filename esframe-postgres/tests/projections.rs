@@ -1,0 +1,465 @@
+//! Exactly-once projections on PostgreSQL: live under concurrent writers, killed mid-batch,
+//! poison events, two runners, rebuilds.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use esframe_core::{
+    EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId,
+    projection::{
+        CheckpointStore, HandlerError, HandlerRetry, Projection, ProjectionContext,
+        ProjectionRunner, wait_for_projections,
+    },
+};
+use esframe_postgres::{PgCheckpoints, PgEventStore, PgTransaction};
+use serde_json::json;
+use sqlx::AssertSqlSafe;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// Stops the handler at its `at`-th event: reports the connection's backend pid, then waits to
+/// be released (or for the task to be aborted).
+struct Gate {
+    at: u64,
+    fired: AtomicBool,
+    pid: Mutex<Option<i32>>,
+    reached: Notify,
+    release: Notify,
+}
+
+impl Gate {
+    fn new(at: u64) -> Arc<Self> {
+        Arc::new(Self {
+            at,
+            fired: AtomicBool::new(false),
+            pid: Mutex::new(None),
+            reached: Notify::new(),
+            release: Notify::new(),
+        })
+    }
+}
+
+/// A ledger read model: one row per applied event (no key, so a repeat would show) and a total
+/// per stream.
+#[derive(Clone)]
+struct Ledger {
+    schema: String,
+    handled: Arc<AtomicU64>,
+    poison: Arc<Mutex<HashSet<Uuid>>>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl Ledger {
+    async fn new(store: &PgEventStore) -> Self {
+        let schema = store.schema().to_string();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS \"{schema}\".ledger_applied (
+                 event_id UUID NOT NULL, stream_id TEXT NOT NULL, amount BIGINT NOT NULL);
+             CREATE TABLE IF NOT EXISTS \"{schema}\".ledger_totals (
+                 stream_id TEXT PRIMARY KEY, total BIGINT NOT NULL);"
+        )))
+        .execute(store.pool())
+        .await
+        .expect("create the read model");
+        Self {
+            schema,
+            handled: Arc::default(),
+            poison: Arc::default(),
+            gate: None,
+        }
+    }
+}
+
+impl Projection<PgTransaction> for Ledger {
+    fn name(&self) -> &str {
+        "ledger"
+    }
+
+    async fn handle(
+        &self,
+        event: &RecordedEvent,
+        ctx: &mut ProjectionContext<'_, PgTransaction>,
+    ) -> Result<(), HandlerError> {
+        let n = self.handled.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(gate) = &self.gate
+            && n == gate.at
+            && !gate.fired.swap(true, Ordering::SeqCst)
+        {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(ctx.tx().as_mut())
+                .await?;
+            *gate.pid.lock().unwrap() = Some(pid);
+            gate.reached.notify_one();
+            gate.release.notified().await;
+        }
+        if self.poison.lock().unwrap().contains(&event.event_id) {
+            return Err(format!("poison event {}", event.event_id).into());
+        }
+        let amount = event.payload["amount"].as_i64().ok_or("no amount")?;
+        let schema = &self.schema;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{schema}\".ledger_applied VALUES ($1, $2, $3)"
+        )))
+        .bind(event.event_id)
+        .bind(event.stream_id.as_str())
+        .bind(amount)
+        .execute(ctx.tx().as_mut())
+        .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{schema}\".ledger_totals VALUES ($1, $2)
+             ON CONFLICT (stream_id) DO UPDATE SET total = ledger_totals.total + excluded.total"
+        )))
+        .bind(event.stream_id.as_str())
+        .bind(amount)
+        .execute(ctx.tx().as_mut())
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(
+        &self,
+        ctx: &mut ProjectionContext<'_, PgTransaction>,
+    ) -> Result<(), HandlerError> {
+        let schema = &self.schema;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "TRUNCATE \"{schema}\".ledger_applied, \"{schema}\".ledger_totals"
+        )))
+        .execute(ctx.tx().as_mut())
+        .await?;
+        Ok(())
+    }
+}
+
+fn deposit(amount: i64) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        aggregate_type: "account".into(),
+        event_type: "Deposited".into(),
+        schema_version: 1,
+        payload: json!({ "amount": amount }),
+        metadata: Default::default(),
+    }
+}
+
+async fn append(store: &PgEventStore, stream: &str, amounts: &[i64]) -> (Vec<Uuid>, u64) {
+    let events: Vec<NewEvent> = amounts.iter().map(|&a| deposit(a)).collect();
+    let ids = events.iter().map(|e| e.event_id).collect();
+    let outcome = store
+        .append(
+            &StreamId::new(stream).unwrap(),
+            ExpectedVersion::Any,
+            events,
+        )
+        .await
+        .unwrap();
+    (ids, *outcome.positions.last().unwrap())
+}
+
+/// (rows applied, distinct event ids applied, sum of amounts applied)
+async fn applied(store: &PgEventStore) -> (i64, i64, i64) {
+    let schema = store.schema();
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), count(DISTINCT event_id), coalesce(sum(amount), 0)::bigint
+         FROM \"{schema}\".ledger_applied"
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+/// Totals per stream in the read model, and computed from the events table.
+async fn totals_match_events(store: &PgEventStore) {
+    let schema = store.schema();
+    let mismatches: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM (
+             SELECT stream_id, sum((payload->>'amount')::bigint) AS total
+             FROM \"{schema}\".events GROUP BY stream_id) e
+         FULL JOIN \"{schema}\".ledger_totals t USING (stream_id)
+         WHERE e.total IS DISTINCT FROM t.total"
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(mismatches, 0, "read-model totals differ from the events");
+}
+
+async fn stored_events(store: &PgEventStore) -> i64 {
+    let schema = store.schema();
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{schema}\".events"
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+fn checkpoints(store: &PgEventStore) -> PgCheckpoints {
+    store
+        .checkpoints()
+        .lease_check_interval(Duration::from_millis(50))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_and_a_live_projection_apply_every_event_exactly_once() {
+    let store = common::store("proj_live").await;
+    let ledger = Ledger::new(&store).await;
+    append(&store, "acc-0", &[7, 8]).await; // before the runner: caught up
+    let checkpoints = checkpoints(&store);
+    let running = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
+        .batch_size(50)
+        .spawn();
+
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                for i in 0..40 {
+                    let amounts: Vec<i64> = (0..=(i % 3)).map(|k| i * 10 + k).collect();
+                    let (_, position) =
+                        append(&store, &format!("acc-{}", (w * 40 + i) % 16), &amounts).await;
+                    last = last.max(position);
+                }
+                last
+            })
+        })
+        .collect();
+    let mut last = 0;
+    for writer in writers {
+        last = last.max(writer.await.unwrap());
+    }
+    wait_for_projections(&checkpoints, &["ledger"], last, Duration::from_secs(30))
+        .await
+        .unwrap();
+    running.shutdown().await.unwrap();
+
+    let events = stored_events(&store).await;
+    // Each writer appends 1, 2 or 3 events per call (40 calls: 14 + 13 + 13 of each).
+    assert_eq!(events, 2 + 8 * (14 + 13 * 2 + 13 * 3));
+    let (rows, distinct, _) = applied(&store).await;
+    assert_eq!(
+        (rows, distinct),
+        (events, events),
+        "every event applied exactly once"
+    );
+    totals_match_events(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_killed_in_the_middle_of_a_batch_neither_loses_nor_repeats() {
+    let store = common::store("proj_kill").await;
+    for i in 0..30 {
+        append(&store, &format!("k-{}", i % 4), &[1; 10]).await;
+    }
+    let mut ledger = Ledger::new(&store).await;
+    let gate = Gate::new(150);
+    ledger.gate = Some(Arc::clone(&gate));
+    let checkpoints = checkpoints(&store);
+    let running = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
+        .batch_size(100)
+        .spawn();
+    gate.reached.notified().await;
+    running.abort();
+    let _ = running.shutdown().await;
+
+    // The first batch committed with its checkpoint; the second was rolled back whole.
+    let (rows, distinct, _) = applied(&store).await;
+    assert_eq!((rows, distinct), (100, 100));
+    let first_batch = store.read_all(0, 100).await.unwrap();
+    let checkpoint = checkpoints.load("ledger").await.unwrap().unwrap();
+    assert_eq!(
+        checkpoint.position,
+        first_batch.last().unwrap().global_position
+    );
+
+    let mut restarted = ledger.clone();
+    restarted.gate = None;
+    ProjectionRunner::new(store.clone(), checkpoints.clone(), restarted)
+        .batch_size(100)
+        .catch_up()
+        .await
+        .unwrap();
+    let (rows, distinct, sum) = applied(&store).await;
+    assert_eq!((rows, distinct, sum), (300, 300, 300));
+    totals_match_events(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_aborted_in_the_middle_of_a_batch_neither_loses_nor_repeats() {
+    let store = common::store("proj_abort").await;
+    for i in 0..20 {
+        append(&store, &format!("c-{}", i % 3), &[2; 10]).await;
+    }
+    let mut ledger = Ledger::new(&store).await;
+    let gate = Gate::new(130);
+    ledger.gate = Some(Arc::clone(&gate));
+    let checkpoints = checkpoints(&store);
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
+        .batch_size(100)
+        .retry(HandlerRetry {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(50),
+        });
+    let catch_up = tokio::spawn(async move { runner.catch_up().await });
+    gate.reached.notified().await;
+    let pid = gate.pid.lock().unwrap().expect("pid recorded");
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(killed);
+    gate.release.notify_one();
+    catch_up.await.unwrap().unwrap();
+
+    let (rows, distinct, sum) = applied(&store).await;
+    assert_eq!((rows, distinct, sum), (200, 200, 400));
+    totals_match_events(&store).await;
+    assert!(checkpoints.dead_letters("ledger").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_poison_event_is_parked_in_the_dead_letter_table_and_retried_after_a_fix() {
+    let store = common::store("proj_poison").await;
+    let ledger = Ledger::new(&store).await;
+    append(&store, "p-1", &[1, 2]).await;
+    let (poison, _) = append(&store, "p-2", &[100]).await;
+    append(&store, "p-1", &[3]).await;
+    ledger.poison.lock().unwrap().insert(poison[0]);
+    let checkpoints = checkpoints(&store);
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone()).retry(
+        HandlerRetry {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(4),
+        },
+    );
+    runner.catch_up().await.unwrap();
+    assert_eq!(applied(&store).await, (3, 3, 6), "the projection moved on");
+
+    let parked = runner.dead_letters().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    let letter = &parked[0];
+    assert_eq!(letter.event.event_id, poison[0]);
+    assert_eq!(
+        (letter.event.stream_id.as_str(), letter.event.stream_version),
+        ("p-2", 1)
+    );
+    assert_eq!(letter.event.attempts, 3);
+    assert!(letter.event.error.contains("poison event"));
+    assert!(runner.retry_dead_letter(letter.id).await.is_err());
+    assert_eq!(runner.dead_letters().await.unwrap()[0].event.attempts, 4);
+
+    ledger.poison.lock().unwrap().clear();
+    runner.retry_dead_letter(letter.id).await.unwrap();
+    assert!(runner.dead_letters().await.unwrap().is_empty());
+    assert_eq!(applied(&store).await, (4, 4, 106));
+    totals_match_events(&store).await;
+
+    // Discarding: park another, then drop it without handling.
+    let (again, _) = append(&store, "p-3", &[5]).await;
+    ledger.poison.lock().unwrap().insert(again[0]);
+    runner.catch_up().await.unwrap();
+    let id = runner.dead_letters().await.unwrap()[0].id;
+    assert!(runner.discard_dead_letter(id).await.unwrap());
+    assert!(!runner.discard_dead_letter(id).await.unwrap());
+    assert!(runner.dead_letters().await.unwrap().is_empty());
+    assert_eq!(applied(&store).await, (4, 4, 106));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_of_two_runners_processes_and_the_other_takes_over_when_it_dies() {
+    let store = common::store("proj_lease").await;
+    let first = Ledger::new(&store).await;
+    let second = Ledger {
+        handled: Arc::default(),
+        ..first.clone()
+    };
+    let checkpoints = checkpoints(&store);
+    let running_first = ProjectionRunner::new(store.clone(), checkpoints.clone(), first.clone())
+        .standby_poll(Duration::from_millis(20))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running_second = ProjectionRunner::new(store.clone(), checkpoints.clone(), second.clone())
+        .standby_poll(Duration::from_millis(20))
+        .spawn();
+
+    let (_, last) = append(&store, "l", &[1, 2, 3]).await;
+    wait_for_projections(&checkpoints, &["ledger"], last, Duration::from_secs(10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(first.handled.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        second.handled.load(Ordering::SeqCst),
+        0,
+        "the standby processed nothing"
+    );
+
+    // The active runner dies (its task is dropped, as when a process is killed): its lease
+    // connection closes and the standby takes over from the checkpoint.
+    running_first.abort();
+    let _ = running_first.shutdown().await;
+    let (_, last) = append(&store, "l", &[4]).await;
+    wait_for_projections(&checkpoints, &["ledger"], last, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(second.handled.load(Ordering::SeqCst), 1);
+    assert_eq!(first.handled.load(Ordering::SeqCst), 3);
+    assert_eq!(applied(&store).await, (4, 4, 10));
+    running_second.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rebuild_reaches_the_same_read_model_as_the_live_projection() {
+    let store = common::store("proj_rebuild").await;
+    for i in 0..40 {
+        append(&store, &format!("r-{}", i % 5), &[i, 1]).await;
+    }
+    let ledger = Ledger::new(&store).await;
+    let checkpoints = checkpoints(&store);
+    let progress = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&progress);
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
+        .batch_size(25)
+        .on_progress(move |p| seen.lock().unwrap().push(p.clone()));
+    runner.catch_up().await.unwrap();
+    let live: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT stream_id, total FROM \"{}\".ledger_totals ORDER BY stream_id",
+        store.schema()
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+
+    let report = runner.rebuild(0).await.unwrap();
+    assert_eq!(report.events, 80);
+    let rebuilt: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT stream_id, total FROM \"{}\".ledger_totals ORDER BY stream_id",
+        store.schema()
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(rebuilt, live);
+    assert_eq!(
+        applied(&store).await.0,
+        80,
+        "the reset emptied the read model first"
+    );
+    let progress = progress.lock().unwrap();
+    assert_eq!(
+        progress.iter().map(|p| p.events_done).collect::<Vec<_>>(),
+        [25, 50, 75, 80]
+    );
+    assert!(progress.iter().all(|p| p.events_total == Some(80)));
+}
