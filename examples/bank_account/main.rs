@@ -18,6 +18,7 @@ async fn main() -> Result<(), Error> {
     if std::env::args().any(|arg| arg == "--postgres") {
         let url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        // ANCHOR: postgres
         let pool = PgEventStore::pool_options()
             .connect(&url)
             .await
@@ -27,6 +28,7 @@ async fn main() -> Result<(), Error> {
             .upcasters(upcasters())
             .build()
             .await?;
+        // ANCHOR_END: postgres
         println!("esframe bank account (PostgreSQL at {url}, schema esframe_demo)\n");
         run_demo(store, run, &mut std::io::stdout()).await?;
     } else {

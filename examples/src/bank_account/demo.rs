@@ -53,6 +53,7 @@ pub async fn run_demo<S: SnapshotStore>(
         out,
         "\n== A deposit stored by the first release (MoneyDeposited v1, no currency)"
     )?;
+    // ANCHOR: v1_deposit
     // What release 1 of this application wrote: `{"amount": n}` at schema version 1. The store
     // was built with the account's upcasters, so every read sees it as v2, in euros.
     let stream = StreamId::new(ada)?;
@@ -68,6 +69,7 @@ pub async fn run_demo<S: SnapshotStore>(
     store
         .append(&stream, ExpectedVersion::Exact(version), vec![old_deposit])
         .await?;
+    // ANCHOR_END: v1_deposit
     writeln!(
         out,
         "{ada}: stored {{\"amount\": 700}} as MoneyDeposited v1"
@@ -121,6 +123,7 @@ pub async fn run_demo<S: SnapshotStore>(
 
     let live = accounts.load(ada).await?;
     writeln!(out, "\n== Replaying {ada} from the store")?;
+    // ANCHOR: replay
     let mut rebuilt = Account::default();
     let (mut deposits, mut deposit_count) = (0, 0);
     for recorded in store.read_stream(&stream, 1).await? {
@@ -138,6 +141,7 @@ pub async fn run_demo<S: SnapshotStore>(
         }
         rebuilt.apply(&event);
     }
+    // ANCHOR_END: replay
     writeln!(
         out,
         "{deposit_count} deposits replayed, totalling {}",

@@ -7,6 +7,7 @@ use esframe_core::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+// ANCHOR: events
 /// What can happen to an account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Event)]
 pub enum AccountEvent {
@@ -31,7 +32,9 @@ pub enum AccountEvent {
         amount: u64,
     },
 }
+// ANCHOR_END: events
 
+// ANCHOR: upcasters
 /// Reads a version 1 `MoneyDeposited` (`{"amount": n}`) as version 2: deposits were in euros.
 pub fn money_deposited_v1(mut payload: Value) -> Result<Upcast, UpcastFailure> {
     if !payload["amount"].is_u64() {
@@ -48,7 +51,9 @@ pub fn upcasters() -> Upcasters {
         .build()
         .expect("the account's upcaster chains are complete")
 }
+// ANCHOR_END: upcasters
 
+// ANCHOR: commands
 /// What can be asked of an account.
 #[derive(Debug, Clone, PartialEq, Eq, Command)]
 #[command(aggregate_id = account_id)]
@@ -75,7 +80,9 @@ pub enum AccountCommand {
         amount: u64,
     },
 }
+// ANCHOR_END: commands
 
+// ANCHOR: errors
 /// Why the account refused a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AccountError {
@@ -97,7 +104,9 @@ pub enum AccountError {
         requested: u64,
     },
 }
+// ANCHOR_END: errors
 
+// ANCHOR: state
 /// The account's state, rebuilt from its events.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Aggregate)]
 #[aggregate(
@@ -114,7 +123,9 @@ pub struct Account {
     /// Balance in cents.
     pub balance: u64,
 }
+// ANCHOR_END: state
 
+// ANCHOR: rules
 impl Account {
     async fn handle(
         decision: &mut Decision<'_, Self>,
@@ -172,3 +183,4 @@ impl Account {
         Ok(())
     }
 }
+// ANCHOR_END: rules
