@@ -114,6 +114,19 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A projection updated in the append's transaction (an inline projection) failed, so the
+    /// append was rolled back: nothing was stored.
+    #[error(
+        "inline projection `{projection}` failed on the append to stream `{stream}`, so nothing was appended: {reason}"
+    )]
+    InlineProjection {
+        /// The projection.
+        projection: String,
+        /// The stream appended to.
+        stream: StreamId,
+        /// The handler's error message.
+        reason: String,
+    },
     /// The backend failed (connection lost, I/O error, ...).
     #[error("event store backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -531,6 +531,7 @@ async fn a_catch_up_while_a_runner_holds_the_lease_is_refused() {
         ProjectionRunner::new(store.clone(), checkpoints.clone(), Totals::new("busy")).spawn();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let err = ProjectionRunner::new(store.clone(), checkpoints.clone(), Totals::new("busy"))
+        .lease_wait(Duration::from_millis(30))
         .catch_up()
         .await
         .unwrap_err();

@@ -24,7 +24,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::SchemaName;
+use crate::{SchemaName, inline::lease_key};
+
+/// SQLSTATE `lock_not_available`: `lock_timeout` expired.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// The transaction a PostgreSQL projection writes its read model through:
 /// `sqlx::Transaction<'static, Postgres>`. Pass `ctx.tx().as_mut()` to sqlx queries.
@@ -218,6 +221,75 @@ impl PgCheckpoints {
     async fn current(&self, projection: &str) -> Option<Checkpoint> {
         self.load(projection).await.ok().flatten()
     }
+
+    /// Takes the lease's advisory lock on a new connection: at once or not at all (`wait`
+    /// `None`), or waiting in the lock queue for up to `wait`.
+    async fn lease(
+        &self,
+        projection: &str,
+        wait: Option<Duration>,
+    ) -> Result<Option<PgLease>, CheckpointError> {
+        let options = self.inner.pool.connect_options();
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(backend)?;
+        let key = lease_key(&self.inner.schema, projection);
+        let taken = match wait {
+            None => sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(backend)?,
+            Some(wait) => {
+                let millis = wait.as_millis().clamp(1, i32::MAX as u128);
+                sqlx::query(AssertSqlSafe(format!("SET lock_timeout = {millis}")))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(backend)?;
+                let locked = sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                    .bind(&key)
+                    .execute(&mut conn)
+                    .await;
+                match locked {
+                    Ok(_) => {
+                        sqlx::query("RESET lock_timeout")
+                            .execute(&mut conn)
+                            .await
+                            .map_err(backend)?;
+                        true
+                    }
+                    Err(sqlx::Error::Database(err))
+                        if err.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+                    {
+                        false
+                    }
+                    Err(err) => return Err(backend(err)),
+                }
+            }
+        };
+        if !taken {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        let held = Arc::new(AtomicBool::new(true));
+        let (release, released) = oneshot::channel();
+        let task = tokio::spawn(keep_lease(
+            conn,
+            key,
+            Arc::clone(&held),
+            released,
+            self.lease_check(),
+        ));
+        Ok(Some(PgLease {
+            held,
+            release: Some(release),
+            task,
+        }))
+    }
+
+    fn lease_check(&self) -> Duration {
+        self.inner.lease_check
+    }
 }
 
 /// The lease's keep-alive: checks the connection, and on release unlocks and closes it.
@@ -260,35 +332,18 @@ impl CheckpointStore for PgCheckpoints {
     }
 
     async fn try_lease(&self, projection: &str) -> Result<Option<PgLease>, CheckpointError> {
-        let options = self.inner.pool.connect_options();
-        let mut conn = PgConnection::connect_with(&options)
-            .await
-            .map_err(backend)?;
-        let key = format!("esframe.projection.{}.{projection}", self.inner.schema);
-        let taken: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(&key)
-                .fetch_one(&mut conn)
-                .await
-                .map_err(backend)?;
-        if !taken {
-            let _ = conn.close().await;
-            return Ok(None);
-        }
-        let held = Arc::new(AtomicBool::new(true));
-        let (release, released) = oneshot::channel();
-        let task = tokio::spawn(keep_lease(
-            conn,
-            key,
-            Arc::clone(&held),
-            released,
-            self.inner.lease_check,
-        ));
-        Ok(Some(PgLease {
-            held,
-            release: Some(release),
-            task,
-        }))
+        self.lease(projection, None).await
+    }
+
+    /// Queues for the lock (up to `wait`, by `lock_timeout`) instead of polling: PostgreSQL
+    /// grants locks in order, so a waiting rebuild is not starved by a steady flow of appends
+    /// that update the projection inline, which wait behind it instead.
+    async fn wait_lease(
+        &self,
+        projection: &str,
+        wait: Duration,
+    ) -> Result<Option<PgLease>, CheckpointError> {
+        self.lease(projection, Some(wait)).await
     }
 
     fn lease_held(&self, lease: &PgLease) -> bool {

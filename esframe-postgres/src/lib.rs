@@ -37,6 +37,7 @@
 mod checkpoints;
 mod diagnostics;
 mod error;
+mod inline;
 mod listener;
 mod rows;
 mod schema;

@@ -9,7 +9,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use esframe_core::{
     AppendOutcome, Conflict, EventStore, ExpectedVersion, GlobalBatch, NewEvent, RecordedEvent,
-    Snapshot, SnapshotStore, StoreError, StreamId, Upcasters,
+    Snapshot, SnapshotStore, StoreError, StreamId, Upcasters, projection::Projection,
 };
 use futures_util::TryStreamExt;
 use serde_json::Value;
@@ -22,9 +22,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    PgCheckpoints, PgStoreError, SchemaName,
+    PgCheckpoints, PgStoreError, PgTransaction, SchemaName,
     diagnostics::{self, HorizonStatus},
     error::{AppendFailure, classify},
+    inline::{InlineProjection, Registered, lease_key},
     listener::{Notifier, Waker},
     rows,
     schema::migrate,
@@ -60,6 +61,8 @@ struct Inner {
     waker: Waker,
     poll_interval: Duration,
     stall_warning_after: Duration,
+    /// Projections updated in each append's transaction.
+    inline: Vec<Arc<dyn InlineProjection>>,
     /// When the global log was first seen held back by an open transaction, when that was last
     /// reported, and the horizon it was stuck at.
     stall: Mutex<Option<(Instant, Option<Instant>, i64)>>,
@@ -89,7 +92,6 @@ impl std::fmt::Debug for PgEventStore {
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 #[must_use]
 pub struct PgEventStoreBuilder {
     pool: PgPool,
@@ -99,6 +101,21 @@ pub struct PgEventStoreBuilder {
     notify_interval: Duration,
     poll_interval: Duration,
     stall_warning_after: Duration,
+    inline: Vec<Arc<dyn InlineProjection>>,
+}
+
+impl std::fmt::Debug for PgEventStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgEventStoreBuilder")
+            .field("schema", &self.schema)
+            .field("notify", &self.notify)
+            .field("poll_interval", &self.poll_interval)
+            .field(
+                "inline_projections",
+                &self.inline.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgEventStoreBuilder {
@@ -148,6 +165,22 @@ impl PgEventStoreBuilder {
         self
     }
 
+    /// Updates `projection` in the same transaction as every append, for read-your-writes: when
+    /// `append` returns, the read model already holds the events, and if the projection fails
+    /// the append is rolled back ([`StoreError::InlineProjection`]) and nothing is stored.
+    ///
+    /// An append that updates inline projections costs a few more round trips (`BEGIN`, a shared
+    /// advisory lock, the projection's statements, `COMMIT`). Every process that appends must
+    /// register the same inline projections. Do not also run a
+    /// [`ProjectionRunner`](esframe_core::projection::ProjectionRunner) for it except to
+    /// [`rebuild`](esframe_core::projection::ProjectionRunner::rebuild) it: the rebuild holds the
+    /// projection's lease, which pauses appends that update it until the rebuild ends, so no
+    /// event is applied twice or missed.
+    pub fn inline_projection<P: Projection<PgTransaction>>(mut self, projection: P) -> Self {
+        self.inline.push(Registered::boxed(projection));
+        self
+    }
+
     /// Applies pending migrations and opens the store.
     pub async fn build(self) -> Result<PgEventStore, PgStoreError> {
         if self.pool.options().get_test_before_acquire() {
@@ -171,6 +204,7 @@ impl PgEventStoreBuilder {
                 channel,
                 poll_interval: self.poll_interval,
                 stall_warning_after: self.stall_warning_after,
+                inline: self.inline,
                 stall: Mutex::new(None),
             }),
         })
@@ -198,6 +232,7 @@ impl PgEventStore {
             notify_interval: Duration::from_millis(1),
             poll_interval: Duration::from_secs(1),
             stall_warning_after: Duration::from_secs(10),
+            inline: Vec::new(),
         }
     }
 
@@ -290,6 +325,13 @@ impl PgEventStore {
             version = tracing::field::Empty,
         );
         async {
+            if !self.inner.inline.is_empty() {
+                let outcome = self
+                    .append_with_inline(stream, expected, events, snapshot)
+                    .await?;
+                tracing::Span::current().record("version", outcome.stream_version);
+                return Ok(outcome);
+            }
             let mut conn = self
                 .inner
                 .pool
@@ -307,6 +349,94 @@ impl PgEventStore {
         }
         .instrument(span)
         .await
+    }
+
+    /// The append in a transaction of its own that also updates the inline projections.
+    async fn append_with_inline(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: Option<Snapshot>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = self.inner.pool.begin().await.map_err(StoreError::backend)?;
+            // Shared with other appends, exclusive with a rebuild holding the lease. Taking it
+            // writes nothing, so the append stays the transaction's first write.
+            for projection in &self.inner.inline {
+                sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))")
+                    .bind(lease_key(&self.inner.schema, projection.name()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::backend)?;
+            }
+            let result = self
+                .append_on(
+                    &mut tx,
+                    stream,
+                    expected,
+                    events.clone(),
+                    snapshot.clone(),
+                    false,
+                )
+                .await;
+            let outcome = match result {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    drop(tx);
+                    // A failed statement ended the transaction; decide on a fresh connection
+                    // whether this was an idempotent retry, a race to retry, or a conflict.
+                    let mut conn = self
+                        .inner
+                        .pool
+                        .acquire()
+                        .await
+                        .map_err(StoreError::backend)?;
+                    if let Some(original) = self
+                        .deduplicate(&mut conn, stream, &Columns::new(events.clone()))
+                        .await?
+                    {
+                        return Ok(original);
+                    }
+                    match err {
+                        StoreError::Conflict(conflict) if conflict.actual.is_none() => {
+                            let actual = self.stream_version_on(&mut conn, stream).await?;
+                            if expected.accepts(actual) && attempt < ANY_RETRIES {
+                                continue;
+                            }
+                            return Err(Conflict { actual, ..conflict }.into());
+                        }
+                        err => return Err(err),
+                    }
+                }
+            };
+            if outcome.deduplicated || outcome.positions.is_empty() {
+                return Ok(outcome);
+            }
+            let recorded = recorded_events(stream, &events, &outcome);
+            for projection in &self.inner.inline {
+                let wanted: Vec<RecordedEvent> = recorded
+                    .iter()
+                    .filter(|e| projection.interest().matches(e))
+                    .cloned()
+                    .collect();
+                if wanted.is_empty() {
+                    continue;
+                }
+                if let Err(err) = projection.apply(&wanted, &mut tx).await {
+                    return Err(StoreError::InlineProjection {
+                        projection: projection.name().to_owned(),
+                        stream: stream.clone(),
+                        reason: err.to_string(),
+                    });
+                }
+            }
+            tx.commit().await.map_err(StoreError::backend)?;
+            self.appended();
+            return Ok(outcome);
+        }
     }
 
     /// The append, on a connection that is either in autocommit mode (`retry`: each statement is
@@ -595,6 +725,32 @@ impl PgEventStore {
         }
         blocked_for
     }
+}
+
+/// The envelopes of events just appended, as the global log will show them.
+fn recorded_events(
+    stream: &StreamId,
+    events: &[NewEvent],
+    outcome: &AppendOutcome,
+) -> Vec<RecordedEvent> {
+    let first_version = outcome.stream_version + 1 - events.len() as u64;
+    events
+        .iter()
+        .zip(&outcome.positions)
+        .enumerate()
+        .map(|(i, (event, &global_position))| RecordedEvent {
+            event_id: event.event_id,
+            stream_id: stream.clone(),
+            aggregate_type: event.aggregate_type.clone(),
+            stream_version: first_version + i as u64,
+            global_position,
+            recorded_at: outcome.recorded_at,
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            payload: event.payload.clone(),
+            metadata: event.metadata.clone(),
+        })
+        .collect()
 }
 
 /// The append's parameters as column arrays, bound once per attempt.

@@ -463,3 +463,132 @@ async fn a_rebuild_reaches_the_same_read_model_as_the_live_projection() {
     );
     assert!(progress.iter().all(|p| p.events_total == Some(80)));
 }
+
+/// A store in a fresh schema with the ledger table, and the same store updating the ledger
+/// inline.
+async fn inline_store(label: &str) -> (PgEventStore, PgEventStore, Ledger) {
+    let plain = common::store(label).await;
+    let ledger = Ledger::new(&plain).await;
+    let inline = PgEventStore::builder(plain.pool().clone())
+        .schema(plain.schema().as_str())
+        .unwrap()
+        .poll_interval(Duration::from_millis(200))
+        .inline_projection(ledger.clone())
+        .build()
+        .await
+        .unwrap();
+    (plain, inline, ledger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_inline_projection_is_updated_in_the_append_transaction() {
+    let (plain, store, _ledger) = inline_store("proj_inline").await;
+    let (ids, _) = append(&store, "i-1", &[5, 6]).await;
+    // Read-your-writes: visible the moment the append returns.
+    assert_eq!(applied(&plain).await, (2, 2, 11));
+
+    // Many concurrent writers, some racing on the same streams with `Any`.
+    let writers: Vec<_> = (0..12)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    append(&store, &format!("i-{}", (w + i) % 3), &[1, 2]).await;
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let events = stored_events(&plain).await;
+    assert_eq!(events, 2 + 12 * 20 * 2);
+    assert_eq!(applied(&plain).await, (events, events, 11 + 12 * 20 * 3));
+    totals_match_events(&plain).await;
+
+    // An idempotent retry of the first append changes nothing.
+    let events_again: Vec<NewEvent> = ids
+        .iter()
+        .zip([5, 6])
+        .map(|(id, amount)| NewEvent {
+            event_id: *id,
+            ..deposit(amount)
+        })
+        .collect();
+    let outcome = store
+        .append(
+            &StreamId::new("i-1").unwrap(),
+            ExpectedVersion::NoStream,
+            events_again,
+        )
+        .await
+        .unwrap();
+    assert!(outcome.deduplicated);
+    assert_eq!(applied(&plain).await.0, events);
+}
+
+#[tokio::test]
+async fn a_failing_inline_projection_rolls_the_append_back() {
+    let (plain, store, ledger) = inline_store("proj_inline_fail").await;
+    append(&store, "f", &[1]).await;
+    let poison = deposit(2);
+    ledger.poison.lock().unwrap().insert(poison.event_id);
+    let err = store
+        .append(
+            &StreamId::new("f").unwrap(),
+            ExpectedVersion::Exact(1),
+            vec![deposit(3), poison],
+        )
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, esframe_core::StoreError::InlineProjection { projection, .. } if projection == "ledger"),
+        "{message}"
+    );
+    assert!(
+        message.contains("nothing was appended") && message.contains("poison"),
+        "{message}"
+    );
+    assert_eq!(
+        store
+            .stream_version(&StreamId::new("f").unwrap())
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert_eq!(stored_events(&plain).await, 1);
+    assert_eq!(applied(&plain).await, (1, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_inline_projection_rebuilt_during_appends_misses_and_repeats_nothing() {
+    let (plain, store, ledger) = inline_store("proj_inline_rebuild").await;
+    for i in 0..50 {
+        append(&store, &format!("b-{}", i % 4), &[1, 1]).await;
+    }
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..60 {
+                    append(&store, &format!("b-{w}"), &[2]).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let report = ProjectionRunner::new(plain.clone(), checkpoints(&plain), ledger.clone())
+        .batch_size(16)
+        .rebuild(0)
+        .await
+        .unwrap();
+    assert!(report.events >= 100, "{report:?}");
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let events = stored_events(&plain).await;
+    assert_eq!(events, 100 + 4 * 60);
+    assert_eq!(applied(&plain).await, (events, events, 100 + 4 * 60 * 2));
+    totals_match_events(&plain).await;
+}

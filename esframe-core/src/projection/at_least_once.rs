@@ -28,6 +28,14 @@ impl<C: CheckpointStore> CheckpointStore for AtLeastOnce<C> {
         self.0.try_lease(projection).await
     }
 
+    async fn wait_lease(
+        &self,
+        projection: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<Self::Lease>, CheckpointError> {
+        self.0.wait_lease(projection, wait).await
+    }
+
     fn lease_held(&self, lease: &Self::Lease) -> bool {
         self.0.lease_held(lease)
     }

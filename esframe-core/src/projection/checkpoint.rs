@@ -114,6 +114,28 @@ pub trait CheckpointStore: Clone + Send + Sync + 'static {
         projection: &str,
     ) -> impl Future<Output = Result<Option<Self::Lease>, CheckpointError>> + Send;
 
+    /// Takes the projection's lease, waiting up to `wait` for its holder (and, where a store
+    /// has them, appends updating the projection inline) to let go; `None` if it could not.
+    /// The default tries every 10 ms.
+    fn wait_lease(
+        &self,
+        projection: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Option<Self::Lease>, CheckpointError>> + Send {
+        async move {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                if let Some(lease) = self.try_lease(projection).await? {
+                    return Ok(Some(lease));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
     /// Whether `lease` is still held. Cheap: reads state kept by the lease's keep-alive.
     fn lease_held(&self, lease: &Self::Lease) -> bool;
 

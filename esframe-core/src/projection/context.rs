@@ -20,7 +20,9 @@ pub struct ProjectionContext<'a, Tx> {
 }
 
 impl<'a, Tx> ProjectionContext<'a, Tx> {
-    pub(crate) fn new(tx: &'a mut Tx, replaying: bool, attempt: u32) -> Self {
+    /// A context over `tx`. The runner makes these; so do stores that apply projections inline,
+    /// in the append's transaction.
+    pub fn new(tx: &'a mut Tx, replaying: bool, attempt: u32) -> Self {
         Self {
             tx,
             replaying,

@@ -92,6 +92,7 @@ pub struct ProjectionRunner<S, C, P> {
     retry: HandlerRetry,
     on_failure: OnFailure,
     standby_poll: Duration,
+    lease_wait: Duration,
     progress: Option<ProgressCallback>,
 }
 
@@ -116,6 +117,7 @@ impl<S: Clone, C: Clone, P> Clone for ProjectionRunner<S, C, P> {
             retry: self.retry,
             on_failure: self.on_failure,
             standby_poll: self.standby_poll,
+            lease_wait: self.lease_wait,
             progress: self.progress.clone(),
         }
     }
@@ -215,6 +217,7 @@ where
             retry: HandlerRetry::default(),
             on_failure: OnFailure::default(),
             standby_poll: Duration::from_secs(1),
+            lease_wait: Duration::from_secs(5),
             progress: None,
         }
     }
@@ -246,6 +249,14 @@ where
     #[must_use]
     pub fn standby_poll(mut self, interval: Duration) -> Self {
         self.standby_poll = interval;
+        self
+    }
+
+    /// How long [`catch_up`](Self::catch_up) and [`rebuild`](Self::rebuild) wait for the
+    /// projection's lease before failing with [`ProjectionError::Busy`] (default 5 s).
+    #[must_use]
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = wait;
         self
     }
 
@@ -306,7 +317,8 @@ where
 
     /// Processes every event committed before the call (waiting, if need be, for transactions
     /// that hold the global log back to end), then returns the position reached. Fails with
-    /// [`ProjectionError::Busy`] if another runner holds the lease.
+    /// [`ProjectionError::Busy`] if another runner holds the lease longer than
+    /// [`lease_wait`](Self::lease_wait).
     pub async fn catch_up(&self) -> Result<u64, ProjectionError> {
         self.check_name()?;
         let lease = self.lease_or_busy().await?;
@@ -329,8 +341,12 @@ where
     ///
     /// The reset and the checkpoint move commit together, and every batch after them commits
     /// with its checkpoint, so a rebuild that is interrupted resumes where it stopped when the
-    /// projection runs again. Fails with [`ProjectionError::Busy`] while another runner holds
-    /// the lease.
+    /// projection runs again. Fails with [`ProjectionError::Busy`] if another runner holds
+    /// the lease longer than [`lease_wait`](Self::lease_wait).
+    ///
+    /// For a projection updated inline by the PostgreSQL store, the held lease pauses the
+    /// appends that update it until the rebuild ends, so the rebuilt read model misses nothing
+    /// and repeats nothing.
     pub async fn rebuild(&self, from: u64) -> Result<RebuildReport, ProjectionError> {
         self.check_name()?;
         let lease = self.lease_or_busy().await?;
@@ -495,7 +511,7 @@ where
 
     async fn lease_or_busy(&self) -> Result<C::Lease, ProjectionError> {
         self.checkpoints
-            .try_lease(self.name())
+            .wait_lease(self.name(), self.lease_wait)
             .await
             .map_err(|err| self.checkpoint_error(err))?
             .ok_or_else(|| ProjectionError::Busy {
