@@ -5,8 +5,8 @@
 //!   (default `postgres://postgres@127.0.0.1:5432/test`), in the schema `esframe_demo`, created on
 //!   first use. Each run uses new account ids, so it can be run again and again.
 
-use esframe_examples::bank_account::{run_demo, upcasters};
-use esframe_memory::MemoryStore;
+use esframe_examples::bank_account::{MemoryBalances, PgBalances, run_demo, upcasters};
+use esframe_memory::{MemoryCheckpoints, MemoryStore};
 use esframe_postgres::PgEventStore;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -28,13 +28,19 @@ async fn main() -> Result<(), Error> {
             .upcasters(upcasters())
             .build()
             .await?;
+        // The balances read model lives in the same schema; its checkpoint too, so each change
+        // to it commits with the checkpoint (exactly once).
+        let balances = PgBalances::create(store.pool().clone(), "esframe_demo").await?;
+        let checkpoints = store.checkpoints();
         // ANCHOR_END: postgres
         println!("esframe bank account (PostgreSQL at {url}, schema esframe_demo)\n");
-        run_demo(store, run, &mut std::io::stdout()).await?;
+        run_demo(store, checkpoints, balances, run, &mut std::io::stdout()).await?;
     } else {
         println!("esframe bank account (in-memory store)\n");
         run_demo(
             MemoryStore::with_upcasters(upcasters()),
+            MemoryCheckpoints::new(),
+            MemoryBalances::default(),
             run,
             &mut std::io::stdout(),
         )

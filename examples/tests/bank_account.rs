@@ -2,9 +2,9 @@
 
 use esframe_core::testkit::AggregateTest;
 use esframe_examples::bank_account::{
-    Account, AccountCommand, AccountError, AccountEvent, run_demo, upcasters,
+    Account, AccountCommand, AccountError, AccountEvent, MemoryBalances, run_demo, upcasters,
 };
-use esframe_memory::MemoryStore;
+use esframe_memory::{MemoryCheckpoints, MemoryStore};
 
 fn opened() -> AccountEvent {
     AccountEvent::AccountOpened {
@@ -115,9 +115,15 @@ async fn the_test_kit_fails_when_an_expected_error_does_not_happen() {
 #[tokio::test]
 async fn the_demo_replays_deposits_to_the_live_balance() {
     let mut out = Vec::new();
-    let report = run_demo(MemoryStore::with_upcasters(upcasters()), "test", &mut out)
-        .await
-        .unwrap();
+    let report = run_demo(
+        MemoryStore::with_upcasters(upcasters()),
+        MemoryCheckpoints::new(),
+        MemoryBalances::default(),
+        "test",
+        &mut out,
+    )
+    .await
+    .unwrap();
     // Ada: +7.00 (stored as v1) +100.00 -50.00 +25.00 +12.34
     assert_eq!(report.live_balance, 9_434);
     assert_eq!(report.replayed_balance, report.live_balance);
@@ -129,13 +135,21 @@ async fn the_demo_replays_deposits_to_the_live_balance() {
         report.overdraft_error
     );
     assert_eq!(report.stream_events, 9);
+    // The read model, caught up after the commands and rebuilt from history.
+    assert_eq!(report.read_model_balance, 9_434);
+    assert_eq!(report.rebuilt_read_model_balance, 9_434);
+    assert_eq!(report.rebuild_events, 9);
     let printed_v1 = String::from_utf8_lossy(&out);
     assert!(printed_v1.contains("deposit 7.00 EUR"), "{printed_v1}");
     let printed = String::from_utf8(out).unwrap();
-    assert!(
-        printed.contains("the rebuilt balance equals the live one"),
-        "{printed}"
-    );
+    for line in [
+        "the rebuilt balance equals the live one",
+        "owner Ada, balance 94.34, 4 deposits, 1 withdrawals",
+        "the rebuilt read model equals the live one",
+        "100.0%",
+    ] {
+        assert!(printed.contains(line), "{line:?} missing from:\n{printed}");
+    }
 }
 
 #[tokio::test]

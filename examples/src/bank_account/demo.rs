@@ -1,12 +1,18 @@
-//! The bank-account walkthrough: commands, a refused overdraft, and a replay from the store.
+//! The bank-account walkthrough: commands, a refused overdraft, a balances read model kept by a
+//! projection, a replay from the store, and a rebuild of the read model.
 
-use std::io::Write;
+use std::{
+    io::Write,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use esframe_core::{
     Aggregate, CommandError, CommandHandler, ExpectedVersion, NewEvent, SnapshotStore, StreamId,
+    projection::{CheckpointStore, Projection, ProjectionRunner, wait_for_projections},
 };
 
-use super::{Account, AccountCommand, AccountError, AccountEvent};
+use super::{Account, AccountCommand, AccountError, AccountEvent, BalanceQuery};
 
 /// What the demo observed, for tests to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,20 +29,47 @@ pub struct DemoReport {
     pub overdraft_error: String,
     /// Events stored in this run's two account streams.
     pub stream_events: usize,
+    /// Ada's balance in the read model, once it had caught up with the commands.
+    pub read_model_balance: i64,
+    /// Ada's balance in the read model after rebuilding it from history.
+    pub rebuilt_read_model_balance: i64,
+    /// Events the rebuild read.
+    pub rebuild_events: u64,
 }
 
 type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Runs the walkthrough against `store`, printing what happens to `out`. Account ids end in
+/// Runs the walkthrough against `store`, with the `balances` read model kept by a projection
+/// whose checkpoint lives in `checkpoints`, printing what happens to `out`. Account ids end in
 /// `run`, so runs against a persistent store do not collide.
-pub async fn run_demo<S: SnapshotStore>(
+pub async fn run_demo<S, C, B>(
     store: S,
+    checkpoints: C,
+    balances: B,
     run: &str,
     out: &mut impl Write,
-) -> Result<DemoReport, DemoError> {
+) -> Result<DemoReport, DemoError>
+where
+    S: SnapshotStore,
+    C: CheckpointStore,
+    B: Projection<C::Tx> + BalanceQuery + Clone,
+{
     let accounts = CommandHandler::<Account, S>::new(store.clone());
     let (ada, bob) = (format!("account-ada-{run}"), format!("account-bob-{run}"));
     let (ada, bob) = (ada.as_str(), bob.as_str());
+
+    // ANCHOR: runner
+    // The projection follows the global log in the background from its checkpoint.
+    let progress = Arc::new(Mutex::new(Vec::new()));
+    let lines = Arc::clone(&progress);
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), balances.clone())
+        .on_progress(move |p| {
+            let mut lines = lines.lock().unwrap_or_else(PoisonError::into_inner);
+            lines.push(p.to_string());
+        });
+    let live_projection = runner.clone().spawn();
+    // ANCHOR_END: runner
+    let mut last_position = 0;
 
     writeln!(out, "== Opening accounts")?;
     for (id, owner) in [(ada, "Ada"), (bob, "Bob")] {
@@ -97,6 +130,10 @@ pub async fn run_demo<S: SnapshotStore>(
             }
         };
         let done = accounts.execute(command).await?;
+        last_position = done
+            .events
+            .last()
+            .map_or(last_position, |e| e.global_position);
         let verb = if deposit { "deposited" } else { "withdrew" };
         writeln!(
             out,
@@ -120,6 +157,34 @@ pub async fn run_demo<S: SnapshotStore>(
         other => return Err(format!("the overdraft was not refused: {other:?}").into()),
     };
     writeln!(out, "{bob}: withdrawing 1000.00 refused: {overdraft_error}")?;
+
+    writeln!(out, "\n== The balances read model, kept by a projection")?;
+    // ANCHOR: read_your_writes
+    // Read-your-writes: wait until the projection has processed the last command's events.
+    wait_for_projections(
+        &checkpoints,
+        &[balances.name()],
+        last_position,
+        Duration::from_secs(10),
+    )
+    .await?;
+    let ada_row = balances
+        .balance(ada)
+        .await?
+        .ok_or("Ada's account is missing from the read model")?;
+    // ANCHOR_END: read_your_writes
+    for id in [ada, bob] {
+        if let Some(row) = balances.balance(id).await? {
+            writeln!(
+                out,
+                "{id}: owner {}, balance {}, {} deposits, {} withdrawals",
+                row.owner,
+                signed_cents(row.balance),
+                row.deposits,
+                row.withdrawals
+            )?;
+        }
+    }
 
     let live = accounts.load(ada).await?;
     writeln!(out, "\n== Replaying {ada} from the store")?;
@@ -153,6 +218,39 @@ pub async fn run_demo<S: SnapshotStore>(
         return Err("the replayed state differs from the live one".into());
     }
     writeln!(out, "the rebuilt balance equals the live one")?;
+    if i64::try_from(live.state.balance).ok() != Some(ada_row.balance) {
+        return Err("the read model's balance differs from the aggregate's".into());
+    }
+    writeln!(out, "the read model's balance equals it too")?;
+
+    writeln!(out, "\n== Rebuilding the read model from history")?;
+    live_projection.shutdown().await?;
+    // ANCHOR: rebuild
+    // Empties the read model and replays every stored event into it, reporting progress.
+    let rebuild = runner.rebuild(0).await?;
+    // ANCHOR_END: rebuild
+    for line in progress
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        writeln!(out, "  {line}")?;
+    }
+    let rebuilt_row = balances
+        .balance(ada)
+        .await?
+        .ok_or("Ada's account is missing from the rebuilt read model")?;
+    writeln!(
+        out,
+        "rebuilt from {} events in {:.1} ms: {ada} balance {}",
+        rebuild.events,
+        rebuild.elapsed.as_secs_f64() * 1000.0,
+        signed_cents(rebuilt_row.balance)
+    )?;
+    if rebuilt_row != ada_row {
+        return Err("the rebuilt read model differs from the live one".into());
+    }
+    writeln!(out, "the rebuilt read model equals the live one")?;
 
     let mut stream_events = 0;
     for id in [ada, bob] {
@@ -166,7 +264,15 @@ pub async fn run_demo<S: SnapshotStore>(
         deposit_count,
         overdraft_error,
         stream_events,
+        read_model_balance: ada_row.balance,
+        rebuilt_read_model_balance: rebuilt_row.balance,
+        rebuild_events: rebuild.events,
     })
+}
+
+fn signed_cents(amount: i64) -> String {
+    let sign = if amount < 0 { "-" } else { "" };
+    format!("{sign}{}", cents(amount.unsigned_abs()))
 }
 
 fn cents(amount: u64) -> String {
