@@ -542,3 +542,114 @@ async fn a_catch_up_while_a_runner_holds_the_lease_is_refused() {
         .await
         .unwrap();
 }
+
+/// Checkpoints whose `begin` fails a given number of times, like a database that went away.
+#[derive(Clone)]
+struct Flaky {
+    inner: MemoryCheckpoints,
+    failures: Arc<Mutex<u32>>,
+}
+
+impl CheckpointStore for Flaky {
+    type Tx = ();
+    type Lease = esframe_memory::MemoryLease;
+
+    fn delivery(&self) -> esframe_core::projection::Delivery {
+        self.inner.delivery()
+    }
+    async fn try_lease(
+        &self,
+        projection: &str,
+    ) -> Result<Option<Self::Lease>, esframe_core::projection::CheckpointError> {
+        self.inner.try_lease(projection).await
+    }
+    fn lease_held(&self, lease: &Self::Lease) -> bool {
+        self.inner.lease_held(lease)
+    }
+    async fn release(&self, lease: Self::Lease) {
+        self.inner.release(lease).await;
+    }
+    async fn load(
+        &self,
+        projection: &str,
+    ) -> Result<
+        Option<esframe_core::projection::Checkpoint>,
+        esframe_core::projection::CheckpointError,
+    > {
+        self.inner.load(projection).await
+    }
+    async fn begin(&self) -> Result<(), esframe_core::projection::CheckpointError> {
+        let mut failures = self.failures.lock().unwrap();
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(esframe_core::projection::CheckpointError::backend(
+                std::io::Error::new(std::io::ErrorKind::ConnectionReset, "database restarting"),
+            ));
+        }
+        Ok(())
+    }
+    async fn commit(
+        &self,
+        tx: (),
+        commit: esframe_core::projection::CheckpointCommit,
+    ) -> Result<(), esframe_core::projection::CheckpointError> {
+        self.inner.commit(tx, commit).await
+    }
+    async fn rollback(&self, tx: ()) {
+        self.inner.rollback(tx).await;
+    }
+    async fn dead_letters(
+        &self,
+        projection: &str,
+    ) -> Result<Vec<esframe_core::projection::DeadLetter>, esframe_core::projection::CheckpointError>
+    {
+        self.inner.dead_letters(projection).await
+    }
+    async fn dead_letter(
+        &self,
+        id: u64,
+    ) -> Result<
+        Option<esframe_core::projection::DeadLetter>,
+        esframe_core::projection::CheckpointError,
+    > {
+        self.inner.dead_letter(id).await
+    }
+    async fn discard_dead_letter(
+        &self,
+        id: u64,
+    ) -> Result<bool, esframe_core::projection::CheckpointError> {
+        self.inner.discard_dead_letter(id).await
+    }
+    async fn note_retry_failure(
+        &self,
+        id: u64,
+        error: &str,
+    ) -> Result<(), esframe_core::projection::CheckpointError> {
+        self.inner.note_retry_failure(id, error).await
+    }
+}
+
+#[tokio::test]
+async fn a_runner_rides_out_backend_failures_from_its_checkpoint() {
+    let store = MemoryStore::new();
+    let checkpoints = Flaky {
+        inner: MemoryCheckpoints::new(),
+        failures: Arc::new(Mutex::new(3)),
+    };
+    append(&store, "f", &[1, 2, 3]).await;
+    let totals = Totals::new("flaky");
+    let running = ProjectionRunner::new(store.clone(), checkpoints.clone(), totals.clone())
+        .standby_poll(Duration::from_millis(5))
+        .spawn();
+    wait_for_projections(&checkpoints.inner, &["flaky"], 3, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        *checkpoints.failures.lock().unwrap(),
+        0,
+        "the failures happened"
+    );
+    assert_eq!(totals.applied().len(), 3, "each event once");
+    assert!(!running.is_finished());
+    running.shutdown().await.unwrap();
+}

@@ -123,7 +123,8 @@ impl<S: Clone, C: Clone, P> Clone for ProjectionRunner<S, C, P> {
     }
 }
 
-/// A runner started with [`ProjectionRunner::spawn`].
+/// A runner started with [`ProjectionRunner::spawn`]. Dropping it asks the runner to stop the
+/// next time it is idle; [`RunningProjection::shutdown`] also waits for it.
 #[derive(Debug)]
 pub struct RunningProjection {
     stop: watch::Sender<bool>,
@@ -151,6 +152,21 @@ impl RunningProjection {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+}
+
+/// Whether `err` is a backend failure worth retrying (a lost connection, say), as opposed to
+/// stored data the runner cannot get past or a decision to stop.
+fn is_transient(err: &ProjectionError) -> bool {
+    matches!(
+        err,
+        ProjectionError::Store {
+            source: crate::StoreError::Backend(_),
+            ..
+        } | ProjectionError::Checkpoint {
+            source: CheckpointError::Backend(_),
+            ..
+        }
+    )
 }
 
 /// Why a session with the lease ended.
@@ -281,8 +297,11 @@ where
     }
 
     /// Runs until `shutdown` resolves (then finishes the batch in progress, gives the lease up
-    /// and returns `Ok`), or until an error it cannot get past: the store or checkpoint store
-    /// failing, or a failing event with [`OnFailure::Stop`].
+    /// and returns `Ok`), or until an error it cannot get past: stored data it cannot read
+    /// ([`StoreError::Corrupt`](crate::StoreError::Corrupt), a failing upcaster), a checkpoint
+    /// written by a newer version, or a failing event with [`OnFailure::Stop`]. Backend failures
+    /// (a lost connection, a database restart) are logged and retried every
+    /// [`standby_poll`](Self::standby_poll), from the checkpoint.
     ///
     /// Waits for the projection's lease first; while another runner holds it, this one stands
     /// by and checks every [`ProjectionRunner::standby_poll`].
@@ -552,6 +571,15 @@ where
                         projection = self.name(),
                         "projection lease lost; standing by"
                     );
+                }
+                Err(err) if is_transient(&err) => {
+                    // The database went away (restart, failover, network): nothing was
+                    // committed past the checkpoint, so stand by and start again from it.
+                    tracing::warn!(projection = self.name(), error = %err, retry_in_ms = self.standby_poll.as_millis() as u64, "projection interrupted by a backend error; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(self.standby_poll) => {}
+                        _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                    }
                 }
                 Err(err) => return Err(err),
             }
