@@ -543,6 +543,15 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
                         }
                         continue;
                     }
+                    Err(StoreError::InlineProjection { .. }) => {
+                        // Certainly not stored (the store rolled the append back): let each
+                        // command meet its own fate, so one command an inline projection
+                        // refuses does not fail the others.
+                        if let Some(cache) = &self.cache {
+                            let _ = cache.take(stream);
+                        }
+                        return self.run_each(stream, jobs).await;
+                    }
                     Err(err) => return self.fail_batch(stream, jobs, decided.len(), err),
                 }
             };
@@ -617,7 +626,7 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
         leftover
     }
 
-    /// Runs each job on its own (after a batch failed before anything was appended).
+    /// Runs each job on its own (after a batch failed with nothing appended).
     async fn run_each(&self, stream: &StreamId, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
         for job in jobs {
             let result = self.run_single(stream, &job.command, &job.metadata).await;

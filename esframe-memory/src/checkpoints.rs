@@ -117,6 +117,14 @@ impl CheckpointStore for MemoryCheckpoints {
                     });
                 }
             }
+            if let Some(id) = commit.resolve
+                && !data.dead_letters.contains_key(&id)
+            {
+                return Err(CheckpointError::DeadLetterGone {
+                    projection: commit.projection,
+                    id,
+                });
+            }
             if let Some((_, to)) = commit.advance {
                 data.checkpoints.insert(commit.projection.clone(), to);
             }

@@ -170,13 +170,13 @@ fn dead_letter(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
 }
 
 impl PgCheckpoints {
-    pub(crate) fn new(pool: PgPool, schema: SchemaName) -> Self {
+    pub(crate) fn new(pool: PgPool, schema: SchemaName, commits: watch::Sender<u64>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 sql: Queries::new(&schema),
                 pool,
                 schema,
-                commits: watch::Sender::new(0),
+                commits,
                 lease_check: Duration::from_secs(1),
                 poll: Duration::from_millis(5),
             }),
@@ -427,10 +427,9 @@ impl CheckpointStore for PgCheckpoints {
                 .map_err(backend)?
                 .rows_affected();
             if deleted != 1 {
-                return Err(CheckpointError::Moved {
+                return Err(CheckpointError::DeadLetterGone {
                     projection: commit.projection,
-                    expected: format!("dead letter {id} parked"),
-                    found: "it was retried or discarded by someone else".to_owned(),
+                    id,
                 });
             }
         }

@@ -86,6 +86,17 @@ pub enum PgStoreError {
         /// The stream appended to.
         stream: String,
     },
+    /// `append_in` was called on a store that updates inline projections: they run in the
+    /// store's own append transaction, which the caller's transaction cannot be.
+    #[error(
+        "the append to stream `{stream}` cannot run in the caller's transaction: this store updates inline projections ({projections}) in its own; use `append`, or a store without inline projections"
+    )]
+    InlineProjectionsNeedOwnTransaction {
+        /// The stream appended to.
+        stream: String,
+        /// The inline projections' names.
+        projections: String,
+    },
     /// More events in one append than a global position can number.
     #[error(
         "append of {events} events to stream `{stream}` exceeds the limit of 65536 per append; split it"

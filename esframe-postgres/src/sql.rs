@@ -26,6 +26,10 @@ pub(crate) struct Queries {
     /// The plain append: one `INSERT ... SELECT` returning a row per stored event, none when the
     /// expectation does not hold. Parameters $1 to $11 as in [`append_sql`].
     pub(crate) append: Arc<str>,
+    /// The plain append of exactly one event, with scalar parameters instead of arrays (the
+    /// common case of a command emitting one event: no array to build, send and unnest).
+    /// Parameters $1 to $11 as in [`append_sql`], each a single value.
+    pub(crate) append_one: Arc<str>,
     pub(crate) append_with_snapshot: Arc<str>,
     /// The append with an in-transaction `NOTIFY`, for appends inside the caller's transaction
     /// (whose commit the store cannot see).
@@ -58,6 +62,23 @@ impl Queries {
                              $7::uuid[], $8::uuid[], $9::jsonb[])
                       WITH ORDINALITY AS e(event_id, aggregate_type, event_type, schema_version,
                                            payload, correlation_id, causation_id, metadata, ord)
+                 WHERE CASE $10::int4
+                     WHEN 0 THEN true
+                     WHEN 1 THEN cur.v = 0
+                     WHEN 2 THEN cur.v > 0
+                     ELSE cur.v = $11::int8 END
+                 RETURNING global_position, stream_version, recorded_at"
+            )
+            .into(),
+            append_one: format!(
+                "INSERT INTO {s}.events (global_position, event_id, stream_id, stream_version,
+                     aggregate_type, event_type, schema_version, payload, correlation_id,
+                     causation_id, metadata)
+                 SELECT pg_current_xact_id()::text::bigint << {POSITION_SHIFT},
+                        $2::uuid, $1, cur.v + 1, $3::text, $4::text, $5::int4, $6::jsonb,
+                        $7::uuid, $8::uuid, $9::jsonb
+                 FROM (SELECT coalesce(max(stream_version), 0) AS v
+                       FROM {s}.events WHERE stream_id = $1) cur
                  WHERE CASE $10::int4
                      WHEN 0 THEN true
                      WHEN 1 THEN cur.v = 0

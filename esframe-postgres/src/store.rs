@@ -63,6 +63,9 @@ struct Inner {
     stall_warning_after: Duration,
     /// Projections updated in each append's transaction.
     inline: Vec<Arc<dyn InlineProjection>>,
+    /// Bumped by every projection checkpoint commit in this process, shared by every
+    /// [`PgCheckpoints`] of this store so that waits wake at once.
+    checkpoint_commits: watch::Sender<u64>,
     /// When the global log was first seen held back by an open transaction, when that was last
     /// reported, and the horizon it was stuck at.
     stall: Mutex<Option<(Instant, Option<Instant>, i64)>>,
@@ -205,6 +208,7 @@ impl PgEventStoreBuilder {
                 poll_interval: self.poll_interval,
                 stall_warning_after: self.stall_warning_after,
                 inline: self.inline,
+                checkpoint_commits: watch::Sender::new(0),
                 stall: Mutex::new(None),
             }),
         })
@@ -267,7 +271,9 @@ impl PgEventStore {
     /// events. The append must be the first write of the transaction (it is checked: an earlier
     /// write would give the transaction an id older than the events it must follow), and a
     /// concurrent writer's version is reported as a [`Conflict`] whatever `expected` is, since a
-    /// failed statement ends the transaction.
+    /// failed statement ends the transaction. A store with inline projections refuses it
+    /// ([`PgStoreError::InlineProjectionsNeedOwnTransaction`]): they run in the store's own
+    /// transaction.
     pub async fn append_in(
         &self,
         tx: &mut PgConnection,
@@ -275,6 +281,15 @@ impl PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
+        if !self.inner.inline.is_empty() {
+            let names: Vec<&str> = self.inner.inline.iter().map(|p| p.name()).collect();
+            return Err(StoreError::backend(
+                PgStoreError::InlineProjectionsNeedOwnTransaction {
+                    stream: stream.to_string(),
+                    projections: names.join(", "),
+                },
+            ));
+        }
         let first_write: bool =
             sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NULL")
                 .fetch_one(&mut *tx)
@@ -300,7 +315,11 @@ impl PgEventStore {
     /// Projection checkpoints, leases and dead letters in this store's schema, exactly once;
     /// see [`PgCheckpoints`].
     pub fn checkpoints(&self) -> PgCheckpoints {
-        PgCheckpoints::new(self.inner.pool.clone(), self.inner.schema.clone())
+        PgCheckpoints::new(
+            self.inner.pool.clone(),
+            self.inner.schema.clone(),
+            self.inner.checkpoint_commits.clone(),
+        )
     }
 
     /// Who holds the global log back, if anyone; see [`HorizonStatus`].
@@ -497,23 +516,36 @@ impl PgEventStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let one = lean && count == 1;
             let sql = match (&snapshot, lean) {
+                (None, true) if one => &self.inner.sql.append_one,
                 (Some(_), _) => &self.inner.sql.append_with_snapshot,
                 (None, true) => &self.inner.sql.append,
                 (None, false) => &self.inner.sql.append_notify,
             };
-            let mut query = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
-                .bind(stream.as_str())
-                .bind(&columns.event_ids)
-                .bind(&columns.aggregate_types)
-                .bind(&columns.event_types)
-                .bind(&columns.schema_versions)
-                .bind(&columns.payloads)
-                .bind(&columns.correlation_ids)
-                .bind(&columns.causation_ids)
-                .bind(&columns.metadata)
-                .bind(kind)
-                .bind(exact);
+            let query = sqlx::query(AssertSqlSafe(Arc::clone(sql))).bind(stream.as_str());
+            let query = if one {
+                query
+                    .bind(columns.event_ids[0])
+                    .bind(&columns.aggregate_types[0])
+                    .bind(&columns.event_types[0])
+                    .bind(columns.schema_versions[0])
+                    .bind(&columns.payloads[0])
+                    .bind(columns.correlation_ids[0])
+                    .bind(columns.causation_ids[0])
+                    .bind(&columns.metadata[0])
+            } else {
+                query
+                    .bind(&columns.event_ids)
+                    .bind(&columns.aggregate_types)
+                    .bind(&columns.event_types)
+                    .bind(&columns.schema_versions)
+                    .bind(&columns.payloads)
+                    .bind(&columns.correlation_ids)
+                    .bind(&columns.causation_ids)
+                    .bind(&columns.metadata)
+            };
+            let mut query = query.bind(kind).bind(exact);
             if !lean {
                 query = query.bind(&self.inner.channel);
             }

@@ -54,6 +54,8 @@ struct Ledger {
     schema: String,
     handled: Arc<AtomicU64>,
     poison: Arc<Mutex<HashSet<Uuid>>>,
+    /// Fails on every event with this amount.
+    poison_amount: Option<i64>,
     gate: Option<Arc<Gate>>,
 }
 
@@ -73,6 +75,7 @@ impl Ledger {
             schema,
             handled: Arc::default(),
             poison: Arc::default(),
+            poison_amount: None,
             gate: None,
         }
     }
@@ -103,7 +106,11 @@ impl Projection<PgTransaction> for Ledger {
         if self.poison.lock().unwrap().contains(&event.event_id) {
             return Err(format!("poison event {}", event.event_id).into());
         }
-        let amount = event.payload["amount"].as_i64().ok_or("no amount")?;
+        // Events without an amount (an account's opening) count as 0.
+        let amount = event.payload["amount"].as_i64().unwrap_or(0);
+        if self.poison_amount == Some(amount) {
+            return Err(format!("poison amount {amount}").into());
+        }
         let schema = &self.schema;
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO \"{schema}\".ledger_applied VALUES ($1, $2, $3)"
@@ -591,4 +598,119 @@ async fn an_inline_projection_rebuilt_during_appends_misses_and_repeats_nothing(
     assert_eq!(events, 100 + 4 * 60);
     assert_eq!(applied(&plain).await, (events, events, 100 + 4 * 60 * 2));
     totals_match_events(&plain).await;
+}
+
+#[tokio::test]
+async fn a_store_with_inline_projections_refuses_the_callers_transaction() {
+    let (plain, store, _ledger) = inline_store("proj_inline_tx").await;
+    let mut tx = plain.pool().begin().await.unwrap();
+    let err = store
+        .append_in(
+            &mut tx,
+            &StreamId::new("t").unwrap(),
+            ExpectedVersion::Any,
+            vec![deposit(1)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("inline projections (ledger)"),
+        "{err}"
+    );
+    drop(tx);
+    assert_eq!(stored_events(&plain).await, 0);
+}
+
+#[tokio::test]
+async fn dead_letters_belong_to_their_projection() {
+    struct Other;
+    impl Projection<PgTransaction> for Other {
+        fn name(&self) -> &str {
+            "other"
+        }
+        async fn handle(
+            &self,
+            _: &RecordedEvent,
+            _: &mut ProjectionContext<'_, PgTransaction>,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+    let store = common::store("proj_dl_owner").await;
+    let ledger = Ledger::new(&store).await;
+    let (poison, _) = append(&store, "o", &[1]).await;
+    ledger.poison.lock().unwrap().insert(poison[0]);
+    let checkpoints = checkpoints(&store);
+    let runner =
+        ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger).retry(HandlerRetry {
+            attempts: 1,
+            ..HandlerRetry::default()
+        });
+    runner.catch_up().await.unwrap();
+    let id = runner.dead_letters().await.unwrap()[0].id;
+    let other = ProjectionRunner::new(store.clone(), checkpoints, Other);
+    for err in [
+        other.discard_dead_letter(id).await.unwrap_err(),
+        other.retry_dead_letter(id).await.unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, esframe_core::projection::ProjectionError::WrongDeadLetter { owner, .. } if owner == "ledger"),
+            "{err}"
+        );
+    }
+    assert_eq!(runner.dead_letters().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_refused_by_an_inline_projection_fails_alone_in_a_group_commit() {
+    use esframe_core::{CommandError, CommandHandler, ConcurrencyMode, StoreError};
+    use esframe_examples::bank_account::{Account, AccountCommand};
+
+    let plain = common::store("proj_inline_group").await;
+    let mut ledger = Ledger::new(&plain).await;
+    ledger.poison_amount = Some(13);
+    let store = PgEventStore::builder(plain.pool().clone())
+        .schema(plain.schema().as_str())
+        .unwrap()
+        .inline_projection(ledger)
+        .build()
+        .await
+        .unwrap();
+    let accounts = CommandHandler::<Account, _>::new(store.clone())
+        .concurrency_mode(ConcurrencyMode::Pessimistic);
+    accounts
+        .execute(AccountCommand::Open {
+            account_id: "g".into(),
+            owner: "Ada".into(),
+        })
+        .await
+        .unwrap();
+    let commands: Vec<_> = [1, 2, 13, 4, 5, 6, 7, 8]
+        .into_iter()
+        .map(|amount| {
+            let accounts = accounts.clone();
+            tokio::spawn(async move {
+                accounts
+                    .execute(AccountCommand::Deposit {
+                        account_id: "g".into(),
+                        amount,
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for command in commands {
+        match command.await.unwrap() {
+            Ok(_) => {}
+            Err(CommandError::Store(StoreError::InlineProjection { reason, .. })) => {
+                assert!(reason.contains("poison amount 13"), "{reason}");
+                failed += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(failed, 1, "only the refused command fails");
+    assert_eq!(accounts.load("g").await.unwrap().state.balance, 33);
+    assert_eq!(applied(&plain).await, (8, 8, 33));
 }

@@ -2,7 +2,9 @@
 //!
 //! `cargo bench -p esframe-examples --bench postgres_store` (PostgreSQL at `DATABASE_URL`,
 //! default `postgres://postgres@127.0.0.1:5432/test`; needs `pgbench` on the PATH).
-//! `ESFRAME_BENCH_SECONDS` sets the length of each measurement (default 5).
+//! `ESFRAME_BENCH_SECONDS` sets the length of each measurement (default 5),
+//! `ESFRAME_BENCH_ROUNDS` the number of paired rounds (default 3), and
+//! `ESFRAME_BENCH_ONLY=writers8` runs only the eight-writer comparison.
 //!
 //! The raw ceiling is pgbench inserting into a table created by esframe's own migration, so it
 //! has exactly the events table's shape and indexes: one row per transaction with 1 and 8
@@ -91,6 +93,21 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         "\nEach ratio pairs an esframe measurement with a pgbench run made just before it; \
          {rounds} rounds, median ratio (min..max)."
     );
+
+    if std::env::var("ESFRAME_BENCH_ONLY").as_deref() == Ok("writers8") {
+        // Only the eight-writer comparison, for quick experiments on it.
+        let handler =
+            CommandHandler::<Account, _>::new(store.clone()).cache_policy(CachePolicy::Trust);
+        let mut pairs = Vec::new();
+        for _ in 0..rounds {
+            let raw = pgbench(url, &one_row, 8, window)?;
+            pairs.push((deposits(&handler, 8, false, window).await?, raw));
+        }
+        report("8 writers, 8 streams, Trust", &pairs, "commands/s");
+        reset_schema(&pool, RAW_SCHEMA).await?;
+        reset_schema(&pool, SCHEMA).await?;
+        return Ok(());
+    }
 
     println!(
         "\ndeposit command round trip (load, handle, append), 1 writer, vs one-row INSERT with 1 client"

@@ -67,9 +67,11 @@ async fn run(url: &str) -> Result<(), Error> {
         .await?;
     println!("esframe projections benchmark: PostgreSQL {version} at {url}");
 
-    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")))
-        .execute(&pool)
-        .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"
+    )))
+    .execute(&pool)
+    .await?;
     let store = PgEventStore::builder(pool.clone())
         .schema(SCHEMA)?
         .build()
@@ -104,9 +106,11 @@ async fn run(url: &str) -> Result<(), Error> {
     );
 
     live_latency(url, &store, Duration::from_secs(seconds)).await?;
-    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")))
-        .execute(&pool)
-        .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"
+    )))
+    .execute(&pool)
+    .await?;
     Ok(())
 }
 
@@ -260,7 +264,8 @@ async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Resu
     };
     let checkpoints = reader.checkpoints();
     let runner = ProjectionRunner::new(reader.clone(), checkpoints.clone(), projection);
-    runner.catch_up().await?;
+    // Starts from a read model rebuilt from the stored events, like a deployed projection.
+    runner.rebuild(0).await?;
     let running = runner.spawn();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -288,7 +293,13 @@ async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Resu
         }
     }
     let achieved = commands as f64 / started.elapsed().as_secs_f64();
-    wait_for_projections(&checkpoints, &["balances_live"], last, Duration::from_secs(30)).await?;
+    wait_for_projections(
+        &checkpoints,
+        &["balances_live"],
+        last,
+        Duration::from_secs(30),
+    )
+    .await?;
     running.shutdown().await?;
 
     let timings = timings.lock().unwrap();
@@ -296,10 +307,9 @@ async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Resu
         .committed
         .iter()
         .map(|(id, committed)| {
-            timings
-                .handled
-                .get(id)
-                .map_or(Duration::MAX, |handled| handled.saturating_duration_since(*committed))
+            timings.handled.get(id).map_or(Duration::MAX, |handled| {
+                handled.saturating_duration_since(*committed)
+            })
         })
         .collect();
     latencies.sort();

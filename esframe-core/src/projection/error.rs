@@ -21,6 +21,15 @@ pub enum CheckpointError {
         /// Where it was.
         found: String,
     },
+    /// The dead letter being resolved was retried or discarded by someone else meanwhile;
+    /// nothing of the transaction was kept.
+    #[error("dead letter {id} of projection `{projection}` was retried or discarded meanwhile")]
+    DeadLetterGone {
+        /// The projection.
+        projection: String,
+        /// The dead letter.
+        id: u64,
+    },
     /// The backend failed (connection lost, I/O error, ...).
     #[error("checkpoint store backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -396,8 +396,26 @@ where
             .map_err(|err| self.checkpoint_error(err))
     }
 
-    /// Deletes a parked event without handling it; `false` if there was none.
+    /// Deletes a parked event of this projection without handling it; `false` if there was
+    /// none with this id. A dead letter of another projection is refused
+    /// ([`ProjectionError::WrongDeadLetter`]).
     pub async fn discard_dead_letter(&self, id: u64) -> Result<bool, ProjectionError> {
+        match self
+            .checkpoints
+            .dead_letter(id)
+            .await
+            .map_err(|err| self.checkpoint_error(err))?
+        {
+            None => return Ok(false),
+            Some(letter) if letter.projection != self.name() => {
+                return Err(ProjectionError::WrongDeadLetter {
+                    id,
+                    projection: self.name().to_owned(),
+                    owner: letter.projection,
+                });
+            }
+            Some(_) => {}
+        }
         self.checkpoints
             .discard_dead_letter(id)
             .await
@@ -682,14 +700,14 @@ where
             replaying: false,
         };
         let reset_to = match (stored, rebuild_from) {
-            (_, Some(from)) => Some(from),
-            (Some(stored), None) if stored.version > version => {
+            (Some(stored), _) if stored.version > version => {
                 return Err(StepError::Fatal(ProjectionError::VersionTooNew {
                     projection: self.name().to_owned(),
                     stored: stored.version,
                     code: version,
                 }));
             }
+            (_, Some(from)) => Some(from),
             (Some(stored), None) if stored.version < version => {
                 tracing::info!(
                     projection = self.name(),
