@@ -42,6 +42,7 @@ mod listener;
 mod rows;
 mod schema;
 mod sql;
+mod stash;
 mod store;
 
 pub use checkpoints::{PgCheckpoints, PgLease, PgTransaction};

@@ -14,7 +14,8 @@ use esframe_core::{
 use futures_util::TryStreamExt;
 use serde_json::Value;
 use sqlx::{
-    AssertSqlSafe, PgConnection, PgPool, Row,
+    AssertSqlSafe, PgConnection, PgPool, Postgres, Row,
+    pool::PoolConnection,
     postgres::{PgPoolOptions, PgRow},
 };
 use tokio::sync::watch;
@@ -30,6 +31,7 @@ use crate::{
     rows,
     schema::migrate,
     sql::{MAX_EVENTS_PER_APPEND, Queries},
+    stash::ConnectionStash,
 };
 
 /// How often an `Any` append is retried when a concurrent writer takes the version it computed.
@@ -61,6 +63,8 @@ struct Inner {
     waker: Waker,
     poll_interval: Duration,
     stall_warning_after: Duration,
+    /// Connections kept between appends; see [`ConnectionStash`].
+    stash: ConnectionStash,
     /// Projections updated in each append's transaction.
     inline: Vec<Arc<dyn InlineProjection>>,
     /// Bumped by every projection checkpoint commit in this process, shared by every
@@ -194,20 +198,28 @@ impl PgEventStoreBuilder {
             );
         }
         migrate(&self.pool, &self.schema).await?;
+        let stash = ConnectionStash::for_pool(&self.pool);
+        let listener_pid = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let channel = format!("esframe_{}", self.schema.as_str().to_ascii_lowercase());
         Ok(PgEventStore {
             inner: Arc::new(Inner {
                 sql: Queries::new(&self.schema),
                 upcasters: self.upcasters,
                 notify: self.notify,
-                notifier: Notifier::new(self.pool.clone(), channel.clone(), self.notify_interval),
-                waker: Waker::new(self.pool.clone(), channel.clone()),
+                notifier: Notifier::new(
+                    self.pool.clone(),
+                    channel.clone(),
+                    self.notify_interval,
+                    Arc::clone(&listener_pid),
+                ),
+                waker: Waker::new(self.pool.clone(), channel.clone(), listener_pid),
                 pool: self.pool,
                 schema: self.schema,
                 channel,
                 poll_interval: self.poll_interval,
                 stall_warning_after: self.stall_warning_after,
                 inline: self.inline,
+                stash,
                 checkpoint_commits: watch::Sender::new(0),
                 stall: Mutex::new(None),
             }),
@@ -251,6 +263,10 @@ impl PgEventStore {
     /// Pool settings for esframe: no ping before each statement (sqlx's default pings, which
     /// doubles the cost of a one-round-trip append; a broken connection still surfaces as an
     /// error and is replaced), 20 connections.
+    ///
+    /// The store keeps up to half of its pool's connections checked out between its own
+    /// operations (sqlx pings a connection each time it goes back to the pool); the other half
+    /// stays free for transactions, projections and your own queries.
     pub fn pool_options() -> PgPoolOptions {
         PgPoolOptions::new()
             .test_before_acquire(false)
@@ -304,6 +320,27 @@ impl PgEventStore {
             .await
     }
 
+    /// A connection for one operation: a stashed one, or one from the pool.
+    async fn connection(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        self.inner
+            .stash
+            .acquire(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)
+    }
+
+    /// Ends an operation on `conn`: stashes it after a success, or lets the pool test it.
+    fn release<T>(
+        &self,
+        conn: PoolConnection<Postgres>,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if result.is_ok() {
+            self.inner.stash.keep(conn);
+        }
+        result
+    }
+
     /// Wakes subscriptions after a committed append: local ones at once, others by `NOTIFY`.
     fn appended(&self) {
         self.inner.waker.wake_local();
@@ -353,13 +390,19 @@ impl PgEventStore {
             }
             let mut conn = self
                 .inner
-                .pool
-                .acquire()
+                .stash
+                .acquire(&self.inner.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            let outcome = self
+            let result = self
                 .append_on(&mut conn, stream, expected, events, snapshot, true)
-                .await?;
+                .await;
+            // A connection whose statement failed at the backend (lost, say) goes back to the
+            // pool, which tests it; any other outcome leaves it ready for the next append.
+            if !matches!(result, Err(StoreError::Backend(_))) {
+                self.inner.stash.keep(conn);
+            }
+            let outcome = result?;
             if !outcome.positions.is_empty() && !outcome.deduplicated {
                 self.appended();
             }
@@ -904,16 +947,22 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let span = tracing::debug_span!("esframe.read_stream", stream = %stream, from_version, events = tracing::field::Empty);
         async {
-            // Rows are decoded as they arrive, so a long stream never sits in memory twice.
-            let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
-                .bind(stream.as_str())
-                .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
-                .fetch(&self.inner.pool);
-            let mut events = Vec::new();
-            let upcasters = &self.inner.upcasters;
-            while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
-                upcasters.apply(rows::event(&row, Some(stream))?, &mut events)?;
+            let mut conn = self.connection().await?;
+            let read = async {
+                // Rows are decoded as they arrive, so a long stream never sits in memory twice.
+                let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
+                    .bind(stream.as_str())
+                    .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
+                    .fetch(&mut *conn);
+                let mut events = Vec::new();
+                let upcasters = &self.inner.upcasters;
+                while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
+                    upcasters.apply(rows::event(&row, Some(stream))?, &mut events)?;
+                }
+                Ok::<_, StoreError>(events)
             }
+            .await;
+            let events = self.release(conn, read)?;
             tracing::Span::current().record("events", events.len());
             Ok(events)
         }
@@ -922,13 +971,15 @@ impl EventStore for PgEventStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>, StoreError> {
-        let version: Option<i64> =
-            sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.stream_version)))
-                .bind(stream.as_str())
-                .fetch_one(&self.inner.pool)
-                .await
-                .map_err(StoreError::backend)?;
-        Ok(version.map(|v| v as u64))
+        let mut conn = self.connection().await?;
+        let version = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(Arc::clone(
+            &self.inner.sql.stream_version,
+        )))
+        .bind(stream.as_str())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(StoreError::backend);
+        Ok(self.release(conn, version)?.map(|v| v as u64))
     }
 
     async fn read_all_batch(&self, after: u64, limit: usize) -> Result<GlobalBatch, StoreError> {
@@ -939,20 +990,26 @@ impl EventStore for PgEventStore {
             events = tracing::field::Empty
         );
         async {
-            let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
-                .bind(i64::try_from(after).unwrap_or(i64::MAX))
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch(&self.inner.pool);
-            let mut events = Vec::with_capacity(limit.min(4096));
-            let upcasters = &self.inner.upcasters;
-            let mut scanned_to = after;
-            while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
-                let event = rows::event(&row, None)?;
-                scanned_to = event.global_position;
-                upcasters.apply(event, &mut events)?;
+            let mut conn = self.connection().await?;
+            let read = async {
+                let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
+                    .bind(i64::try_from(after).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch(&mut *conn);
+                let mut events = Vec::with_capacity(limit.min(4096));
+                let upcasters = &self.inner.upcasters;
+                let mut scanned_to = after;
+                while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
+                    let event = rows::event(&row, None)?;
+                    scanned_to = event.global_position;
+                    upcasters.apply(event, &mut events)?;
+                }
+                Ok::<_, StoreError>(GlobalBatch { events, scanned_to })
             }
-            tracing::Span::current().record("events", events.len());
-            Ok(GlobalBatch { events, scanned_to })
+            .await;
+            let batch = self.release(conn, read)?;
+            tracing::Span::current().record("events", batch.events.len());
+            Ok(batch)
         }
         .instrument(span)
         .await
@@ -979,11 +1036,13 @@ impl EventStore for PgEventStore {
         // Register for wake-ups before checking, so a commit between the check and the wait
         // still wakes us.
         let mut woken: watch::Receiver<u64> = self.inner.waker.subscribe();
+        let mut conn = self.connection().await?;
         let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.readiness)))
             .bind(i64::try_from(after).unwrap_or(i64::MAX))
-            .fetch_one(&self.inner.pool)
+            .fetch_one(&mut *conn)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(StoreError::backend);
+        let row = self.release(conn, row)?;
         let ready: bool = row.try_get("ready").map_err(StoreError::backend)?;
         let head: Option<i64> = row.try_get("head").map_err(StoreError::backend)?;
         let horizon: i64 = row.try_get("horizon").map_err(StoreError::backend)?;

@@ -353,3 +353,57 @@ async fn without_notify_polling_still_delivers_to_another_process() {
         .unwrap();
     assert_eq!(got.payload["n"], json!(8));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_sent_only_while_another_store_listens() {
+    // A raw LISTEN that does not announce itself hears nothing: nobody esframe knows of listens,
+    // so the writer sends no NOTIFY. Once another store subscribes (and so announces its LISTEN
+    // connection), the writer notifies, and the raw listener hears it too.
+    let pool = common::pool(5).await;
+    let schema = common::fresh_schema(&pool, "notify_only").await;
+    let writer = PgEventStore::builder(pool.clone())
+        .schema(schema.clone())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let channel = format!("esframe_{}", schema.to_ascii_lowercase());
+    let mut raw = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    raw.listen(&channel).await.unwrap();
+    for n in 0..5 {
+        writer
+            .append(&sid("quiet"), ExpectedVersion::Any, vec![event(n)])
+            .await
+            .unwrap();
+    }
+    let heard = tokio::time::timeout(Duration::from_millis(600), raw.recv()).await;
+    assert!(heard.is_err(), "a NOTIFY was sent with no store listening");
+
+    let reader = PgEventStore::builder(common::pool(5).await)
+        .schema(schema.clone())
+        .unwrap()
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let head = writer.head_position().await.unwrap().unwrap();
+    let mut sub = reader.subscribe(head);
+    let next = tokio::spawn(async move { sub.next().await.unwrap() });
+    // The reader announces its LISTEN connection; the writer looks again within 250 ms.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    writer
+        .append(&sid("quiet"), ExpectedVersion::Any, vec![event(9)])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), next)
+        .await
+        .expect("woken by NOTIFY, not the 60 s poll")
+        .unwrap();
+    assert_eq!(got.payload["n"], json!(9));
+    tokio::time::timeout(Duration::from_secs(5), raw.recv())
+        .await
+        .expect("the raw listener hears the NOTIFY now")
+        .unwrap();
+}

@@ -4,7 +4,7 @@
 //! default `postgres://postgres@127.0.0.1:5432/test`; needs `pgbench` on the PATH).
 //! `ESFRAME_BENCH_SECONDS` sets the length of each measurement (default 5),
 //! `ESFRAME_BENCH_ROUNDS` the number of paired rounds (default 3), and
-//! `ESFRAME_BENCH_ONLY=writers8` runs only the eight-writer comparison.
+//! `ESFRAME_BENCH_ONLY=writers1` or `writers8` runs only that comparison.
 //!
 //! The raw ceiling is pgbench inserting into a table created by esframe's own migration, so it
 //! has exactly the events table's shape and indexes: one row per transaction with 1 and 8
@@ -41,10 +41,16 @@ fn main() -> Result<(), Error> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let window = Duration::from_secs(seconds);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = if std::env::var("ESFRAME_BENCH_CURRENT_THREAD").is_ok() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+    };
     runtime.block_on(run(&url, window))
 }
 
@@ -83,6 +89,7 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
     reset_schema(&pool, SCHEMA).await?;
     let store = PgEventStore::builder(pool.clone())
         .schema(SCHEMA)?
+        .notify(std::env::var("ESFRAME_BENCH_NO_NOTIFY").is_err())
         .build()
         .await?;
     let rounds: usize = std::env::var("ESFRAME_BENCH_ROUNDS")
@@ -94,16 +101,23 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
          {rounds} rounds, median ratio (min..max)."
     );
 
-    if std::env::var("ESFRAME_BENCH_ONLY").as_deref() == Ok("writers8") {
-        // Only the eight-writer comparison, for quick experiments on it.
+    let only = std::env::var("ESFRAME_BENCH_ONLY").ok();
+    if let Some(writers) = only.as_deref().and_then(|o| o.strip_prefix("writers")) {
+        // Only the one- or eight-writer comparison (Trust), for quick experiments on it.
+        let writers: u32 = writers
+            .parse()
+            .map_err(|_| "ESFRAME_BENCH_ONLY=writers1 or writers8")?;
         let handler =
             CommandHandler::<Account, _>::new(store.clone()).cache_policy(CachePolicy::Trust);
         let mut pairs = Vec::new();
         for _ in 0..rounds {
-            let raw = pgbench(url, &one_row, 8, window)?;
-            pairs.push((deposits(&handler, 8, false, window).await?, raw));
+            let raw = pgbench(url, &one_row, writers, window)?;
+            pairs.push((
+                deposits(&handler, writers as usize, false, window).await?,
+                raw,
+            ));
         }
-        report("8 writers, 8 streams, Trust", &pairs, "commands/s");
+        report(&format!("{writers} writer(s), Trust"), &pairs, "commands/s");
         reset_schema(&pool, RAW_SCHEMA).await?;
         reset_schema(&pool, SCHEMA).await?;
         return Ok(());
@@ -227,6 +241,10 @@ async fn reset_schema(pool: &PgPool, schema: &str) -> Result<(), Error> {
 fn pgbench(url: &str, script: &str, clients: u32, window: Duration) -> Result<f64, Error> {
     let path = std::env::temp_dir().join(format!("esframe-pgbench-{}.sql", std::process::id()));
     std::fs::write(&path, script)?;
+    // sqlx is built here without TLS, so pgbench must not use it either (libpq's default
+    // `sslmode=prefer` would encrypt whenever the server offers it): same transport, same cost.
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{separator}sslmode=disable");
     let output = Command::new("pgbench")
         .args([
             "-n",
@@ -239,7 +257,7 @@ fn pgbench(url: &str, script: &str, clients: u32, window: Duration) -> Result<f6
         ])
         .args(["-T", &window.as_secs().to_string(), "-f"])
         .arg(&path)
-        .arg(url)
+        .arg(&url)
         .output()
         .map_err(|err| {
             format!("cannot run pgbench ({err}); install the PostgreSQL client tools")

@@ -267,7 +267,9 @@ async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Resu
     // Starts from a read model rebuilt from the stored events, like a deployed projection.
     runner.rebuild(0).await?;
     let running = runner.spawn();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time for the runner to start listening, and for the writer's store to notice (it only
+    // sends NOTIFY while another store listens, and looks every 250 ms).
+    tokio::time::sleep(Duration::from_millis(600)).await;
 
     let accounts = CommandHandler::<Account, PgEventStore>::new(store.clone());
     let rate = 300.0;
