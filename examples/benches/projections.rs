@@ -245,6 +245,13 @@ impl Projection<PgTransaction> for Timed {
         }
         self.balances.handle_batch(events, ctx).await
     }
+
+    async fn reset(
+        &self,
+        ctx: &mut ProjectionContext<'_, PgTransaction>,
+    ) -> Result<(), HandlerError> {
+        self.balances.reset(ctx).await
+    }
 }
 
 async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Result<(), Error> {
