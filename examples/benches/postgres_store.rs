@@ -41,16 +41,10 @@ fn main() -> Result<(), Error> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let window = Duration::from_secs(seconds);
-    let runtime = if std::env::var("ESFRAME_BENCH_CURRENT_THREAD").is_ok() {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(run(&url, window))
 }
 
@@ -89,7 +83,6 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
     reset_schema(&pool, SCHEMA).await?;
     let store = PgEventStore::builder(pool.clone())
         .schema(SCHEMA)?
-        .notify(std::env::var("ESFRAME_BENCH_NO_NOTIFY").is_err())
         .build()
         .await?;
     let rounds: usize = std::env::var("ESFRAME_BENCH_ROUNDS")
