@@ -131,6 +131,11 @@ impl CheckpointStore for MemoryCheckpoints {
             if let Some(id) = commit.resolve {
                 data.dead_letters.remove(&id);
             }
+            if let Some(after) = commit.clear_dead_letters_after {
+                data.dead_letters.retain(|_, letter| {
+                    letter.projection != commit.projection || letter.event.global_position <= after
+                });
+            }
             if let Some(event) = commit.park {
                 data.next_dead_letter += 1;
                 let id = data.next_dead_letter;

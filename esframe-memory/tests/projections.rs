@@ -653,3 +653,51 @@ async fn a_runner_rides_out_backend_failures_from_its_checkpoint() {
     assert!(!running.is_finished());
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_interrupted_rebuild_goes_on_as_a_replay_and_drops_stale_dead_letters() {
+    let store = MemoryStore::new();
+    let checkpoints = MemoryCheckpoints::new();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.extend(append(&store, &format!("i-{}", i % 2), &[1]).await);
+    }
+    let totals = Totals::new("interrupted");
+    // First a live run that parks event 3.
+    totals.poison.lock().unwrap().insert(ids[2]);
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), totals.clone())
+        .retry(fast_retry(1))
+        .batch_size(2);
+    runner.catch_up().await.unwrap();
+    assert_eq!(runner.dead_letters().await.unwrap().len(), 1);
+
+    // A rebuild that stops on event 6: the reset dropped the stale dead letter of event 3.
+    totals.poison.lock().unwrap().clear();
+    totals.poison.lock().unwrap().insert(ids[5]);
+    let err = runner
+        .clone()
+        .on_failure(OnFailure::Stop)
+        .rebuild(0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProjectionError::Handler { .. }), "{err}");
+    assert!(runner.dead_letters().await.unwrap().is_empty());
+    let stored = checkpoints.load("interrupted").await.unwrap().unwrap();
+    assert_eq!((stored.position, stored.replay_until), (5, Some(10)));
+    assert_eq!(totals.model.lock().unwrap().replayed, 5);
+
+    // Resumed by an ordinary catch-up: still a replay up to where the rebuild meant to go.
+    totals.poison.lock().unwrap().clear();
+    runner.catch_up().await.unwrap();
+    {
+        let model = totals.model.lock().unwrap();
+        assert_eq!(
+            model.replayed, 10,
+            "events 6 to 10 were handled as replays too"
+        );
+        assert_eq!(model.totals["i-0"] + model.totals["i-1"], 10);
+        assert_eq!(model.applied.len(), 10, "reset, then each event once");
+    }
+    let stored = checkpoints.load("interrupted").await.unwrap().unwrap();
+    assert_eq!((stored.position, stored.replay_until), (10, None));
+}

@@ -75,6 +75,7 @@ struct Queries {
     update: String,
     park: String,
     resolve: String,
+    clear: String,
     list: String,
     get: String,
     discard: String,
@@ -90,14 +91,15 @@ impl Queries {
         let cp = format!("{s}.projection_checkpoints");
         let dl = format!("{s}.projection_dead_letters");
         Self {
-            load: format!("SELECT position, version FROM {cp} WHERE projection = $1"),
+            load: format!("SELECT position, version, replay_until FROM {cp} WHERE projection = $1"),
             insert: format!(
-                "INSERT INTO {cp} (projection, version, position) VALUES ($1, $2, $3)
+                "INSERT INTO {cp} (projection, version, position, replay_until)
+                 VALUES ($1, $2, $3, $4)
                  ON CONFLICT (projection) DO NOTHING"
             ),
             update: format!(
-                "UPDATE {cp} SET version = $2, position = $3, updated_at = now()
-                 WHERE projection = $1 AND position = $4 AND version = $5"
+                "UPDATE {cp} SET version = $2, position = $3, replay_until = $4, updated_at = now()
+                 WHERE projection = $1 AND position = $5 AND version = $6"
             ),
             park: format!(
                 "INSERT INTO {dl} (projection, global_position, event_id, stream_id,
@@ -105,6 +107,7 @@ impl Queries {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             ),
             resolve: format!("DELETE FROM {dl} WHERE id = $1"),
+            clear: format!("DELETE FROM {dl} WHERE projection = $1 AND global_position > $2"),
             list: format!(
                 "SELECT {DEAD_LETTER_COLUMNS} FROM {dl} WHERE projection = $1 ORDER BY id"
             ),
@@ -233,6 +236,15 @@ impl PgCheckpoints {
         let mut conn = PgConnection::connect_with(&options)
             .await
             .map_err(backend)?;
+        // If the holder's host dies without closing the connection, the server must notice
+        // within seconds, not the operating system's default two hours, to free the lock.
+        sqlx::raw_sql(
+            "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+             SET tcp_keepalives_count = 3",
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(backend)?;
         let key = lease_key(&self.inner.schema, projection);
         let taken = match wait {
             None => sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
@@ -289,6 +301,89 @@ impl PgCheckpoints {
 
     fn lease_check(&self) -> Duration {
         self.inner.lease_check
+    }
+
+    /// The commit; errors are classified by [`CheckpointStore::commit`].
+    async fn commit_in(
+        &self,
+        mut tx: PgTransaction,
+        commit: CheckpointCommit,
+    ) -> Result<(), CheckpointError> {
+        let sql = &self.inner.sql;
+        if let Some((from, to)) = commit.advance {
+            let version = i32::try_from(to.version).unwrap_or(i32::MAX);
+            let moved = match from {
+                None => {
+                    sqlx::query(AssertSqlSafe(sql.insert.as_str()))
+                        .bind(&commit.projection)
+                        .bind(version)
+                        .bind(to_i64(to.position))
+                        .bind(to.replay_until.map(to_i64))
+                        .execute(&mut *tx)
+                        .await
+                }
+                Some(from) => {
+                    sqlx::query(AssertSqlSafe(sql.update.as_str()))
+                        .bind(&commit.projection)
+                        .bind(version)
+                        .bind(to_i64(to.position))
+                        .bind(to.replay_until.map(to_i64))
+                        .bind(to_i64(from.position))
+                        .bind(i32::try_from(from.version).unwrap_or(i32::MAX))
+                        .execute(&mut *tx)
+                        .await
+                }
+            }
+            .map_err(backend)?
+            .rows_affected();
+            if moved != 1 {
+                drop(tx);
+                return Err(CheckpointError::Moved {
+                    expected: describe(from),
+                    found: describe(self.current(&commit.projection).await),
+                    projection: commit.projection,
+                });
+            }
+        }
+        if let Some(id) = commit.resolve {
+            let deleted = sqlx::query(AssertSqlSafe(sql.resolve.as_str()))
+                .bind(to_i64(id))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?
+                .rows_affected();
+            if deleted != 1 {
+                return Err(CheckpointError::DeadLetterGone {
+                    projection: commit.projection,
+                    id,
+                });
+            }
+        }
+        if let Some(after) = commit.clear_dead_letters_after {
+            sqlx::query(AssertSqlSafe(sql.clear.as_str()))
+                .bind(&commit.projection)
+                .bind(to_i64(after))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        if let Some(letter) = &commit.park {
+            sqlx::query(AssertSqlSafe(sql.park.as_str()))
+                .bind(&commit.projection)
+                .bind(to_i64(letter.global_position))
+                .bind(letter.event_id)
+                .bind(letter.stream_id.as_str())
+                .bind(to_i64(letter.stream_version))
+                .bind(&letter.event_type)
+                .bind(&letter.error)
+                .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
     }
 }
 
@@ -370,6 +465,7 @@ impl CheckpointStore for PgCheckpoints {
             Ok(Checkpoint {
                 position: to_u64(row.try_get("position")?),
                 version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+                replay_until: row.try_get::<Option<i64>, _>("replay_until")?.map(to_u64),
             })
         })
         .transpose()
@@ -382,74 +478,19 @@ impl CheckpointStore for PgCheckpoints {
 
     async fn commit(
         &self,
-        mut tx: PgTransaction,
+        tx: PgTransaction,
         commit: CheckpointCommit,
     ) -> Result<(), CheckpointError> {
-        let sql = &self.inner.sql;
-        if let Some((from, to)) = commit.advance {
-            let version = i32::try_from(to.version).unwrap_or(i32::MAX);
-            let moved = match from {
-                None => {
-                    sqlx::query(AssertSqlSafe(sql.insert.as_str()))
-                        .bind(&commit.projection)
-                        .bind(version)
-                        .bind(to_i64(to.position))
-                        .execute(&mut *tx)
-                        .await
-                }
-                Some(from) => {
-                    sqlx::query(AssertSqlSafe(sql.update.as_str()))
-                        .bind(&commit.projection)
-                        .bind(version)
-                        .bind(to_i64(to.position))
-                        .bind(to_i64(from.position))
-                        .bind(i32::try_from(from.version).unwrap_or(i32::MAX))
-                        .execute(&mut *tx)
-                        .await
-                }
-            }
-            .map_err(backend)?
-            .rows_affected();
-            if moved != 1 {
-                drop(tx);
-                return Err(CheckpointError::Moved {
-                    expected: describe(from),
-                    found: describe(self.current(&commit.projection).await),
-                    projection: commit.projection,
-                });
-            }
-        }
-        if let Some(id) = commit.resolve {
-            let deleted = sqlx::query(AssertSqlSafe(sql.resolve.as_str()))
-                .bind(to_i64(id))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?
-                .rows_affected();
-            if deleted != 1 {
-                return Err(CheckpointError::DeadLetterGone {
-                    projection: commit.projection,
-                    id,
-                });
-            }
-        }
-        if let Some(letter) = &commit.park {
-            sqlx::query(AssertSqlSafe(sql.park.as_str()))
-                .bind(&commit.projection)
-                .bind(to_i64(letter.global_position))
-                .bind(letter.event_id)
-                .bind(letter.stream_id.as_str())
-                .bind(to_i64(letter.stream_version))
-                .bind(&letter.event_type)
-                .bind(&letter.error)
-                .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
-        self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
-        Ok(())
+        // An error the server answered with refuses this transaction; anything else (the
+        // connection) is the backend failing.
+        self.commit_in(tx, commit).await.map_err(|err| match err {
+            CheckpointError::Backend(source) => match source.downcast::<sqlx::Error>() {
+                Ok(sql) if sql.as_database_error().is_some() => CheckpointError::Rejected(sql),
+                Ok(sql) => CheckpointError::Backend(sql),
+                Err(other) => CheckpointError::Backend(other),
+            },
+            other => other,
+        })
     }
 
     async fn rollback(&self, tx: PgTransaction) {

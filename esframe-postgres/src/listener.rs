@@ -36,10 +36,10 @@ pub(crate) struct Waker {
 
 /// A background task started on first use, restarted if it ended, and aborted with its owner.
 #[derive(Default)]
-struct BackgroundTask(Mutex<Option<JoinHandle<()>>>);
+pub(crate) struct BackgroundTask(Mutex<Option<JoinHandle<()>>>);
 
 impl BackgroundTask {
-    fn ensure_running(&self, start: impl FnOnce() -> JoinHandle<()>) {
+    pub(crate) fn ensure_running(&self, start: impl FnOnce() -> JoinHandle<()>) {
         let mut task = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if task.as_ref().is_none_or(JoinHandle::is_finished) {
             *task = Some(start());
@@ -274,6 +274,8 @@ async fn notify(
             let anyone: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks
                                 WHERE locktype = 'advisory' AND objsubid = 2
+                                  AND database = (SELECT oid FROM pg_database
+                                                  WHERE datname = current_database())
                                   AND classid = $1::int4::oid AND objid = hashtext($2)::oid
                                   AND pid <> $3)",
             )

@@ -77,10 +77,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "projections",
         sql: include_str!("../migrations/0002_projections.sql"),
     },
+    Migration {
+        version: 3,
+        name: "projection_replays",
+        sql: include_str!("../migrations/0003_projection_replays.sql"),
+    },
 ];
 
 /// The newest migration version this release knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Creates the schema and applies pending migrations.
 ///

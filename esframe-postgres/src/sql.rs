@@ -40,6 +40,9 @@ pub(crate) struct Queries {
     pub(crate) read_all: Arc<str>,
     pub(crate) readiness: Arc<str>,
     pub(crate) count_after: Arc<str>,
+    /// For an append that updates an inline projection: takes its lease lock shared (if no
+    /// rebuild holds it) and tells whether a rebuild of it was left unfinished.
+    pub(crate) inline_guard: Arc<str>,
     pub(crate) head: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
@@ -120,6 +123,12 @@ impl Queries {
             )
             .into(),
             head: format!("SELECT max(global_position) FROM {s}.events").into(),
+            inline_guard: format!(
+                "SELECT pg_try_advisory_xact_lock_shared(hashtextextended($1, 0)) AS free,
+                        EXISTS (SELECT 1 FROM {s}.projection_checkpoints
+                                WHERE projection = $2 AND replay_until IS NOT NULL) AS unfinished"
+            )
+            .into(),
             count_after: format!("SELECT count(*) FROM {s}.events WHERE global_position > $1")
                 .into(),
             save_snapshot: format!(

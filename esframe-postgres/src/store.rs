@@ -37,6 +37,9 @@ use crate::{
 /// How often an `Any` append is retried when a concurrent writer takes the version it computed.
 const ANY_RETRIES: u32 = 100;
 
+/// How long an append that updates inline projections waits for a rebuild of one of them.
+const INLINE_REBUILD_WAIT: Duration = Duration::from_secs(30);
+
 /// The PostgreSQL event and snapshot store.
 ///
 /// Cheap to clone: clones share the pool, the prepared SQL and the notification listener.
@@ -227,6 +230,19 @@ impl PgEventStoreBuilder {
     }
 }
 
+/// Where an append statement runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppendMode {
+    /// Its own transaction: a statement that lost a race can run again with a new transaction
+    /// id; `NOTIFY` is sent after the commit.
+    Autocommit,
+    /// The store's own transaction with inline projections: no retry inside it; `NOTIFY` after
+    /// its commit.
+    OwnTransaction,
+    /// The caller's transaction, whose commit the store cannot see: `NOTIFY` rides along.
+    CallerTransaction,
+}
+
 /// What an append statement did.
 enum Appended {
     Stored(AppendOutcome),
@@ -316,8 +332,15 @@ impl PgEventStore {
                 stream: stream.to_string(),
             }));
         }
-        self.append_on(tx, stream, expected, events, None, false)
-            .await
+        self.append_on(
+            tx,
+            stream,
+            expected,
+            events,
+            None,
+            AppendMode::CallerTransaction,
+        )
+        .await
     }
 
     /// A connection for one operation: a stashed one, or one from the pool.
@@ -336,7 +359,7 @@ impl PgEventStore {
         result: Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         if result.is_ok() {
-            self.inner.stash.keep(conn);
+            self.inner.stash.keep(conn, &self.inner.pool);
         }
         result
     }
@@ -395,12 +418,19 @@ impl PgEventStore {
                 .await
                 .map_err(StoreError::backend)?;
             let result = self
-                .append_on(&mut conn, stream, expected, events, snapshot, true)
+                .append_on(
+                    &mut conn,
+                    stream,
+                    expected,
+                    events,
+                    snapshot,
+                    AppendMode::Autocommit,
+                )
                 .await;
             // A connection whose statement failed at the backend (lost, say) goes back to the
             // pool, which tests it; any other outcome leaves it ready for the next append.
             if !matches!(result, Err(StoreError::Backend(_))) {
-                self.inner.stash.keep(conn);
+                self.inner.stash.keep(conn, &self.inner.pool);
             }
             let outcome = result?;
             if !outcome.positions.is_empty() && !outcome.deduplicated {
@@ -413,6 +443,41 @@ impl PgEventStore {
         .await
     }
 
+    /// Takes every inline projection's shared lease lock for `tx`; the name of one held
+    /// exclusively (being rebuilt) if any could not be taken. A projection whose rebuild was
+    /// left unfinished (interrupted after its reset) refuses the append: its read model is
+    /// missing events until the rebuild is run again.
+    async fn lock_inline_projections(
+        &self,
+        tx: &mut PgConnection,
+        stream: &StreamId,
+    ) -> Result<Option<String>, StoreError> {
+        for projection in &self.inner.inline {
+            let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.inline_guard)))
+                .bind(lease_key(&self.inner.schema, projection.name()))
+                .bind(projection.name())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            let free: bool = row.try_get("free").map_err(StoreError::backend)?;
+            let unfinished: bool = row.try_get("unfinished").map_err(StoreError::backend)?;
+            if !free {
+                return Ok(Some(projection.name().to_owned()));
+            }
+            if unfinished {
+                return Err(StoreError::InlineProjection {
+                    projection: projection.name().to_owned(),
+                    stream: stream.clone(),
+                    reason:
+                        "its last rebuild was interrupted, so its read model is missing events; \
+                             run `ProjectionRunner::rebuild` for it again"
+                            .to_owned(),
+                });
+            }
+        }
+        Ok(None)
+    }
+
     /// The append in a transaction of its own that also updates the inline projections.
     async fn append_with_inline(
         &self,
@@ -422,17 +487,30 @@ impl PgEventStore {
         snapshot: Option<Snapshot>,
     ) -> Result<AppendOutcome, StoreError> {
         let mut attempt = 0;
+        let rebuild_wait = Instant::now();
+        let mut backoff = Duration::from_millis(1);
         loop {
             attempt += 1;
             let mut tx = self.inner.pool.begin().await.map_err(StoreError::backend)?;
             // Shared with other appends, exclusive with a rebuild holding the lease. Taking it
-            // writes nothing, so the append stays the transaction's first write.
-            for projection in &self.inner.inline {
-                sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))")
-                    .bind(lease_key(&self.inner.schema, projection.name()))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::backend)?;
+            // writes nothing, so the append stays the transaction's first write. While a rebuild
+            // holds it, wait without holding a connection, which the rebuild may need.
+            if let Some(rebuilding) = self.lock_inline_projections(&mut tx, stream).await? {
+                drop(tx);
+                if rebuild_wait.elapsed() >= INLINE_REBUILD_WAIT {
+                    return Err(StoreError::InlineProjection {
+                        projection: rebuilding,
+                        stream: stream.clone(),
+                        reason: format!(
+                            "it is being rebuilt, and appends that update it waited {} s for the rebuild to end",
+                            INLINE_REBUILD_WAIT.as_secs()
+                        ),
+                    });
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+                attempt -= 1;
+                continue;
             }
             let result = self
                 .append_on(
@@ -441,7 +519,7 @@ impl PgEventStore {
                     expected,
                     events.clone(),
                     snapshot.clone(),
-                    false,
+                    AppendMode::OwnTransaction,
                 )
                 .await;
             let outcome = match result {
@@ -501,9 +579,7 @@ impl PgEventStore {
         }
     }
 
-    /// The append, on a connection that is either in autocommit mode (`retry`: each statement is
-    /// its own transaction, so a statement that lost a race can run again with a new
-    /// transaction id) or inside the caller's transaction.
+    /// The append, on a connection in one of the [`AppendMode`]s.
     async fn append_on(
         &self,
         conn: &mut PgConnection,
@@ -511,8 +587,9 @@ impl PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
         snapshot: Option<Snapshot>,
-        retry: bool,
+        mode: AppendMode,
     ) -> Result<AppendOutcome, StoreError> {
+        let retry = mode == AppendMode::Autocommit;
         if events.len() > MAX_EVENTS_PER_APPEND {
             return Err(StoreError::backend(PgStoreError::AppendTooLarge {
                 stream: stream.to_string(),
@@ -555,7 +632,8 @@ impl PgEventStore {
         }
         // The lean statement for the common case; the summarising one when a snapshot or an
         // in-transaction NOTIFY rides along.
-        let lean = snapshot.is_none() && (retry || !self.inner.notify);
+        let lean =
+            snapshot.is_none() && (mode != AppendMode::CallerTransaction || !self.inner.notify);
         let mut attempt = 0;
         loop {
             attempt += 1;

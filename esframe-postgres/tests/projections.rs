@@ -714,3 +714,148 @@ async fn a_command_refused_by_an_inline_projection_fails_alone_in_a_group_commit
     assert_eq!(accounts.load("g").await.unwrap().state.balance, 33);
     assert_eq!(applied(&plain).await, (8, 8, 33));
 }
+
+#[tokio::test]
+async fn an_inline_projection_whose_rebuild_was_interrupted_refuses_appends_until_rebuilt() {
+    use esframe_core::projection::OnFailure;
+    let (plain, store, ledger) = inline_store("proj_inline_interrupted").await;
+    let (ids, _) = append(&store, "x", &[1, 2, 3]).await;
+    ledger.poison.lock().unwrap().insert(ids[1]);
+    let runner = ProjectionRunner::new(plain.clone(), checkpoints(&plain), ledger.clone())
+        .batch_size(1)
+        .retry(HandlerRetry {
+            attempts: 1,
+            ..HandlerRetry::default()
+        });
+    assert!(
+        runner
+            .clone()
+            .on_failure(OnFailure::Stop)
+            .rebuild(0)
+            .await
+            .is_err()
+    );
+    let err = store
+        .append(
+            &StreamId::new("x").unwrap(),
+            ExpectedVersion::Any,
+            vec![deposit(4)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("last rebuild was interrupted"),
+        "{err}"
+    );
+    assert_eq!(
+        stored_events(&plain).await,
+        3,
+        "the refused append stored nothing"
+    );
+
+    ledger.poison.lock().unwrap().clear();
+    runner.rebuild(0).await.unwrap();
+    append(&store, "x", &[4]).await;
+    assert_eq!(applied(&plain).await, (4, 4, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_of_an_inline_projection_completes_on_a_small_busy_pool() {
+    // Writers that wait for the rebuild must not hold the connections it needs.
+    let pool = common::pool(4).await;
+    let schema = common::fresh_schema(&pool, "proj_inline_small").await;
+    let plain = PgEventStore::builder(pool.clone())
+        .schema(schema.as_str())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let ledger = Ledger::new(&plain).await;
+    let store = PgEventStore::builder(pool.clone())
+        .schema(schema.as_str())
+        .unwrap()
+        .inline_projection(ledger.clone())
+        .build()
+        .await
+        .unwrap();
+    for i in 0..20 {
+        append(&store, &format!("s-{}", i % 3), &[1]).await;
+    }
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..15 {
+                    append(&store, &format!("s-{w}"), &[2]).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let runner = ProjectionRunner::new(plain.clone(), checkpoints(&plain), ledger).batch_size(4);
+    tokio::time::timeout(Duration::from_secs(60), runner.rebuild(0))
+        .await
+        .expect("the rebuild is not starved of connections")
+        .unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let events = stored_events(&plain).await;
+    assert_eq!(events, 20 + 6 * 15);
+    assert_eq!(applied(&plain).await, (events, events, 20 + 6 * 15 * 2));
+}
+
+#[tokio::test]
+async fn a_batch_whose_commit_the_database_refuses_is_narrowed_down_and_parked() {
+    /// Swallows the error of a failing statement on its poison event, leaving the
+    /// transaction aborted: only the commit can tell.
+    struct Swallower(Ledger, Uuid);
+    impl Projection<PgTransaction> for Swallower {
+        fn name(&self) -> &str {
+            "ledger"
+        }
+        async fn handle(
+            &self,
+            event: &RecordedEvent,
+            ctx: &mut ProjectionContext<'_, PgTransaction>,
+        ) -> Result<(), HandlerError> {
+            if event.event_id == self.1 {
+                let _ = sqlx::query("SELECT 1 / 0").execute(ctx.tx().as_mut()).await;
+                return Ok(());
+            }
+            self.0.handle(event, ctx).await
+        }
+    }
+    let store = common::store("proj_refused").await;
+    let ledger = Ledger::new(&store).await;
+    append(&store, "r", &[1, 2]).await;
+    let (poison, _) = append(&store, "r", &[50]).await;
+    append(&store, "r", &[3]).await;
+    let runner = ProjectionRunner::new(
+        store.clone(),
+        checkpoints(&store),
+        Swallower(ledger, poison[0]),
+    )
+    .retry(HandlerRetry {
+        attempts: 2,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+    });
+    tokio::time::timeout(Duration::from_secs(30), runner.catch_up())
+        .await
+        .expect("no endless restart on a refused commit")
+        .unwrap();
+    assert_eq!(
+        applied(&store).await,
+        (3, 3, 6),
+        "the other events, once each"
+    );
+    let parked = runner.dead_letters().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].event.event_id, poison[0]);
+    assert!(
+        parked[0].event.error.contains("refused"),
+        "{}",
+        parked[0].event.error
+    );
+}

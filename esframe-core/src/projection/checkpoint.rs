@@ -28,6 +28,10 @@ pub struct Checkpoint {
     pub position: u64,
     /// The projection version that wrote it.
     pub version: u32,
+    /// While a rebuild (or the replay after a version change) is unfinished, the log position
+    /// it replays up to: events below it are handled as replays. Stored with the checkpoint, so
+    /// a replay interrupted by a crash or a failover goes on as a replay.
+    pub replay_until: Option<u64>,
 }
 
 /// One atomic change a runner asks of the checkpoint store, committed together with the
@@ -44,6 +48,9 @@ pub struct CheckpointCommit {
     pub park: Option<NewDeadLetter>,
     /// Delete this dead letter (it was retried successfully).
     pub resolve: Option<u64>,
+    /// Delete the projection's dead letters above this global position: a reset before a
+    /// replay that will handle those events again.
+    pub clear_dead_letters_after: Option<u64>,
 }
 
 impl CheckpointCommit {
@@ -54,6 +61,7 @@ impl CheckpointCommit {
             advance: Some((from, to)),
             park: None,
             resolve: None,
+            clear_dead_letters_after: None,
         }
     }
 }

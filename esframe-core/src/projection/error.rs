@@ -30,6 +30,11 @@ pub enum CheckpointError {
         /// The dead letter.
         id: u64,
     },
+    /// The database refused to commit the transaction (a constraint, a serialization failure,
+    /// or a transaction a handler left aborted): nothing of it was kept. The runner treats it
+    /// as a failure of the events in it.
+    #[error("checkpoint store refused the commit: {0}")]
+    Rejected(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The backend failed (connection lost, I/O error, ...).
     #[error("checkpoint store backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

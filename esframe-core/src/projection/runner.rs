@@ -26,7 +26,9 @@ const MAX_NAME_LEN: usize = 200;
 /// How a failing event is retried before it is given up on ([`OnFailure`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HandlerRetry {
-    /// Tries in all, the first included (default 5; at least 1).
+    /// Tries in all, the first included (default 10; at least 1). With the default waits an
+    /// event is parked about 30 s after its first failure, which rides out a database failover
+    /// or a read model's migration lock.
     pub attempts: u32,
     /// Wait before the second try (default 100 ms); doubled before each further try.
     pub initial_backoff: Duration,
@@ -37,7 +39,7 @@ pub struct HandlerRetry {
 impl Default for HandlerRetry {
     fn default() -> Self {
         Self {
-            attempts: 5,
+            attempts: 10,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
         }
@@ -189,11 +191,10 @@ impl From<ProjectionError> for StepError {
     }
 }
 
-/// What a session knows: the checkpoint and whether it replays history.
+/// What a session knows: the checkpoint (which says whether it replays history).
 struct Cursor {
     checkpoint: Option<Checkpoint>,
     version: u32,
-    replaying: bool,
 }
 
 impl Cursor {
@@ -201,12 +202,29 @@ impl Cursor {
         self.checkpoint.map_or(0, |c| c.position)
     }
 
+    /// Whether the events after the checkpoint are replays.
+    fn replaying(&self) -> bool {
+        self.checkpoint
+            .is_some_and(|c| c.replay_until.is_some_and(|until| c.position < until))
+    }
+
+    /// The checkpoint at `position`, still replaying if that is below the replay's end.
     fn at(&self, position: u64) -> Checkpoint {
+        let replay_until = self
+            .checkpoint
+            .and_then(|c| c.replay_until)
+            .filter(|&until| position < until);
         Checkpoint {
             position,
             version: self.version,
+            replay_until,
         }
     }
+}
+
+/// Where the cursor's replay ends (0 if it is not replaying).
+fn replay_end(cursor: &Cursor) -> u64 {
+    cursor.checkpoint.and_then(|c| c.replay_until).unwrap_or(0)
 }
 
 /// Tracks a replay for progress reports.
@@ -342,10 +360,16 @@ where
         self.check_name()?;
         let lease = self.lease_or_busy().await?;
         let result = async {
-            let target = self.head().await?;
+            let head = self.head().await?;
             let mut cursor = self.open_cursor(None).await?;
+            let target = replay_end(&cursor).max(head);
             let (_keep_open, never_stop) = watch::channel(false);
-            self.run_to(&mut cursor, &lease, target, &never_stop, &mut None)
+            let mut replay = if cursor.replaying() {
+                Some(self.start_replay(cursor.position()).await)
+            } else {
+                None
+            };
+            self.run_to(&mut cursor, &lease, target, &never_stop, &mut replay)
                 .await?;
             Ok(cursor.position())
         }
@@ -358,20 +382,24 @@ where
     /// from the start) up to the events stored by the end, with [`ProjectionContext::is_replay`]
     /// set, reporting progress to [`ProjectionRunner::on_progress`].
     ///
-    /// The reset and the checkpoint move commit together, and every batch after them commits
-    /// with its checkpoint, so a rebuild that is interrupted resumes where it stopped when the
-    /// projection runs again. Fails with [`ProjectionError::Busy`] if another runner holds
-    /// the lease longer than [`lease_wait`](Self::lease_wait).
+    /// With an exactly-once store the reset and the checkpoint move commit together, and every
+    /// batch after them commits with its checkpoint, so a rebuild that is interrupted resumes
+    /// where it stopped when the projection runs again, still as a replay
+    /// ([`Checkpoint::replay_until`](super::Checkpoint::replay_until)). The reset also drops the
+    /// projection's dead letters above `from`. Fails with [`ProjectionError::Busy`] if another
+    /// runner holds the lease longer than [`lease_wait`](Self::lease_wait).
     ///
     /// For a projection updated inline by the PostgreSQL store, the held lease pauses the
     /// appends that update it until the rebuild ends, so the rebuilt read model misses nothing
-    /// and repeats nothing.
+    /// and repeats nothing; after an interrupted rebuild those appends are refused until it is
+    /// run again.
     pub async fn rebuild(&self, from: u64) -> Result<RebuildReport, ProjectionError> {
         self.check_name()?;
         let lease = self.lease_or_busy().await?;
         let result = async {
-            let target = self.head().await?;
+            let head = self.head().await?;
             let mut cursor = self.open_cursor(Some(from)).await?;
+            let target = replay_end(&cursor).max(head);
             let (_keep_open, never_stop) = watch::channel(false);
             let started = Instant::now();
             let mut replay = Some(self.start_replay(from).await);
@@ -477,6 +505,7 @@ where
                         advance: None,
                         park: None,
                         resolve: Some(id),
+                        clear_dead_letters_after: None,
                     },
                 )
                 .await
@@ -616,8 +645,8 @@ where
             Err(StepError::Stopped) => return Ok(SessionEnd::Stopped),
             Err(StepError::Fatal(err)) => return Err(err),
         };
-        let mut replay = if cursor.replaying {
-            Some(self.start_replay(0).await)
+        let mut replay = if cursor.replaying() {
+            Some(self.start_replay(cursor.position()).await)
         } else {
             None
         };
@@ -629,7 +658,6 @@ where
                 Ok(true) => {}
                 Ok(false) => {
                     if replay.take().is_some() {
-                        cursor.replaying = false;
                         tracing::info!(
                             projection = self.name(),
                             "replay finished; following live events"
@@ -697,7 +725,6 @@ where
         let mut cursor = Cursor {
             checkpoint: stored,
             version,
-            replaying: false,
         };
         let reset_to = match (stored, rebuild_from) {
             (Some(stored), _) if stored.version > version => {
@@ -736,13 +763,21 @@ where
                     message: err.to_string(),
                 }));
             }
-            let target = cursor.at(from);
+            // Replay up to what is stored now; later events are live again.
+            let head = self.head().await?;
+            let target = Checkpoint {
+                position: from,
+                version,
+                replay_until: (from < head).then_some(head),
+            };
+            let mut commit = CheckpointCommit::advance(self.name(), stored, target);
+            // Parked events the replay reaches are handled (or parked) again.
+            commit.clear_dead_letters_after = Some(from);
             self.checkpoints
-                .commit(tx, CheckpointCommit::advance(self.name(), stored, target))
+                .commit(tx, commit)
                 .await
                 .map_err(|err| self.commit_failed(err))?;
             cursor.checkpoint = Some(target);
-            cursor.replaying = true;
         }
         Ok(cursor)
     }
@@ -953,7 +988,8 @@ where
 
     /// Handles `events` in one transaction and, if all succeed, commits it with the checkpoint
     /// moved to `to`. Returns the index and error of the first failing event (the transaction
-    /// is then rolled back). `as_batch` uses [`Projection::handle_batch`] if the store is
+    /// is then rolled back); a commit the database refuses counts as a failure of the first
+    /// event, so that the caller narrows it down to the unit at fault. `as_batch` uses [`Projection::handle_batch`] if the store is
     /// exactly-once; at least once, a rollback cannot undo the writes of the events before a
     /// failure, so they go one by one to learn which event failed.
     async fn attempt(
@@ -971,7 +1007,7 @@ where
             .map_err(|err| self.checkpoint_error(err))?;
         let as_batch = as_batch && self.checkpoints.delivery() == Delivery::ExactlyOnce;
         let failed = {
-            let mut ctx = ProjectionContext::new(&mut tx, cursor.replaying, attempt);
+            let mut ctx = ProjectionContext::new(&mut tx, cursor.replaying(), attempt);
             if as_batch {
                 if events.is_empty() {
                     None
@@ -1006,14 +1042,30 @@ where
             return Ok(Some((index, err)));
         }
         let target = cursor.at(to);
-        self.checkpoints
+        match self
+            .checkpoints
             .commit(
                 tx,
                 CheckpointCommit::advance(self.name(), cursor.checkpoint, target),
             )
             .await
-            .map_err(|err| self.commit_failed(err))?;
-        cursor.checkpoint = Some(target);
-        Ok(None)
+        {
+            Ok(()) => {
+                cursor.checkpoint = Some(target);
+                Ok(None)
+            }
+            // The database refused what the handlers wrote (a deferred constraint, or a handler
+            // that swallowed an error and left the transaction aborted): a failure of these
+            // events, found event by event like a failing handler.
+            Err(CheckpointError::Rejected(err)) if as_batch && events.len() > 1 => {
+                tracing::debug!(projection = self.name(), error = %err, "batch commit refused; handling its events one by one");
+                Box::pin(self.attempt(cursor, events, to, attempt, false)).await
+            }
+            Err(CheckpointError::Rejected(err)) if !events.is_empty() => Ok(Some((
+                0,
+                format!("the database refused the commit of the handler's writes: {err}").into(),
+            ))),
+            Err(err) => Err(self.commit_failed(err)),
+        }
     }
 }
