@@ -9,9 +9,11 @@ use crate::StreamId;
 
 /// Latest known state of recently used streams, keyed by stream.
 ///
-/// A cached state is only a starting point: the handler always reads the events appended after
-/// the cached version before deciding, and the append still checks the version, so a stale entry
-/// (another process wrote meanwhile) costs one short read, never a wrong decision. An entry is
+/// A cached state is only a starting point: with `CachePolicy::Verify` (the default) the handler
+/// reads the events appended after the cached version before deciding, and the append still
+/// checks the version, so a stale entry (another process wrote meanwhile) costs one short read,
+/// never a wrong decision. With `CachePolicy::Trust` the entry decides as is; the append's version
+/// check still refuses events decided on a stale entry. An entry is
 /// taken out while a command runs on it and put back only if the decision left it consistent.
 /// When full, an arbitrary entry is evicted.
 #[derive(Debug)]

@@ -465,8 +465,10 @@ impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
     ///
     /// Same results as running them one by one: each command sees the state its predecessors
     /// left. A command rejected after emitting events leaves that state unusable, so the batch
-    /// stops there and the rest go back to the queue. Conflicts rerun the whole batch; any other
-    /// failure runs each command on its own, so each caller gets its own error.
+    /// stops there and the rest go back to the queue. Conflicts rerun the whole batch. A failed
+    /// load, or an append certainly not stored (an inline projection refused it), runs each
+    /// command on its own; any other append failure leaves it unknown whether the batch was
+    /// stored, so every decided command gets the error (`fail_batch`).
     async fn run_batch(&self, stream: &StreamId, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
         let mut attempt = 0;
         loop {
