@@ -701,3 +701,47 @@ async fn an_interrupted_rebuild_goes_on_as_a_replay_and_drops_stale_dead_letters
     let stored = checkpoints.load("interrupted").await.unwrap().unwrap();
     assert_eq!((stored.position, stored.replay_until), (10, None));
 }
+
+#[tokio::test]
+async fn a_panicking_handler_is_retried_and_parked_instead_of_killing_the_runner() {
+    struct Panicky(Totals, Uuid);
+    impl Projection for Panicky {
+        fn name(&self) -> &str {
+            "panicky"
+        }
+        async fn handle(
+            &self,
+            event: &RecordedEvent,
+            ctx: &mut ProjectionContext<'_, ()>,
+        ) -> Result<(), HandlerError> {
+            if event.event_id == self.1 {
+                panic!("bad data in {}", event.stream_id);
+            }
+            self.0.handle(event, ctx).await
+        }
+    }
+    let store = MemoryStore::new();
+    let checkpoints = MemoryCheckpoints::new();
+    append(&store, "p", &[1]).await;
+    let poison = append(&store, "p", &[2]).await[0];
+    append(&store, "p", &[3]).await;
+    let totals = Totals::new("panicky");
+    let runner = ProjectionRunner::new(
+        store.clone(),
+        checkpoints.clone(),
+        Panicky(totals.clone(), poison),
+    )
+    .retry(fast_retry(2));
+    assert_eq!(runner.catch_up().await.unwrap(), 3);
+    assert_eq!(totals.total("p"), 4);
+    let parked = runner.dead_letters().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0]
+            .event
+            .error
+            .contains("the handler panicked: bad data in p"),
+        "{}",
+        parked[0].event.error
+    );
+}

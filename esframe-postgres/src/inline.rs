@@ -1,11 +1,13 @@
 //! Inline projections: read models updated in the append's own transaction.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, panic::AssertUnwindSafe, pin::Pin, sync::Arc};
 
 use esframe_core::{
     RecordedEvent,
     projection::{HandlerError, Interest, Projection, ProjectionContext},
 };
+
+use futures_util::FutureExt;
 
 use crate::PgTransaction;
 
@@ -56,7 +58,15 @@ impl<P: Projection<PgTransaction>> InlineProjection for Registered<P> {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             let mut ctx = ProjectionContext::new(tx, false, 1);
-            self.projection.handle_batch(events, &mut ctx).await
+            // A panicking projection fails the append like an erring one, instead of the
+            // caller's task.
+            match AssertUnwindSafe(self.projection.handle_batch(events, &mut ctx))
+                .catch_unwind()
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err("the projection's handler panicked".into()),
+            }
         })
     }
 }

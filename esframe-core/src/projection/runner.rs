@@ -2,9 +2,12 @@
 
 use std::{
     fmt,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use futures_util::FutureExt;
 
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::Instrument;
@@ -153,6 +156,25 @@ impl RunningProjection {
     /// Whether the runner has ended (an error, or after [`RunningProjection::shutdown`]).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+}
+
+/// Runs a handler's future, turning a panic into a handler error, so that an event whose
+/// handler panics is retried and parked like one whose handler fails, instead of killing the
+/// runner (and, restarted, killing it again: a crash loop on one poison event).
+async fn guarded(
+    handler: impl Future<Output = Result<(), HandlerError>>,
+) -> Result<(), HandlerError> {
+    match AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text panic payload".to_owned());
+            Err(format!("the handler panicked: {message}").into())
+        }
     }
 }
 
@@ -490,7 +512,7 @@ where
         let mut ctx = ProjectionContext::new(&mut tx, false, letter.event.attempts + 1);
         let mut outcome = Ok(());
         for event in &events {
-            if let Err(err) = self.projection.handle(event, &mut ctx).await {
+            if let Err(err) = guarded(self.projection.handle(event, &mut ctx)).await {
                 outcome = Err(err);
                 break;
             }
@@ -754,7 +776,7 @@ where
                 .map_err(|err| self.checkpoint_error(err))?;
             let reset = {
                 let mut ctx = ProjectionContext::new(&mut tx, true, 1);
-                self.projection.reset(&mut ctx).await
+                guarded(self.projection.reset(&mut ctx)).await
             };
             if let Err(err) = reset {
                 self.checkpoints.rollback(tx).await;
@@ -1012,8 +1034,7 @@ where
                 if events.is_empty() {
                     None
                 } else {
-                    self.projection
-                        .handle_batch(events, &mut ctx)
+                    guarded(self.projection.handle_batch(events, &mut ctx))
                         .await
                         .err()
                         .map(|err| (0, err))
@@ -1021,7 +1042,7 @@ where
             } else {
                 let mut failed = None;
                 for (i, event) in events.iter().enumerate() {
-                    if let Err(err) = self.projection.handle(event, &mut ctx).await {
+                    if let Err(err) = guarded(self.projection.handle(event, &mut ctx)).await {
                         failed = Some((i, err));
                         break;
                     }
