@@ -352,16 +352,23 @@ impl PgEventStore {
             .map_err(StoreError::backend)
     }
 
-    /// Ends an operation on `conn`: stashes it after a success, or lets the pool test it.
+    /// Ends an operation on `conn`: stashes it unless the backend failed (then the pool tests
+    /// it).
     fn release<T>(
         &self,
         conn: PoolConnection<Postgres>,
         result: Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        if result.is_ok() {
+        if !matches!(result, Err(StoreError::Backend(_))) {
             self.inner.stash.keep(conn, &self.inner.pool);
         }
         result
+    }
+
+    /// How many dead connections one operation may run into before it gives up: every idle
+    /// connection of the pool may have died with the database.
+    fn reconnect_limit(&self) -> u32 {
+        self.inner.pool.options().get_max_connections() + 1
     }
 
     /// Wakes subscriptions after a committed append: local ones at once, others by `NOTIFY`.
@@ -411,29 +418,33 @@ impl PgEventStore {
                 tracing::Span::current().record("version", outcome.stream_version);
                 return Ok(outcome);
             }
-            let mut conn = self
-                .inner
-                .stash
-                .acquire(&self.inner.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            let result = self
-                .append_on(
-                    &mut conn,
-                    stream,
-                    expected,
-                    events,
-                    snapshot,
-                    AppendMode::Autocommit,
-                )
-                .await;
-            // A connection whose statement failed at the backend (lost, say) goes back to the
-            // pool, which tests it; any other outcome leaves it ready for the next append.
-            if !matches!(result, Err(StoreError::Backend(_))) {
-                self.inner.stash.keep(conn, &self.inner.pool);
-            }
-            let outcome = result?;
-            if !outcome.positions.is_empty() && !outcome.deduplicated {
+            let columns = prepare(stream, events)?;
+            let mut reconnects = 0;
+            let outcome = loop {
+                let mut conn = self.connection().await?;
+                let result = self
+                    .append_columns(
+                        &mut conn,
+                        stream,
+                        expected,
+                        &columns,
+                        snapshot.as_ref(),
+                        AppendMode::Autocommit,
+                    )
+                    .await;
+                match result {
+                    // A connection that died while idle (a database restart, say): run the
+                    // append again on another one. Appends are idempotent by event id, so if
+                    // the first try committed before the connection broke, this returns its
+                    // outcome.
+                    Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
+                        reconnects += 1;
+                        tracing::debug!(stream = %stream, error = %err, "connection lost; appending on another");
+                    }
+                    result => break self.release(conn, result)?,
+                }
+            };
+            if !outcome.positions.is_empty() && (!outcome.deduplicated || reconnects > 0) {
                 self.appended();
             }
             tracing::Span::current().record("version", outcome.stream_version);
@@ -589,24 +600,23 @@ impl PgEventStore {
         snapshot: Option<Snapshot>,
         mode: AppendMode,
     ) -> Result<AppendOutcome, StoreError> {
+        let columns = prepare(stream, events)?;
+        self.append_columns(conn, stream, expected, &columns, snapshot.as_ref(), mode)
+            .await
+    }
+
+    /// The append of prepared columns, on a connection in one of the [`AppendMode`]s.
+    async fn append_columns(
+        &self,
+        conn: &mut PgConnection,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        columns: &Columns,
+        snapshot: Option<&Snapshot>,
+        mode: AppendMode,
+    ) -> Result<AppendOutcome, StoreError> {
         let retry = mode == AppendMode::Autocommit;
-        if events.len() > MAX_EVENTS_PER_APPEND {
-            return Err(StoreError::backend(PgStoreError::AppendTooLarge {
-                stream: stream.to_string(),
-                events: events.len(),
-            }));
-        }
-        if events.len() > 1 {
-            let mut seen = std::collections::HashSet::with_capacity(events.len());
-            if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
-                return Err(StoreError::DuplicateIdInBatch {
-                    stream: stream.clone(),
-                    event_id: dup.event_id,
-                });
-            }
-        }
-        let count = events.len();
-        let columns = Columns::new(events);
+        let count = columns.event_ids.len();
         let (kind, exact) = match expected {
             ExpectedVersion::Any => (0, 0),
             ExpectedVersion::NoStream => (1, 0),
@@ -695,7 +705,7 @@ impl PgEventStore {
                 Ok(Ok(Appended::Refused { actual })) => {
                     // A retry of an append that already landed carries a stale expectation:
                     // idempotency is decided before the conflict.
-                    if let Some(original) = self.deduplicate(conn, stream, &columns).await? {
+                    if let Some(original) = self.deduplicate(conn, stream, columns).await? {
                         return Ok(original);
                     }
                     let actual = match actual {
@@ -728,7 +738,7 @@ impl PgEventStore {
                     let actual = if retry {
                         // An idempotent retry racing its original loses on the version first:
                         // the original outcome still wins over the conflict.
-                        if let Some(original) = self.deduplicate(conn, stream, &columns).await? {
+                        if let Some(original) = self.deduplicate(conn, stream, columns).await? {
                             return Ok(original);
                         }
                         self.stream_version_on(conn, stream).await?
@@ -748,7 +758,7 @@ impl PgEventStore {
                     if !retry {
                         return Err(StoreError::backend(err));
                     }
-                    if let Some(original) = self.deduplicate(conn, stream, &columns).await? {
+                    if let Some(original) = self.deduplicate(conn, stream, columns).await? {
                         return Ok(original);
                     }
                     // The other writer of that id rolled back: try again.
@@ -906,6 +916,41 @@ fn recorded_events(
         .collect()
 }
 
+/// Whether `err` says the connection was already dead: the socket failed, or the server ended
+/// the session (`57P01` admin shutdown, `57P02` crash shutdown, `57P03` cannot connect now).
+fn connection_lost(err: &StoreError) -> bool {
+    let StoreError::Backend(source) = err else {
+        return false;
+    };
+    match source.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Io(_)) => true,
+        Some(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03"))
+        }
+        _ => false,
+    }
+}
+
+/// Checks an append's events and takes them apart into column arrays.
+fn prepare(stream: &StreamId, events: Vec<NewEvent>) -> Result<Columns, StoreError> {
+    if events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(StoreError::backend(PgStoreError::AppendTooLarge {
+            stream: stream.to_string(),
+            events: events.len(),
+        }));
+    }
+    if events.len() > 1 {
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
+            return Err(StoreError::DuplicateIdInBatch {
+                stream: stream.clone(),
+                event_id: dup.event_id,
+            });
+        }
+    }
+    Ok(Columns::new(events))
+}
+
 /// The append's parameters as column arrays, bound once per attempt.
 struct Columns {
     event_ids: Vec<Uuid>,
@@ -1025,22 +1070,31 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let span = tracing::debug_span!("esframe.read_stream", stream = %stream, from_version, events = tracing::field::Empty);
         async {
-            let mut conn = self.connection().await?;
-            let read = async {
-                // Rows are decoded as they arrive, so a long stream never sits in memory twice.
-                let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
-                    .bind(stream.as_str())
-                    .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
-                    .fetch(&mut *conn);
-                let mut events = Vec::new();
-                let upcasters = &self.inner.upcasters;
-                while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
-                    upcasters.apply(rows::event(&row, Some(stream))?, &mut events)?;
+            let mut reconnects = 0;
+            let events = loop {
+                let mut conn = self.connection().await?;
+                let read = async {
+                    // Rows are decoded as they arrive, so a long stream never sits in memory twice.
+                    let mut rows =
+                        sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
+                            .bind(stream.as_str())
+                            .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
+                            .fetch(&mut *conn);
+                    let mut events = Vec::new();
+                    let upcasters = &self.inner.upcasters;
+                    while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
+                        upcasters.apply(rows::event(&row, Some(stream))?, &mut events)?;
+                    }
+                    Ok::<_, StoreError>(events)
                 }
-                Ok::<_, StoreError>(events)
-            }
-            .await;
-            let events = self.release(conn, read)?;
+                .await;
+                match read {
+                    Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
+                        reconnects += 1;
+                    }
+                    read => break self.release(conn, read)?,
+                }
+            };
             tracing::Span::current().record("events", events.len());
             Ok(events)
         }
@@ -1049,15 +1103,23 @@ impl EventStore for PgEventStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>, StoreError> {
-        let mut conn = self.connection().await?;
-        let version = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(Arc::clone(
-            &self.inner.sql.stream_version,
-        )))
-        .bind(stream.as_str())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(StoreError::backend);
-        Ok(self.release(conn, version)?.map(|v| v as u64))
+        let mut reconnects = 0;
+        loop {
+            let mut conn = self.connection().await?;
+            let version = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(Arc::clone(
+                &self.inner.sql.stream_version,
+            )))
+            .bind(stream.as_str())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::backend);
+            match version {
+                Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
+                    reconnects += 1;
+                }
+                version => return Ok(self.release(conn, version)?.map(|v| v as u64)),
+            }
+        }
     }
 
     async fn read_all_batch(&self, after: u64, limit: usize) -> Result<GlobalBatch, StoreError> {
@@ -1068,24 +1130,32 @@ impl EventStore for PgEventStore {
             events = tracing::field::Empty
         );
         async {
-            let mut conn = self.connection().await?;
-            let read = async {
-                let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
-                    .bind(i64::try_from(after).unwrap_or(i64::MAX))
-                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                    .fetch(&mut *conn);
-                let mut events = Vec::with_capacity(limit.min(4096));
-                let upcasters = &self.inner.upcasters;
-                let mut scanned_to = after;
-                while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
-                    let event = rows::event(&row, None)?;
-                    scanned_to = event.global_position;
-                    upcasters.apply(event, &mut events)?;
+            let mut reconnects = 0;
+            let batch = loop {
+                let mut conn = self.connection().await?;
+                let read = async {
+                    let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
+                        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch(&mut *conn);
+                    let mut events = Vec::with_capacity(limit.min(4096));
+                    let upcasters = &self.inner.upcasters;
+                    let mut scanned_to = after;
+                    while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
+                        let event = rows::event(&row, None)?;
+                        scanned_to = event.global_position;
+                        upcasters.apply(event, &mut events)?;
+                    }
+                    Ok::<_, StoreError>(GlobalBatch { events, scanned_to })
                 }
-                Ok::<_, StoreError>(GlobalBatch { events, scanned_to })
-            }
-            .await;
-            let batch = self.release(conn, read)?;
+                .await;
+                match read {
+                    Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
+                        reconnects += 1;
+                    }
+                    read => break self.release(conn, read)?,
+                }
+            };
             tracing::Span::current().record("events", batch.events.len());
             Ok(batch)
         }
@@ -1114,13 +1184,21 @@ impl EventStore for PgEventStore {
         // Register for wake-ups before checking, so a commit between the check and the wait
         // still wakes us.
         let mut woken: watch::Receiver<u64> = self.inner.waker.subscribe();
-        let mut conn = self.connection().await?;
-        let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.readiness)))
-            .bind(i64::try_from(after).unwrap_or(i64::MAX))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(StoreError::backend);
-        let row = self.release(conn, row)?;
+        let mut reconnects = 0;
+        let row = loop {
+            let mut conn = self.connection().await?;
+            let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.readiness)))
+                .bind(i64::try_from(after).unwrap_or(i64::MAX))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(StoreError::backend);
+            match row {
+                Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
+                    reconnects += 1;
+                }
+                row => break self.release(conn, row)?,
+            }
+        };
         let ready: bool = row.try_get("ready").map_err(StoreError::backend)?;
         let head: Option<i64> = row.try_get("head").map_err(StoreError::backend)?;
         let horizon: i64 = row.try_get("horizon").map_err(StoreError::backend)?;
