@@ -34,14 +34,39 @@ pub(crate) struct ConnectionStash {
 }
 
 impl ConnectionStash {
-    /// Up to half of `pool`'s connections (at least one).
+    /// Up to half of `pool`'s connections (at least one). Starts the sweeper, so it must be
+    /// called inside a tokio runtime.
     pub(crate) fn for_pool(pool: &PgPool) -> Self {
         let capacity = (pool.options().get_max_connections() as usize / 2).max(1);
-        Self {
+        let stash = Self {
             connections: Arc::new(Mutex::new(Vec::with_capacity(capacity))),
             capacity,
             sweeper: BackgroundTask::default(),
-        }
+        };
+        stash.sweeper.ensure_running(|| {
+            let connections = Arc::downgrade(&stash.connections);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(MAX_IDLE).await;
+                    let Some(connections) = connections.upgrade() else {
+                        return;
+                    };
+                    // The oldest are at the bottom of the stack.
+                    let stale: Vec<_> = {
+                        let mut connections =
+                            connections.lock().unwrap_or_else(PoisonError::into_inner);
+                        let fresh = connections
+                            .iter()
+                            .position(|(_, since)| since.elapsed() < MAX_IDLE)
+                            .unwrap_or(connections.len());
+                        connections.drain(..fresh).collect()
+                    };
+                    // Dropped outside the lock: each goes back to the pool.
+                    drop(stale);
+                }
+            })
+        });
+        stash
     }
 
     /// A stashed connection, or one from the pool.
@@ -77,28 +102,5 @@ impl ConnectionStash {
             }
             connections.push((connection, Instant::now()));
         }
-        self.sweeper.ensure_running(|| {
-            let connections = Arc::downgrade(&self.connections);
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(MAX_IDLE).await;
-                    let Some(connections) = connections.upgrade() else {
-                        return;
-                    };
-                    // The oldest are at the bottom of the stack.
-                    let stale: Vec<_> = {
-                        let mut connections =
-                            connections.lock().unwrap_or_else(PoisonError::into_inner);
-                        let fresh = connections
-                            .iter()
-                            .position(|(_, since)| since.elapsed() < MAX_IDLE)
-                            .unwrap_or(connections.len());
-                        connections.drain(..fresh).collect()
-                    };
-                    // Dropped outside the lock: each goes back to the pool.
-                    drop(stale);
-                }
-            })
-        });
     }
 }

@@ -34,6 +34,34 @@ use crate::{
     stash::ConnectionStash,
 };
 
+/// Runs `$op` with `$conn: &mut PgConnection`, a kept or pooled connection, and hands the
+/// connection back ([`PgEventStore::release`]). If the connection turns out to have died while
+/// idle (a database restart, say: [`connection_lost`]), runs it again on another, up to
+/// [`PgEventStore::reconnect_limit`] times, counting them in `$reconnects` when given. Only for
+/// operations that may run twice: reads, and appends (idempotent by event id).
+macro_rules! on_connection {
+    ($store:ident, |$conn:ident| $op:expr) => {{
+        let mut reconnects = 0;
+        on_connection!($store, reconnects, |$conn| $op)
+    }};
+    ($store:ident, $reconnects:ident, |$conn:ident| $op:expr) => {
+        loop {
+            let mut held = $store.connection().await?;
+            let result: Result<_, StoreError> = {
+                let $conn: &mut PgConnection = &mut held;
+                $op
+            };
+            match result {
+                Err(err) if connection_lost(&err) && $reconnects < $store.reconnect_limit() => {
+                    $reconnects += 1;
+                    tracing::debug!(error = %err, "connection lost; running again on another");
+                }
+                result => break $store.release(held, result),
+            }
+        }
+    };
+}
+
 /// How often an `Any` append is retried when a concurrent writer takes the version it computed.
 const ANY_RETRIES: u32 = 100;
 
@@ -419,31 +447,20 @@ impl PgEventStore {
                 return Ok(outcome);
             }
             let columns = prepare(stream, events)?;
+            // Appends are idempotent by event id, so one run again on another connection after
+            // the first broke returns the first's outcome if that one committed.
             let mut reconnects = 0;
-            let outcome = loop {
-                let mut conn = self.connection().await?;
-                let result = self
-                    .append_columns(
-                        &mut conn,
-                        stream,
-                        expected,
-                        &columns,
-                        snapshot.as_ref(),
-                        AppendMode::Autocommit,
-                    )
-                    .await;
-                match result {
-                    // A connection that died while idle (a database restart, say): run the
-                    // append again on another one. Appends are idempotent by event id, so if
-                    // the first try committed before the connection broke, this returns its
-                    // outcome.
-                    Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
-                        reconnects += 1;
-                        tracing::debug!(stream = %stream, error = %err, "connection lost; appending on another");
-                    }
-                    result => break self.release(conn, result)?,
-                }
-            };
+            let outcome = on_connection!(self, reconnects, |conn| {
+                self.append_columns(
+                    conn,
+                    stream,
+                    expected,
+                    &columns,
+                    snapshot.as_ref(),
+                    AppendMode::Autocommit,
+                )
+                .await
+            })?;
             if !outcome.positions.is_empty() && (!outcome.deduplicated || reconnects > 0) {
                 self.appended();
             }
@@ -1070,11 +1087,10 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let span = tracing::debug_span!("esframe.read_stream", stream = %stream, from_version, events = tracing::field::Empty);
         async {
-            let mut reconnects = 0;
-            let events = loop {
-                let mut conn = self.connection().await?;
-                let read = async {
-                    // Rows are decoded as they arrive, so a long stream never sits in memory twice.
+            let events = on_connection!(self, |conn| {
+                async {
+                    // Rows are decoded as they arrive, so a long stream never sits in memory
+                    // twice.
                     let mut rows =
                         sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
                             .bind(stream.as_str())
@@ -1085,16 +1101,10 @@ impl EventStore for PgEventStore {
                     while let Some(row) = rows.try_next().await.map_err(StoreError::backend)? {
                         upcasters.apply(rows::event(&row, Some(stream))?, &mut events)?;
                     }
-                    Ok::<_, StoreError>(events)
+                    Ok(events)
                 }
-                .await;
-                match read {
-                    Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
-                        reconnects += 1;
-                    }
-                    read => break self.release(conn, read)?,
-                }
-            };
+                .await
+            })?;
             tracing::Span::current().record("events", events.len());
             Ok(events)
         }
@@ -1103,23 +1113,14 @@ impl EventStore for PgEventStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>, StoreError> {
-        let mut reconnects = 0;
-        loop {
-            let mut conn = self.connection().await?;
-            let version = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(Arc::clone(
-                &self.inner.sql.stream_version,
-            )))
-            .bind(stream.as_str())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(StoreError::backend);
-            match version {
-                Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
-                    reconnects += 1;
-                }
-                version => return Ok(self.release(conn, version)?.map(|v| v as u64)),
-            }
-        }
+        let version: Option<i64> = on_connection!(self, |conn| {
+            sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.stream_version)))
+                .bind(stream.as_str())
+                .fetch_one(conn)
+                .await
+                .map_err(StoreError::backend)
+        })?;
+        Ok(version.map(|v| v as u64))
     }
 
     async fn read_all_batch(&self, after: u64, limit: usize) -> Result<GlobalBatch, StoreError> {
@@ -1130,10 +1131,8 @@ impl EventStore for PgEventStore {
             events = tracing::field::Empty
         );
         async {
-            let mut reconnects = 0;
-            let batch = loop {
-                let mut conn = self.connection().await?;
-                let read = async {
+            let batch = on_connection!(self, |conn| {
+                async {
                     let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
                         .bind(i64::try_from(after).unwrap_or(i64::MAX))
                         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -1146,16 +1145,10 @@ impl EventStore for PgEventStore {
                         scanned_to = event.global_position;
                         upcasters.apply(event, &mut events)?;
                     }
-                    Ok::<_, StoreError>(GlobalBatch { events, scanned_to })
+                    Ok(GlobalBatch { events, scanned_to })
                 }
-                .await;
-                match read {
-                    Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
-                        reconnects += 1;
-                    }
-                    read => break self.release(conn, read)?,
-                }
-            };
+                .await
+            })?;
             tracing::Span::current().record("events", batch.events.len());
             Ok(batch)
         }
@@ -1184,21 +1177,13 @@ impl EventStore for PgEventStore {
         // Register for wake-ups before checking, so a commit between the check and the wait
         // still wakes us.
         let mut woken: watch::Receiver<u64> = self.inner.waker.subscribe();
-        let mut reconnects = 0;
-        let row = loop {
-            let mut conn = self.connection().await?;
-            let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.readiness)))
+        let row = on_connection!(self, |conn| {
+            sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.readiness)))
                 .bind(i64::try_from(after).unwrap_or(i64::MAX))
-                .fetch_one(&mut *conn)
+                .fetch_one(conn)
                 .await
-                .map_err(StoreError::backend);
-            match row {
-                Err(err) if connection_lost(&err) && reconnects < self.reconnect_limit() => {
-                    reconnects += 1;
-                }
-                row => break self.release(conn, row)?,
-            }
-        };
+                .map_err(StoreError::backend)
+        })?;
         let ready: bool = row.try_get("ready").map_err(StoreError::backend)?;
         let head: Option<i64> = row.try_get("head").map_err(StoreError::backend)?;
         let horizon: i64 = row.try_get("horizon").map_err(StoreError::backend)?;

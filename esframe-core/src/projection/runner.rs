@@ -386,11 +386,7 @@ where
             let mut cursor = self.open_cursor(None).await?;
             let target = replay_end(&cursor).max(head);
             let (_keep_open, never_stop) = watch::channel(false);
-            let mut replay = if cursor.replaying() {
-                Some(self.start_replay(cursor.position()).await)
-            } else {
-                None
-            };
+            let mut replay = self.replay_in_progress(&cursor).await;
             self.run_to(&mut cursor, &lease, target, &never_stop, &mut replay)
                 .await?;
             Ok(cursor.position())
@@ -667,11 +663,7 @@ where
             Err(StepError::Stopped) => return Ok(SessionEnd::Stopped),
             Err(StepError::Fatal(err)) => return Err(err),
         };
-        let mut replay = if cursor.replaying() {
-            Some(self.start_replay(cursor.position()).await)
-        } else {
-            None
-        };
+        let mut replay = self.replay_in_progress(&cursor).await;
         loop {
             if *stop.borrow() {
                 return Ok(SessionEnd::Stopped);
@@ -802,6 +794,15 @@ where
             cursor.checkpoint = Some(target);
         }
         Ok(cursor)
+    }
+
+    /// Progress tracking for the replay `cursor` is in, if any.
+    async fn replay_in_progress(&self, cursor: &Cursor) -> Option<Replay> {
+        if cursor.replaying() {
+            Some(self.start_replay(cursor.position()).await)
+        } else {
+            None
+        }
     }
 
     async fn start_replay(&self, from: u64) -> Replay {
