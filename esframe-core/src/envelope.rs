@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::{DecodeErrorKind, Event, StreamId, error::EventDecodeError};
+use crate::{DecodeErrorKind, Event, Position, StreamId, error::EventDecodeError};
 
 /// Tracing and free-form metadata carried by every event.
 ///
@@ -29,7 +29,9 @@ pub struct EventMetadata {
 /// An event ready to be appended to a stream; the store assigns version, position and time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
-    /// Unique id of the event (UUIDv7). Appending the same id twice is idempotent.
+    /// Unique id of the event: UUIDv7 by default, derived from the command's id when it has
+    /// one ([`derived_event_id`](crate::derived_event_id)). Appending the same id twice is
+    /// idempotent.
     pub event_id: Uuid,
     /// Type of the aggregate that owns the stream.
     pub aggregate_type: Cow<'static, str>,
@@ -83,7 +85,7 @@ impl NewEvent {
 /// application's event type with [`RecordedEvent::decode`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope<P> {
-    /// Unique id of the event (UUIDv7).
+    /// Unique id of the event.
     pub event_id: Uuid,
     /// Stream (aggregate instance) the event belongs to.
     pub stream_id: StreamId,
@@ -91,8 +93,8 @@ pub struct EventEnvelope<P> {
     pub aggregate_type: Cow<'static, str>,
     /// Position within the stream, starting at 1, without gaps.
     pub stream_version: u64,
-    /// Position in the global log of all streams, starting at 1, strictly increasing.
-    pub global_position: u64,
+    /// Position in the global log of all streams: unique, strictly increasing.
+    pub global_position: Position,
     /// When the store recorded the event.
     pub recorded_at: DateTime<Utc>,
     /// Stable event type name (borrowed from the code when possible).

@@ -2,7 +2,8 @@
 //!
 //! The heart of esframe, a CQRS and event-sourcing framework: the traits you implement
 //! ([`Aggregate`], [`Command`], [`Event`]), the event envelope, the storage contract
-//! ([`EventStore`], [`SnapshotStore`]), command handling with optimistic concurrency, retries and
+//! ([`EventStore`], [`GlobalLog`], [`SnapshotStore`], checked against the [`limits`]),
+//! command handling with optimistic concurrency, retries and
 //! snapshots ([`CommandHandler`]), projections with checkpoints, dead letters and rebuilds
 //! ([`projection`]), and a given/when/then test kit ([`testkit`]).
 //!
@@ -60,14 +61,15 @@
 //! | `testing` | no      | [`testing`]: the conformance suite every store backend runs |
 
 mod aggregate;
-mod batch;
 mod cache;
 mod command;
 mod envelope;
 mod error;
 mod event;
 mod handler;
+pub mod limits;
 mod policy;
+mod position;
 pub mod projection;
 mod store;
 mod stream_id;
@@ -85,13 +87,21 @@ pub mod __private;
 pub use aggregate::{Aggregate, Decision};
 pub use command::Command;
 pub use envelope::{EventEnvelope, EventMetadata, NewEvent, RecordedEvent};
-pub use error::{CommandError, Conflict, EventDecodeError, StoreError};
+pub use error::{
+    BackendError, CommandError, Conflict, CorruptData, EventDecodeError, InputLocation,
+    InputProblem, InvalidInput, StoreError, StoreErrorKind,
+};
 pub use event::{DecodeErrorKind, Event, EventType};
 pub use handler::{
     CommandContext, CommandHandler, CommandOutcome, DEFAULT_STATE_CACHE_CAPACITY, Loaded,
+    derived_event_id,
 };
 pub use policy::{CachePolicy, ConcurrencyMode, RetryPolicy, SnapshotPolicy};
-pub use store::{AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, Snapshot, SnapshotStore};
+pub use position::Position;
+pub use store::{
+    AppendBatch, AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, GlobalLog, Snapshot,
+    SnapshotStore, resolve_stored_ids,
+};
 pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId};
 pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};
 pub use upcast::{Upcaster, Upcasters};

@@ -1,35 +1,84 @@
-//! Following the global log: stored events first, then live ones.
+//! Following the global log: stored events first, then live ones, as a `futures::Stream`.
 
-use std::collections::VecDeque;
+use std::{
+    collections::VecDeque,
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
-use crate::{EventStore, RecordedEvent, StoreError};
+use futures_util::Stream;
+
+use crate::{GlobalBatch, GlobalLog, Position, RecordedEvent, StoreError};
 
 /// Default number of events a [`Subscription`] reads per batch.
 pub const DEFAULT_BATCH_SIZE: usize = 512;
 
-/// A cursor over the global log that waits for new events once it has caught up.
+type Pending<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// What the subscription is waiting for.
+enum Step {
+    Idle,
+    Head(Pending<Position>),
+    Read(Pending<GlobalBatch>),
+    Wait(Pending<()>),
+}
+
+/// A cursor over the global log, as a [`Stream`] of events (use `futures::StreamExt` to
+/// `.next().await` it).
 ///
-/// Delivers every event with a position greater than the start position exactly once, in global
-/// order, whatever the store's live-notification mechanism does (a missed wake-up only delays).
-#[derive(Debug)]
+/// Delivers every event after the start position exactly once, in log order, whatever the
+/// store's live-notification mechanism does (a missed wake-up only delays). It follows the log
+/// for ever unless made with [`Subscription::until_head`], which ends the stream once it has
+/// delivered everything stored when it started. An error does not end it: polling again retries
+/// from the same position.
+///
+/// ```
+/// use esframe_core::{GlobalLog, Position};
+/// use futures_util::TryStreamExt;
+/// # async fn read<S: GlobalLog>(store: S) -> Result<(), esframe_core::StoreError> {
+/// // Everything stored so far, then the end.
+/// let events: Vec<_> = store.subscribe(Position::START).until_head().try_collect().await?;
+/// # Ok(()) }
+/// ```
 pub struct Subscription<S> {
     store: S,
-    position: u64,
+    position: Position,
     batch_size: usize,
     buffer: VecDeque<RecordedEvent>,
     /// How far the last batch looked.
-    scanned_to: u64,
+    scanned_to: Position,
+    /// `Some(None)`: stop at the head, not yet known; `Some(Some(head))`: stop there.
+    until: Option<Option<Position>>,
+    step: Step,
 }
 
-impl<S: EventStore> Subscription<S> {
-    /// Starts after global position `after` (0: from the beginning).
-    pub fn new(store: S, after: u64) -> Self {
+// The store is never pinned structurally: only cloned into the boxed futures.
+impl<S> Unpin for Subscription<S> {}
+
+impl<S> fmt::Debug for Subscription<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("position", &self.position)
+            .field("batch_size", &self.batch_size)
+            .field("buffered", &self.buffer.len())
+            .field("until", &self.until)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: GlobalLog> Subscription<S> {
+    /// Starts after `after` ([`Position::START`]: from the beginning), following the log.
+    pub fn new(store: S, after: Position) -> Self {
         Self {
             store,
             position: after,
             batch_size: DEFAULT_BATCH_SIZE,
             buffer: VecDeque::new(),
             scanned_to: after,
+            until: None,
+            step: Step::Idle,
         }
     }
 
@@ -40,45 +89,118 @@ impl<S: EventStore> Subscription<S> {
         self
     }
 
-    /// How far the log has been consumed: the position of the last event returned by
-    /// [`Subscription::next`], or past it when retired events followed it, or just before it
-    /// while more parts of the same (split) stored event are still to come. Resuming after this
-    /// position never loses an event.
-    pub fn position(&self) -> u64 {
+    /// Catch up and end: the stream ends once it has delivered every event stored (committed)
+    /// when it is first polled, waiting for events still held back by transactions that were
+    /// running then.
+    #[must_use]
+    pub fn until_head(mut self) -> Self {
+        self.until = Some(None);
+        self
+    }
+
+    /// How far the log has been consumed: the position of the last event returned, or past it
+    /// when retired events followed it, or just before it while more parts of the same (split)
+    /// stored event are still to come. Resuming after this position never loses an event.
+    pub fn position(&self) -> Position {
         self.position
     }
 
-    /// The next event, waiting for one to be appended if the log is exhausted.
-    pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
-        loop {
-            if let Some(event) = self.buffer.pop_front() {
-                self.position = match self.buffer.front() {
-                    // More parts of one stored event (an upcaster split it) follow: its position
-                    // is not consumed until the last part is, so resuming here repeats parts
-                    // rather than losing them.
-                    Some(next) if next.global_position == event.global_position => {
-                        event.global_position - 1
-                    }
-                    Some(_) => event.global_position,
-                    // Past any retired events that followed it in the batch.
-                    None => self.scanned_to.max(event.global_position),
-                };
-                return Ok(event);
+    fn start_read(&mut self) {
+        let (store, after, limit) = (self.store.clone(), self.position, self.batch_size);
+        self.step = Step::Read(Box::pin(
+            async move { store.read_all_batch(after, limit).await },
+        ));
+    }
+
+    fn start_wait(&mut self) {
+        let (store, after) = (self.store.clone(), self.position);
+        self.step = Step::Wait(Box::pin(async move { store.wait_for_events(after).await }));
+    }
+
+    /// Takes the next buffered event, moving the position.
+    fn pop(&mut self) -> Option<RecordedEvent> {
+        let event = self.buffer.pop_front()?;
+        self.position = match self.buffer.front() {
+            // More parts of one stored event (an upcaster split it) follow: its position is not
+            // consumed until the last part is, so resuming here repeats parts rather than losing
+            // them.
+            Some(next) if next.global_position == event.global_position => {
+                event.global_position.before()
             }
-            let batch = self
-                .store
-                .read_all_batch(self.position, self.batch_size)
-                .await?;
-            if batch.events.is_empty() {
-                if batch.scanned_to > self.position {
-                    // Everything read was retired by upcasters: move past it.
-                    self.position = batch.scanned_to;
-                } else {
-                    self.store.wait_for_events(self.position).await?;
+            Some(_) => event.global_position,
+            // Past any retired events that followed it in the batch.
+            None => self.scanned_to.max(event.global_position),
+        };
+        Some(event)
+    }
+}
+
+fn poll_step<T>(pending: &mut Pending<T>, cx: &mut Context<'_>) -> Poll<Result<T, StoreError>> {
+    pending.as_mut().poll(cx)
+}
+
+impl<S: GlobalLog> Stream for Subscription<S> {
+    type Item = Result<RecordedEvent, StoreError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(event) = this.pop() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            match &mut this.step {
+                Step::Idle => match this.until {
+                    Some(None) => {
+                        let store = this.store.clone();
+                        this.step =
+                            Step::Head(Box::pin(async move { store.head_position().await }));
+                    }
+                    Some(Some(head)) if this.position >= head => return Poll::Ready(None),
+                    _ => this.start_read(),
+                },
+                Step::Head(pending) => {
+                    let head = match poll_step(pending, cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(result) => result,
+                    };
+                    this.step = Step::Idle;
+                    match head {
+                        Ok(head) => this.until = Some(Some(head)),
+                        Err(err) => return Poll::Ready(Some(Err(err))),
+                    }
                 }
-            } else {
-                self.scanned_to = batch.scanned_to;
-                self.buffer.extend(batch.events);
+                Step::Read(pending) => {
+                    let batch = match poll_step(pending, cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(result) => result,
+                    };
+                    this.step = Step::Idle;
+                    let batch = match batch {
+                        Ok(batch) => batch,
+                        Err(err) => return Poll::Ready(Some(Err(err))),
+                    };
+                    if !batch.events.is_empty() {
+                        this.scanned_to = batch.scanned_to;
+                        this.buffer.extend(batch.events);
+                    } else if batch.scanned_to > this.position {
+                        // Everything read was retired by upcasters: move past it.
+                        this.position = batch.scanned_to;
+                    } else if matches!(this.until, Some(Some(head)) if this.position >= head) {
+                        return Poll::Ready(None);
+                    } else {
+                        this.start_wait();
+                    }
+                }
+                Step::Wait(pending) => {
+                    let waited = match poll_step(pending, cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(result) => result,
+                    };
+                    this.step = Step::Idle;
+                    if let Err(err) = waited {
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                }
             }
         }
     }

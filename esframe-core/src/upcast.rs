@@ -63,6 +63,11 @@ pub enum Upcast {
 pub type UpcastFailure = Box<dyn std::error::Error + Send + Sync>;
 
 /// Converts stored events of one type from one schema version to the next.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an esframe upcaster",
+    label = "not an `Upcaster`",
+    note = "build one from a function with `esframe_core::upcast::upcaster(\"Type\", from_version, f)` or `typed_upcaster`, or declare it on the event with `#[event(upcast(vN = f))]`"
+)]
 pub trait Upcaster: Send + Sync + 'static {
     /// The stored event type this upcaster reads.
     fn event_type(&self) -> &str;
@@ -233,6 +238,30 @@ pub enum UpcastChainError {
     NoCurrentTypes,
 }
 
+/// An upcaster returned an event type it does not declare in [`Upcaster::output_types`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the upcaster produced an event of type `{produced}`, which it does not declare (it declares {}); add it to its `output_types`",
+    .declared.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
+)]
+pub struct UndeclaredOutput {
+    /// The type produced.
+    pub produced: String,
+    /// The types the upcaster declares.
+    pub declared: Vec<String>,
+}
+
+fn undeclared_output(produced: &str, upcaster: &dyn Upcaster) -> UpcastFailure {
+    Box::new(UndeclaredOutput {
+        produced: produced.to_owned(),
+        declared: upcaster
+            .output_types()
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
+    })
+}
+
 /// Validated upcaster chains for every stored event type, applied by stores on read.
 ///
 /// Cheap to clone. Guarantees, checked by [`UpcastersBuilder::build`]: at most one upcaster per
@@ -287,8 +316,23 @@ impl UpcastersBuilder {
     /// `#[derive(Event)]` declares.
     pub fn current<E: Event>(mut self) -> Self {
         for event_type in E::event_types() {
-            self.current
-                .insert(event_type.name.to_owned(), event_type.version);
+            match self.current.get(event_type.name) {
+                Some(&first) if first != event_type.version => {
+                    // Stored events are looked up by name alone: two current versions of one
+                    // name cannot both be right. Reported by `build`.
+                    self.conflict
+                        .get_or_insert(UpcastChainError::ConflictingCurrent {
+                            event_type: event_type.name.to_owned(),
+                            first,
+                            second: event_type.version,
+                        });
+                }
+                Some(_) => {}
+                None => {
+                    self.current
+                        .insert(event_type.name.to_owned(), event_type.version);
+                }
+            }
         }
         self.upcasters.extend(E::upcasters());
         self
@@ -390,6 +434,13 @@ impl Upcasters {
         UpcastersBuilder::default()
     }
 
+    /// No upcasters: what a store without any returns from
+    /// [`EventStore::upcasters`](crate::EventStore::upcasters).
+    pub fn none() -> &'static Upcasters {
+        static NONE: std::sync::LazyLock<Upcasters> = std::sync::LazyLock::new(Upcasters::default);
+        &NONE
+    }
+
     /// Whether no upcaster is registered (reads then cost nothing extra).
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
@@ -415,13 +466,43 @@ impl Upcasters {
             return Ok(());
         };
         let payload = std::mem::take(&mut event.payload);
-        let converted = upcaster.upcast(payload).map_err(|err| StoreError::Upcast {
+        let fail = |event: &RecordedEvent, source: UpcastFailure| StoreError::Upcast {
             stream: event.stream_id.clone(),
             version: event.stream_version,
             event_type: event.event_type.to_string(),
             schema_version: event.schema_version,
-            reason: err.to_string(),
-        })?;
+            source,
+        };
+        let converted = upcaster
+            .upcast(payload)
+            .map_err(|source| fail(&event, source))?;
+        // The chains were checked against the types each upcaster declares; an output of
+        // another type would escape that check (and could loop or dead-end).
+        let produced: &[Cow<'static, str>] = match &converted {
+            Upcast::Renamed { event_type, .. } => std::slice::from_ref(event_type),
+            Upcast::Split(parts) => {
+                if let Some((undeclared, _)) = parts
+                    .iter()
+                    .find(|(t, _)| !upcaster.output_types().contains(t))
+                {
+                    return Err(fail(
+                        &event,
+                        undeclared_output(undeclared, upcaster.as_ref()),
+                    ));
+                }
+                &[]
+            }
+            _ => &[],
+        };
+        if let Some(undeclared) = produced
+            .iter()
+            .find(|t| !upcaster.output_types().contains(t))
+        {
+            return Err(fail(
+                &event,
+                undeclared_output(undeclared, upcaster.as_ref()),
+            ));
+        }
         event.schema_version = event.schema_version.saturating_add(1);
         match converted {
             Upcast::Next(payload) => {
@@ -595,7 +676,7 @@ mod tests {
             stream_id: StreamId::new("s").unwrap(),
             aggregate_type: "account".into(),
             stream_version: 4,
-            global_position: 9,
+            global_position: crate::Position::new(9),
             recorded_at: chrono::Utc::now(),
             event_type: event_type.into(),
             schema_version,
@@ -665,7 +746,7 @@ mod tests {
         );
         assert!(
             read.iter()
-                .all(|e| e.stream_version == 4 && e.global_position == 9)
+                .all(|e| e.stream_version == 4 && e.global_position == crate::Position::new(9))
         );
     }
 

@@ -340,6 +340,26 @@ fn check_serde_enum_attrs(input: &DeriveInput, errors: &mut Errors) {
                     );
                 }
             }
+            for key in ["from", "try_from", "into"] {
+                if meta.path.is_ident(key) {
+                    errors.spanned(
+                        &meta.path,
+                        format_args!(
+                            "`#[serde({key} = ...)]` cannot be used on an event enum: events are \
+                             stored variant by variant, so serde must see the enum itself; \
+                             convert inside the variants' fields instead"
+                        ),
+                    );
+                }
+            }
+            if meta.path.is_ident("remote") {
+                errors.spanned(
+                    &meta.path,
+                    "`#[serde(remote = ...)]` cannot be used on an event enum: the derive \
+                     implements `Event` for this enum, not for the remote type; derive `Event` \
+                     on an enum of your own that holds the remote type's data",
+                );
+            }
             attr::skip_value(&meta)
         });
     }

@@ -7,7 +7,8 @@ use std::{
 
 use chrono::Utc;
 use esframe_core::projection::{
-    Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, DeadLetter, Delivery,
+    Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, DeadLetter, DeadLetterStore,
+    Delivery, LeaseStore, ProjectionKey,
 };
 use tokio::sync::watch;
 
@@ -31,8 +32,8 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Data {
-    checkpoints: HashMap<String, Checkpoint>,
-    leases: HashSet<String>,
+    checkpoints: HashMap<ProjectionKey, Checkpoint>,
+    leases: HashSet<ProjectionKey>,
     dead_letters: BTreeMap<u64, DeadLetter>,
     next_dead_letter: u64,
 }
@@ -40,13 +41,13 @@ struct Data {
 /// A projection's lease in a [`MemoryCheckpoints`]; given up when dropped.
 #[derive(Debug)]
 pub struct MemoryLease {
-    projection: String,
+    key: ProjectionKey,
     inner: Arc<Inner>,
 }
 
 impl Drop for MemoryLease {
     fn drop(&mut self) {
-        lock(&self.inner).leases.remove(&self.projection);
+        lock(&self.inner).leases.remove(&self.key);
     }
 }
 
@@ -74,30 +75,13 @@ fn describe(checkpoint: Option<Checkpoint>) -> String {
 
 impl CheckpointStore for MemoryCheckpoints {
     type Tx = ();
-    type Lease = MemoryLease;
 
     fn delivery(&self) -> Delivery {
         Delivery::AtLeastOnce
     }
 
-    async fn try_lease(&self, projection: &str) -> Result<Option<MemoryLease>, CheckpointError> {
-        let taken = self.lock().leases.insert(projection.to_owned());
-        Ok(taken.then(|| MemoryLease {
-            projection: projection.to_owned(),
-            inner: Arc::clone(&self.inner),
-        }))
-    }
-
-    fn lease_held(&self, _lease: &MemoryLease) -> bool {
-        true
-    }
-
-    async fn release(&self, lease: MemoryLease) {
-        drop(lease);
-    }
-
-    async fn load(&self, projection: &str) -> Result<Option<Checkpoint>, CheckpointError> {
-        Ok(self.lock().checkpoints.get(projection).copied())
+    async fn load(&self, key: &ProjectionKey) -> Result<Option<Checkpoint>, CheckpointError> {
+        Ok(self.lock().checkpoints.get(key).copied())
     }
 
     async fn begin(&self) -> Result<(), CheckpointError> {
@@ -108,10 +92,10 @@ impl CheckpointStore for MemoryCheckpoints {
         {
             let mut data = self.lock();
             if let Some((from, _)) = commit.advance {
-                let found = data.checkpoints.get(&commit.projection).copied();
+                let found = data.checkpoints.get(&commit.key).copied();
                 if found != from {
                     return Err(CheckpointError::Moved {
-                        projection: commit.projection,
+                        key: commit.key,
                         expected: describe(from),
                         found: describe(found),
                     });
@@ -121,19 +105,19 @@ impl CheckpointStore for MemoryCheckpoints {
                 && !data.dead_letters.contains_key(&id)
             {
                 return Err(CheckpointError::DeadLetterGone {
-                    projection: commit.projection,
+                    key: commit.key,
                     id,
                 });
             }
             if let Some((_, to)) = commit.advance {
-                data.checkpoints.insert(commit.projection.clone(), to);
+                data.checkpoints.insert(commit.key.clone(), to);
             }
             if let Some(id) = commit.resolve {
                 data.dead_letters.remove(&id);
             }
             if let Some(after) = commit.clear_dead_letters_after {
                 data.dead_letters.retain(|_, letter| {
-                    letter.projection != commit.projection || letter.event.global_position <= after
+                    letter.key != commit.key || letter.event.global_position <= after
                 });
             }
             if let Some(event) = commit.park {
@@ -143,7 +127,7 @@ impl CheckpointStore for MemoryCheckpoints {
                     id,
                     DeadLetter {
                         id,
-                        projection: commit.projection,
+                        key: commit.key,
                         event,
                         parked_at: Utc::now(),
                     },
@@ -156,12 +140,41 @@ impl CheckpointStore for MemoryCheckpoints {
 
     async fn rollback(&self, (): ()) {}
 
-    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, CheckpointError> {
+    fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut commits = self.inner.commits.subscribe();
+        async move {
+            let _ = commits.changed().await;
+        }
+    }
+}
+
+impl LeaseStore for MemoryCheckpoints {
+    type Lease = MemoryLease;
+
+    async fn try_lease(&self, key: &ProjectionKey) -> Result<Option<MemoryLease>, CheckpointError> {
+        let taken = self.lock().leases.insert(key.clone());
+        Ok(taken.then(|| MemoryLease {
+            key: key.clone(),
+            inner: Arc::clone(&self.inner),
+        }))
+    }
+
+    fn lease_held(&self, _lease: &MemoryLease) -> bool {
+        true
+    }
+
+    async fn release(&self, lease: MemoryLease) {
+        drop(lease);
+    }
+}
+
+impl DeadLetterStore for MemoryCheckpoints {
+    async fn dead_letters(&self, key: &ProjectionKey) -> Result<Vec<DeadLetter>, CheckpointError> {
         Ok(self
             .lock()
             .dead_letters
             .values()
-            .filter(|d| d.projection == projection)
+            .filter(|d| d.key == *key)
             .cloned()
             .collect())
     }
@@ -180,12 +193,5 @@ impl CheckpointStore for MemoryCheckpoints {
             error.clone_into(&mut letter.event.error);
         }
         Ok(())
-    }
-
-    fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut commits = self.inner.commits.subscribe();
-        async move {
-            let _ = commits.changed().await;
-        }
     }
 }

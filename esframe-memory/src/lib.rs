@@ -1,6 +1,7 @@
 //! # esframe-memory
 //!
-//! [`MemoryStore`]: an in-memory [`EventStore`] and [`SnapshotStore`] for esframe. It is the
+//! [`MemoryStore`]: an in-memory [`EventStore`], [`GlobalLog`] and [`SnapshotStore`] for
+//! esframe. It is the
 //! reference implementation of the store contract (every other backend must behave exactly like
 //! it, checked by the conformance suite) and the default for tests, examples and embedded use.
 //!
@@ -35,4 +36,4 @@ pub use checkpoints::{MemoryCheckpoints, MemoryLease};
 pub use store::MemoryStore;
 
 #[doc(no_inline)]
-pub use esframe_core::{EventStore, SnapshotStore};
+pub use esframe_core::{EventStore, GlobalLog, SnapshotStore};

@@ -1,7 +1,7 @@
 //! The in-memory store.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
@@ -10,8 +10,8 @@ use std::{
 
 use chrono::Utc;
 use esframe_core::{
-    AppendOutcome, Conflict, EventStore, ExpectedVersion, GlobalBatch, NewEvent, RecordedEvent,
-    Snapshot, SnapshotStore, StoreError, StreamId, Upcasters,
+    AppendBatch, AppendOutcome, Conflict, EventStore, GlobalLog, Position, RecordedEvent, Snapshot,
+    SnapshotStore, StoreError, StreamId, Upcasters, resolve_stored_ids,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -48,14 +48,16 @@ struct Head {
 }
 
 impl Head {
-    fn advance(&self, position: u64) {
+    fn advance(&self, position: Position) {
+        let position = position.get();
         self.position.fetch_max(position, SeqCst);
         if self.waiters.load(SeqCst) > 0 {
             self.notify.notify_waiters();
         }
     }
 
-    async fn wait_past(&self, after: u64) {
+    async fn wait_past(&self, after: Position) {
+        let after = after.get();
         struct Registered<'a>(&'a AtomicUsize);
         impl Drop for Registered<'_> {
             fn drop(&mut self) {
@@ -139,19 +141,21 @@ impl MemoryStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The append, the snapshot and the idempotency decision under one write lock: both or
+    /// neither, and no other writer in between.
     fn append_sync(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        batch: AppendBatch,
         snapshot: Option<Snapshot>,
     ) -> Result<AppendOutcome, StoreError> {
         let outcome = {
             let mut data = self.write();
-            if let Some(original) = data.deduplicate(stream, &events)? {
+            let stored =
+                resolve_stored_ids(&batch, |id| data.ids.get(id).map(|&index| &data.log[index]))?;
+            if let Some(original) = stored {
                 return Ok(original);
             }
-            let outcome = data.append(stream, expected, events)?;
+            let outcome = data.append(batch)?;
             if let Some(snapshot) = snapshot
                 && snapshot.version == outcome.stream_version
             {
@@ -167,70 +171,21 @@ impl MemoryStore {
 }
 
 impl Data {
-    /// `Some(original outcome)` if every event id is already stored with the same content.
-    fn deduplicate(
-        &self,
-        stream: &StreamId,
-        events: &[NewEvent],
-    ) -> Result<Option<AppendOutcome>, StoreError> {
-        if events.len() > 1 {
-            let mut seen = HashSet::with_capacity(events.len());
-            if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
-                return Err(StoreError::DuplicateIdInBatch {
-                    stream: stream.clone(),
-                    event_id: dup.event_id,
-                });
-            }
-        }
-        let mut stored = Vec::new();
-        for event in events {
-            if let Some(&index) = self.ids.get(&event.event_id) {
-                let existing = &self.log[index];
-                if !event.same_content(stream, existing) {
-                    return Err(StoreError::EventIdReused {
-                        event_id: event.event_id,
-                        stream: stream.clone(),
-                        stored_stream: existing.stream_id.clone(),
-                        stored_version: existing.stream_version,
-                    });
-                }
-                stored.push(existing);
-            }
-        }
-        match stored.first() {
-            None => Ok(None),
-            Some(first) if stored.len() < events.len() => Err(StoreError::PartialDuplicate {
-                stream: stream.clone(),
-                stored_event_id: first.event_id,
-            }),
-            Some(first) => Ok(Some(AppendOutcome {
-                stream_version: stored.iter().map(|e| e.stream_version).max().unwrap_or(0),
-                positions: stored.iter().map(|e| e.global_position).collect(),
-                recorded_at: first.recorded_at,
-                deduplicated: true,
-            })),
-        }
-    }
-
-    fn append(
-        &mut self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendOutcome, StoreError> {
-        let current = self.streams.get(stream).map_or(0, Vec::len) as u64;
+    fn append(&mut self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
+        let (stream, expected) = (batch.stream().clone(), batch.expected());
+        let current = self.streams.get(&stream).map_or(0, Vec::len) as u64;
         let actual = (current > 0).then_some(current);
         if !expected.accepts(actual) {
             return Err(Conflict {
-                stream: stream.clone(),
+                stream,
                 expected,
                 actual,
             }
             .into());
         }
         let recorded_at = Utc::now();
-        let mut positions = Vec::with_capacity(events.len());
-        if events.is_empty() {
+        let mut positions = Vec::with_capacity(batch.len());
+        if batch.is_empty() {
             return Ok(AppendOutcome {
                 stream_version: current,
                 positions,
@@ -239,9 +194,9 @@ impl Data {
             });
         }
         let indices = self.streams.entry(stream.clone()).or_default();
-        for event in events {
+        for event in batch.into_events() {
             let index = self.log.len();
-            let position = index as u64 + 1;
+            let position = Position::new(index as u64 + 1);
             indices.push(index);
             self.ids.insert(event.event_id, index);
             self.log.push(RecordedEvent {
@@ -277,16 +232,11 @@ impl Data {
 }
 
 impl EventStore for MemoryStore {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendOutcome, StoreError> {
-        self.append_sync(stream, expected, events, None)
+    async fn append_batch(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
+        self.append_sync(batch, None)
     }
 
-    async fn read_stream(
+    async fn load_stream(
         &self,
         stream: &StreamId,
         from_version: u64,
@@ -296,51 +246,53 @@ impl EventStore for MemoryStore {
             return Ok(Vec::new());
         };
         let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
-        let events = indices
+        Ok(indices
             .iter()
             .skip(skip)
             .map(|&i| data.log[i].clone())
-            .collect();
-        drop(data);
-        self.inner.upcasters.apply_all(events)
+            .collect())
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<u64>, StoreError> {
         Ok(self.read().streams.get(stream).map(|v| v.len() as u64))
     }
 
-    async fn read_all_batch(&self, after: u64, limit: usize) -> Result<GlobalBatch, StoreError> {
+    fn upcasters(&self) -> &Upcasters {
+        &self.inner.upcasters
+    }
+}
+
+impl GlobalLog for MemoryStore {
+    async fn load_log(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let data = self.read();
-        let start = usize::try_from(after)
+        let start = usize::try_from(after.get())
             .unwrap_or(usize::MAX)
             .min(data.log.len());
         let end = start.saturating_add(limit).min(data.log.len());
-        let events = data.log[start..end].to_vec();
-        drop(data);
-        let scanned_to = events.last().map_or(after, |e| e.global_position);
-        Ok(GlobalBatch {
-            events: self.inner.upcasters.apply_all(events)?,
-            scanned_to,
-        })
+        Ok(data.log[start..end].to_vec())
     }
 
-    async fn head_position(&self) -> Result<Option<u64>, StoreError> {
-        Ok(Some(self.read().log.len() as u64))
+    async fn head_position(&self) -> Result<Position, StoreError> {
+        Ok(Position::new(self.read().log.len() as u64))
     }
 
-    async fn count_events_after(&self, after: u64) -> Result<Option<u64>, StoreError> {
+    async fn count_events_after(&self, after: Position) -> Result<Option<u64>, StoreError> {
         let stored = self.read().log.len() as u64;
-        Ok(Some(stored.saturating_sub(after)))
+        Ok(Some(stored.saturating_sub(after.get())))
     }
 
-    async fn wait_for_events(&self, after: u64) -> Result<(), StoreError> {
+    async fn wait_for_events(&self, after: Position) -> Result<(), StoreError> {
         self.inner.head.wait_past(after).await;
         Ok(())
     }
 }
 
 impl SnapshotStore for MemoryStore {
-    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+    async fn store_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         self.write().save_snapshot(snapshot);
         Ok(())
     }
@@ -349,14 +301,25 @@ impl SnapshotStore for MemoryStore {
         Ok(self.read().snapshots.get(stream).cloned())
     }
 
+    async fn delete_snapshot(&self, stream: &StreamId, version: u64) -> Result<bool, StoreError> {
+        let mut data = self.write();
+        if data
+            .snapshots
+            .get(stream)
+            .is_some_and(|s| s.version == version)
+        {
+            data.snapshots.remove(stream);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Appends and stores the snapshot under one lock: both or neither.
-    async fn append_with_snapshot(
+    async fn append_batch_with_snapshot(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        batch: AppendBatch,
         snapshot: Snapshot,
     ) -> Result<AppendOutcome, StoreError> {
-        self.append_sync(stream, expected, events, Some(snapshot))
+        self.append_sync(batch, Some(snapshot))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use esframe_core::{
     Aggregate, Command, CommandContext, CommandError, CommandHandler, Decision, DecodeErrorKind,
     Event, EventMetadata, EventStore, EventType, ExpectedVersion, NewEvent, RetryPolicy, Snapshot,
-    SnapshotPolicy, SnapshotStore, StreamId,
+    SnapshotPolicy, SnapshotStore, StoreError, StreamId,
 };
 use esframe_memory::MemoryStore;
 use serde::{Deserialize, Serialize};
@@ -182,9 +182,9 @@ async fn stores_events_with_envelopes_and_propagates_ids() {
     assert_eq!(envelope.payload, CounterEvent::Added { n: 5 });
     assert_eq!(envelope.stream_version, 1);
     assert_eq!(
-        envelope.event_id.get_version_num(),
-        7,
-        "event ids are UUIDv7"
+        envelope.event_id,
+        esframe_core::derived_event_id(command_id, 0),
+        "a command with an id gives its events ids derived from it"
     );
 
     let stored = store.read_stream(&sid("c1"), 1).await.unwrap();
@@ -200,11 +200,59 @@ async fn stores_events_with_envelopes_and_propagates_ids() {
         "command metadata flows too"
     );
 
-    // Without a context the command id is generated and is both correlation and causation.
+    // Without a context the command id is generated and is both correlation and causation,
+    // and event ids are random UUIDv7s.
     let second = handler.execute(add("c1", 1)).await.unwrap();
     let meta = &second.events[0].metadata;
     assert!(meta.correlation_id.is_some());
     assert_eq!(meta.correlation_id, meta.causation_id);
+    assert_eq!(second.events[0].event_id.get_version_num(), 7);
+    assert!(!second.deduplicated);
+}
+
+#[tokio::test]
+async fn a_command_handled_twice_with_its_id_is_stored_once() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone());
+    let command_id = Uuid::now_v7();
+    let ctx = || CommandContext::new().command_id(command_id);
+    let first = handler.execute_with(add("once", 5), ctx()).await.unwrap();
+    assert!(!first.deduplicated);
+    // Delivered again (a broker redelivery, a retry after an unknown outcome), through another
+    // handler without the cached state: decided again, the same events, stored once.
+    let other = CommandHandler::<Counter, _>::new(store.clone()).without_state_cache();
+    for handler in [&handler, &other] {
+        let again = handler.execute_with(add("once", 5), ctx()).await.unwrap();
+        assert!(
+            again.deduplicated,
+            "the store recognised the command's events"
+        );
+        assert_eq!(again.version, 1);
+        assert_eq!(again.events[0].event_id, first.events[0].event_id);
+        assert_eq!(again.events[0].stream_version, 1);
+        assert_eq!(
+            again.events[0].global_position,
+            first.events[0].global_position
+        );
+    }
+    assert_eq!(store.read_stream(&sid("once"), 1).await.unwrap().len(), 1);
+    assert_eq!(handler.load("once").await.unwrap().state.total, 5);
+    // The next command on the stream decides on the true state, not the re-decided one.
+    let next = handler.execute(add("once", 1)).await.unwrap();
+    assert_eq!(next.version, 2);
+    assert_eq!(handler.load("once").await.unwrap().state.total, 6);
+    // The same id with other events: the store refuses, naming the stored event.
+    match handler.execute_with(add("once", 7), ctx()).await {
+        Err(CommandError::Store(StoreError::EventIdReused {
+            event_id,
+            stored_version,
+            ..
+        })) => {
+            assert_eq!(event_id, first.events[0].event_id);
+            assert_eq!(stored_version, 1);
+        }
+        other => panic!("expected EventIdReused, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -400,6 +448,53 @@ async fn unusable_snapshots_are_ignored_and_replaced() {
         );
         assert_eq!(fresh.state["total"], json!(6 + 2 * (fresh.version - 3)));
     }
+}
+
+#[tokio::test]
+async fn a_snapshot_ahead_of_its_stream_is_ignored_deleted_and_replaced() {
+    let store = MemoryStore::new();
+    let handler = CommandHandler::<Counter, _>::new(store.clone())
+        .snapshot_policy(SnapshotPolicy::every(1_000))
+        .without_state_cache();
+    for _ in 0..3 {
+        handler.execute(add("ahead", 2)).await.unwrap();
+    }
+    // A snapshot claiming version 50 of a stream at version 3 (restored from another
+    // database, say): trusting it would decide on events that do not exist.
+    let ahead = || Snapshot {
+        stream_id: sid("ahead"),
+        aggregate_type: "counter".into(),
+        version: 50,
+        schema_version: Counter::SNAPSHOT_VERSION,
+        state: json!({ "total": 1000, "applied": 50 }),
+        taken_at: chrono::Utc::now(),
+    };
+    store.save_snapshot(ahead()).await.unwrap();
+    let outcome = handler.execute(add("ahead", 2)).await.unwrap();
+    assert_eq!(
+        outcome.version, 4,
+        "decided on the state rebuilt from events"
+    );
+    let fresh = store.load_snapshot(&sid("ahead")).await.unwrap().unwrap();
+    assert_eq!(
+        (fresh.version, fresh.state["total"].clone()),
+        (4, json!(8)),
+        "the untrustworthy snapshot was replaced by one at the stream's version"
+    );
+    store.delete_snapshot(&sid("ahead"), 4).await.unwrap();
+    store.save_snapshot(ahead()).await.unwrap();
+    let loaded = handler.load("ahead").await.unwrap();
+    assert_eq!(
+        (loaded.version, loaded.state.total),
+        (4, 8),
+        "rebuilt from events"
+    );
+    assert_eq!(
+        store.load_snapshot(&sid("ahead")).await.unwrap(),
+        None,
+        "a load deletes it too"
+    );
+    assert_eq!(handler.load("ahead").await.unwrap().state.total, 8);
 }
 
 #[tokio::test]

@@ -1,7 +1,11 @@
-//! Errors of the PostgreSQL store and how database errors are classified.
+//! Errors of the PostgreSQL store, and how database errors are classified.
 //!
 //! Database errors are told apart by SQLSTATE and constraint name (structured fields of the
-//! server's error), never by message text.
+//! server's error), never by message text, and where they happen: store code keeps the
+//! `sqlx::Error` ([`Failure::Db`]) until it has decided what it means, then turns it into the
+//! [`StoreError`] variant that says what happened to the data. Nothing downcasts.
+
+use esframe_core::{StoreError, StreamId};
 
 /// SQLSTATE codes esframe reacts to.
 pub(crate) mod sqlstate {
@@ -11,6 +15,11 @@ pub(crate) mod sqlstate {
     pub(crate) const SERIALIZATION_FAILURE: &str = "40001";
     /// `deadlock_detected`
     pub(crate) const DEADLOCK_DETECTED: &str = "40P01";
+    /// `lock_not_available`: `lock_timeout` expired.
+    pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
+    /// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`: the server ended the session
+    /// or is restarting.
+    pub(crate) const SERVER_GOING_AWAY: [&str; 3] = ["57P01", "57P02", "57P03"];
 }
 
 /// Constraint names from the migrations, used to classify unique violations.
@@ -56,6 +65,71 @@ pub(crate) fn classify(err: &sqlx::Error) -> AppendFailure {
     }
 }
 
+/// Whether `err` says the connection was already dead or died under the statement: the socket
+/// failed, or the server ended the session (`57P01` admin shutdown, `57P02` crash shutdown,
+/// `57P03` cannot connect now).
+pub(crate) fn connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| sqlstate::SERVER_GOING_AWAY.contains(&code.as_ref())),
+        _ => false,
+    }
+}
+
+/// A failed store operation, before it becomes a [`StoreError`]: the database's error is kept
+/// so that the store can decide (reconnect, retry, which variant) without downcasting.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// esframe's own verdict (a conflict, a corrupt row, ...): final.
+    Store(StoreError),
+    /// The database failed.
+    Db(sqlx::Error),
+}
+
+impl From<StoreError> for Failure {
+    fn from(err: StoreError) -> Self {
+        Self::Store(err)
+    }
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Db(err)
+    }
+}
+
+impl Failure {
+    /// Whether the connection died (and the operation may run again on another).
+    pub(crate) fn connection_lost(&self) -> bool {
+        matches!(self, Self::Db(err) if connection_lost(err))
+    }
+
+    /// The error of a read (or of an append known not to have reached a commit): a database
+    /// failure is [`StoreError::Unavailable`].
+    pub(crate) fn unavailable(self, stream: Option<&StreamId>) -> StoreError {
+        match self {
+            Self::Store(err) => err,
+            Self::Db(err) => StoreError::unavailable(stream, err),
+        }
+    }
+
+    /// The error of an append that ran its own transaction: if a connection died under it
+    /// (`lost`), the commit may have happened, so the outcome is unknown; any other database
+    /// failure stored nothing.
+    pub(crate) fn of_append(self, stream: &StreamId, lost: bool) -> StoreError {
+        match self {
+            Self::Store(err) => err,
+            Self::Db(err) if lost || connection_lost(&err) => StoreError::OutcomeUnknown {
+                stream: stream.clone(),
+                source: Box::new(err),
+            },
+            Self::Db(err) => StoreError::unavailable(Some(stream), err),
+        }
+    }
+}
+
 /// Errors setting up or administering the PostgreSQL store (store operations return
 /// [`esframe_core::StoreError`]).
 #[derive(Debug, thiserror::Error)]
@@ -78,42 +152,10 @@ pub enum PgStoreError {
         /// The newest version this release knows.
         known: i32,
     },
-    /// `append_in` was called in a transaction that had already written something.
-    #[error(
-        "the append to stream `{stream}` must be the first write of its transaction: an earlier write gives the transaction an id older than the events it follows, which would reorder the global log"
-    )]
-    AppendNotFirstWrite {
-        /// The stream appended to.
-        stream: String,
-    },
-    /// `append_in` was called on a store that updates inline projections: they run in the
-    /// store's own append transaction, which the caller's transaction cannot be.
-    #[error(
-        "the append to stream `{stream}` cannot run in the caller's transaction: this store updates inline projections ({projections}) in its own; use `append`, or a store without inline projections"
-    )]
-    InlineProjectionsNeedOwnTransaction {
-        /// The stream appended to.
-        stream: String,
-        /// The inline projections' names.
-        projections: String,
-    },
-    /// More events in one append than a global position can number.
-    #[error(
-        "append of {events} events to stream `{stream}` exceeds the limit of 65536 per append; split it"
-    )]
-    AppendTooLarge {
-        /// The stream appended to.
-        stream: String,
-        /// Events in the refused append.
-        events: usize,
-    },
+    /// An inline projection's name cannot be kept as a projection key.
+    #[error(transparent)]
+    InvalidProjectionName(#[from] esframe_core::projection::InvalidProjectionKey),
     /// PostgreSQL could not be reached or refused a statement.
     #[error("PostgreSQL error: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-impl From<PgStoreError> for esframe_core::StoreError {
-    fn from(err: PgStoreError) -> Self {
-        Self::backend(err)
-    }
 }

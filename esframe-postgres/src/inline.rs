@@ -1,15 +1,35 @@
 //! Inline projections: read models updated in the append's own transaction.
+//!
+//! `BEGIN; take every inline projection's lease lock shared, check it is not being rebuilt, was
+//! not left half rebuilt and is at the code's version; append; handle the appended events;
+//! COMMIT`. A rebuild holds the lease exclusively, so appends wait for it (without holding a
+//! connection) and the rebuilt read model misses and repeats nothing.
 
-use std::{future::Future, panic::AssertUnwindSafe, pin::Pin, sync::Arc};
-
-use esframe_core::{
-    RecordedEvent,
-    projection::{HandlerError, Interest, Projection, ProjectionContext},
+use std::{
+    future::Future,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
+use esframe_core::{
+    AppendBatch, AppendOutcome, Conflict, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
+    StreamId,
+    projection::{HandlerError, Interest, Projection, ProjectionContext, ProjectionKey},
+};
 use futures_util::FutureExt;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
 
-use crate::PgTransaction;
+use crate::{
+    PgEventStore, PgTransaction, SchemaName,
+    append::{ANY_RETRIES, AppendMode, Columns},
+    error::{AppendFailure, Failure, classify, connection_lost},
+    sql::Queries,
+};
+
+/// How long an append that updates inline projections waits for a rebuild of one of them.
+const INLINE_REBUILD_WAIT: Duration = Duration::from_secs(30);
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -17,7 +37,11 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// [`PgEventStoreBuilder::inline_projection`](crate::PgEventStoreBuilder::inline_projection),
 /// behind a trait object.
 pub(crate) trait InlineProjection: Send + Sync {
-    fn name(&self) -> &str;
+    fn key(&self) -> &ProjectionKey;
+    fn name(&self) -> &str {
+        self.key().name()
+    }
+    fn version(&self) -> u32;
     fn interest(&self) -> &Interest;
     fn apply<'a>(
         &'a self,
@@ -26,25 +50,34 @@ pub(crate) trait InlineProjection: Send + Sync {
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
 
-/// A projection with its interest, asked for once.
+/// A projection with its key, version and interest, asked for once.
 pub(crate) struct Registered<P> {
     projection: P,
+    key: ProjectionKey,
+    version: u32,
     interest: Interest,
 }
 
 impl<P: Projection<PgTransaction>> Registered<P> {
-    pub(crate) fn boxed(projection: P) -> Arc<dyn InlineProjection> {
-        let interest = projection.interest();
-        Arc::new(Self {
+    pub(crate) fn boxed(
+        projection: P,
+    ) -> Result<Arc<dyn InlineProjection>, esframe_core::projection::InvalidProjectionKey> {
+        Ok(Arc::new(Self {
+            key: ProjectionKey::single(projection.name())?,
+            version: projection.version(),
+            interest: projection.interest(),
             projection,
-            interest,
-        })
+        }))
     }
 }
 
 impl<P: Projection<PgTransaction>> InlineProjection for Registered<P> {
-    fn name(&self) -> &str {
-        self.projection.name()
+    fn key(&self) -> &ProjectionKey {
+        &self.key
+    }
+
+    fn version(&self) -> u32 {
+        self.version
     }
 
     fn interest(&self) -> &Interest {
@@ -71,9 +104,274 @@ impl<P: Projection<PgTransaction>> InlineProjection for Registered<P> {
     }
 }
 
-/// The advisory-lock key of a projection's lease, shared by runners (exclusive, for the
-/// session) and inline appends (shared, for the transaction), so that a rebuild of an inline
-/// projection and appends that update it never interleave.
-pub(crate) fn lease_key(schema: &crate::SchemaName, projection: &str) -> String {
-    format!("esframe.projection.{schema}.{projection}")
+/// The advisory-lock key of a projection partition's lease, shared by runners (exclusive, for
+/// the session) and inline appends (shared, for the transaction), so that a rebuild of an
+/// inline projection and appends that update it never interleave.
+pub(crate) fn lease_key(schema: &SchemaName, key: &ProjectionKey) -> String {
+    format!(
+        "esframe.projection.{schema}.{}.{}",
+        key.name(),
+        key.partition()
+    )
+}
+
+/// Records each inline projection's version in its checkpoint row, if it has none yet (at the
+/// log's head: an inline projection added to a store with history starts from now; rebuild it
+/// to include the history). Appends compare the row with the code's version.
+pub(crate) async fn register(
+    pool: &PgPool,
+    sql: &Queries,
+    projections: &[Arc<dyn InlineProjection>],
+) -> Result<(), sqlx::Error> {
+    for projection in projections {
+        sqlx::query(AssertSqlSafe(Arc::clone(&sql.register_inline)))
+            .bind(projection.name())
+            .bind(i32::from(projection.key().partition()))
+            .bind(i32::try_from(projection.version()).unwrap_or(i32::MAX))
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// What one try of an inline append did.
+enum Attempt {
+    Done(AppendOutcome),
+    /// One of the projections is being rebuilt: wait and try again.
+    Rebuilding(String),
+    /// A race (another writer took the version or the id, then rolled back): try again.
+    Retry,
+}
+
+/// The envelopes of events just appended, as the global log will show them.
+fn recorded_events(batch: &AppendBatch, outcome: &AppendOutcome) -> Vec<RecordedEvent> {
+    let first_version = outcome.stream_version + 1 - batch.len() as u64;
+    batch
+        .events()
+        .iter()
+        .zip(&outcome.positions)
+        .enumerate()
+        .map(|(i, (event, &global_position))| RecordedEvent {
+            event_id: event.event_id,
+            stream_id: batch.stream().clone(),
+            aggregate_type: event.aggregate_type.clone(),
+            stream_version: first_version + i as u64,
+            global_position,
+            recorded_at: outcome.recorded_at,
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            payload: event.payload.clone(),
+            metadata: event.metadata.clone(),
+        })
+        .collect()
+}
+
+impl PgEventStore {
+    /// The append in a transaction of its own that also updates the inline projections.
+    pub(crate) async fn append_with_inline(
+        &self,
+        batch: &AppendBatch,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let stream = batch.stream();
+        let columns = Columns::new(batch);
+        let mut reconnect = self.reconnect();
+        let rebuild_wait = Instant::now();
+        let mut backoff = Duration::from_millis(1);
+        let mut races = 0;
+        loop {
+            match self.inline_attempt(batch, &columns, snapshot).await {
+                Ok(Attempt::Done(outcome)) => {
+                    if !outcome.positions.is_empty()
+                        && (!outcome.deduplicated || reconnect.lost > 0)
+                    {
+                        self.appended();
+                    }
+                    return Ok(outcome);
+                }
+                Ok(Attempt::Rebuilding(projection)) => {
+                    // Wait without holding a connection, which the rebuild may need.
+                    if rebuild_wait.elapsed() >= INLINE_REBUILD_WAIT {
+                        return Err(StoreError::InlineProjection {
+                            projection,
+                            stream: stream.clone(),
+                            source: format!(
+                                "it is being rebuilt, and appends that update it waited {} s for the rebuild to end",
+                                INLINE_REBUILD_WAIT.as_secs()
+                            )
+                            .into(),
+                        });
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                Ok(Attempt::Retry) if races < ANY_RETRIES => {
+                    races += 1;
+                    tokio::task::yield_now().await;
+                }
+                Ok(Attempt::Retry) => {
+                    return Err(StoreError::unavailable(
+                        Some(stream),
+                        format!("the append lost {ANY_RETRIES} races in a row to other writers"),
+                    ));
+                }
+                // The transaction died with its connection (or at its commit): run it again;
+                // if it committed, the ids say so.
+                Err(failure) if failure.connection_lost() && reconnect.wait().await => {}
+                Err(failure) => return Err(failure.of_append(stream, reconnect.lost > 0)),
+            }
+        }
+    }
+
+    async fn inline_attempt(
+        &self,
+        batch: &AppendBatch,
+        columns: &Columns<'_>,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Attempt, Failure> {
+        let stream = batch.stream();
+        let mut tx = self.inner.pool.begin().await?;
+        // Shared with other appends, exclusive with a rebuild holding the lease. Taking it
+        // writes nothing, so the append stays the transaction's first write.
+        if let Some(rebuilding) = self.lock_inline_projections(&mut tx, stream).await? {
+            return Ok(Attempt::Rebuilding(rebuilding));
+        }
+        let outcome = match self
+            .append_on(
+                &mut tx,
+                batch,
+                columns,
+                snapshot,
+                AppendMode::OwnTransaction,
+            )
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(Failure::Db(err)) if !connection_lost(&err) => {
+                // A failed statement ended the transaction; decide on another connection
+                // whether this was an idempotent retry, a race to retry, or a conflict.
+                drop(tx);
+                return on_connection!(self, |conn| self.after_race(conn, batch, &err).await);
+            }
+            Err(failure) => return Err(failure),
+        };
+        if outcome.deduplicated || outcome.positions.is_empty() {
+            return Ok(Attempt::Done(outcome));
+        }
+        let recorded = recorded_events(batch, &outcome);
+        for projection in &self.inner.inline {
+            let wanted: Vec<RecordedEvent> = recorded
+                .iter()
+                .filter(|e| projection.interest().matches(e))
+                .cloned()
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            if let Err(source) = projection.apply(&wanted, &mut tx).await {
+                return Err(StoreError::InlineProjection {
+                    projection: projection.name().to_owned(),
+                    stream: stream.clone(),
+                    source,
+                }
+                .into());
+            }
+        }
+        tx.commit().await?;
+        Ok(Attempt::Done(outcome))
+    }
+
+    /// After the append statement failed on a race in the inline transaction.
+    async fn after_race(
+        &self,
+        conn: &mut PgConnection,
+        batch: &AppendBatch,
+        err: &sqlx::Error,
+    ) -> Result<Attempt, Failure> {
+        if let Some(original) = self.deduplicate(conn, batch).await? {
+            return Ok(Attempt::Done(original));
+        }
+        match classify(err) {
+            AppendFailure::VersionTaken => {
+                let actual = self.stream_version_on(conn, batch.stream()).await?;
+                if matches!(
+                    batch.expected(),
+                    ExpectedVersion::Any | ExpectedVersion::StreamExists
+                ) && batch.expected().accepts(actual)
+                {
+                    return Ok(Attempt::Retry);
+                }
+                Err(StoreError::Conflict(Conflict {
+                    stream: batch.stream().clone(),
+                    expected: batch.expected(),
+                    actual,
+                })
+                .into())
+            }
+            // The other writer of the id rolled back, or a serialization failure: again.
+            AppendFailure::EventIdTaken | AppendFailure::Transient => Ok(Attempt::Retry),
+            AppendFailure::PositionTaken | AppendFailure::Other => Err(StoreError::unavailable(
+                Some(batch.stream()),
+                format!("the append statement failed: {err}"),
+            )
+            .into()),
+        }
+    }
+
+    /// Takes every inline projection's shared lease lock for `tx`; the name of one held
+    /// exclusively (being rebuilt) if any could not be taken. A projection whose rebuild was
+    /// left unfinished, or whose stored version is not the code's, refuses the append: its read
+    /// model would be missing events or be of another shape.
+    async fn lock_inline_projections(
+        &self,
+        tx: &mut PgConnection,
+        stream: &StreamId,
+    ) -> Result<Option<String>, Failure> {
+        for projection in &self.inner.inline {
+            let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.inline_guard)))
+                .bind(lease_key(&self.inner.schema, projection.key()))
+                .bind(projection.name())
+                .bind(i32::from(projection.key().partition()))
+                .fetch_one(&mut *tx)
+                .await?;
+            let free: bool = row.try_get("free")?;
+            let unfinished: bool = row.try_get("unfinished")?;
+            let stored: Option<i32> = row.try_get("version")?;
+            if !free {
+                return Ok(Some(projection.name().to_owned()));
+            }
+            let refuse = |reason: String| -> Result<Option<String>, Failure> {
+                Err(StoreError::InlineProjection {
+                    projection: projection.name().to_owned(),
+                    stream: stream.clone(),
+                    source: reason.into(),
+                }
+                .into())
+            };
+            if unfinished {
+                return refuse(
+                    "its last rebuild was interrupted, so its read model is missing events; \
+                     run `ProjectionRunner::rebuild` for it again"
+                        .to_owned(),
+                );
+            }
+            let code = projection.version();
+            match stored.map(|v| u32::try_from(v).unwrap_or(0)) {
+                Some(stored) if stored < code => {
+                    return refuse(format!(
+                        "its read model is at version {stored} and the code at version {code}: \
+                         rebuild it (`ProjectionRunner::rebuild`) before appends can update it"
+                    ));
+                }
+                Some(stored) if stored > code => {
+                    return refuse(format!(
+                        "its read model is at version {stored}, newer than this code's version \
+                         {code}: run the newer code, or rebuild it with this one"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
 }

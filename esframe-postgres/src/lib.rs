@@ -1,7 +1,7 @@
 //! # esframe-postgres
 //!
-//! [`PgEventStore`]: the production [`EventStore`] and [`SnapshotStore`] for esframe, on sqlx
-//! and PostgreSQL (13 or newer; tested on 15).
+//! [`PgEventStore`]: the production [`EventStore`], [`GlobalLog`] and [`SnapshotStore`] for
+//! esframe, on sqlx and PostgreSQL (13 or newer; tested on 15).
 //!
 //! ```no_run
 //! use esframe_core::CommandHandler;
@@ -34,23 +34,29 @@
 //! - **Exactly-once projections** with [`PgCheckpoints`]: the read model and the checkpoint
 //!   commit in one transaction; leases by advisory lock; dead letters in a table.
 
+#[macro_use]
+mod connection;
+
+mod append;
+mod builder;
 mod checkpoints;
-mod diagnostics;
 mod error;
+mod horizon;
 mod inline;
 mod listener;
+mod read;
 mod rows;
 mod schema;
 mod sql;
 mod stash;
 mod store;
 
+pub use builder::PgEventStoreBuilder;
 pub use checkpoints::{PgCheckpoints, PgLease, PgTransaction};
-pub use diagnostics::{HorizonHolder, HorizonStatus};
 pub use error::PgStoreError;
+pub use horizon::{HorizonHolder, HorizonStatus};
 pub use schema::{SCHEMA_VERSION, SchemaName};
-pub use sql::MAX_EVENTS_PER_APPEND;
-pub use store::{PgEventStore, PgEventStoreBuilder};
+pub use store::PgEventStore;
 
 #[doc(no_inline)]
-pub use esframe_core::{EventStore, SnapshotStore};
+pub use esframe_core::{EventStore, GlobalLog, SnapshotStore, limits::MAX_EVENTS_PER_APPEND};

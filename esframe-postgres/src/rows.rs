@@ -1,19 +1,13 @@
 //! Turning rows into envelopes. A row that does not fit (hand-edited, corrupt) becomes a
-//! [`StoreError::Corrupt`] naming its stream and version; nothing panics.
+//! [`StoreError::Corrupt`] naming its stream, version and type; nothing panics.
 
 use chrono::{DateTime, Utc};
-use esframe_core::{EventMetadata, RecordedEvent, Snapshot, StoreError, StreamId};
+use esframe_core::{
+    CorruptData, EventMetadata, Position, RecordedEvent, Snapshot, StoreError, StreamId,
+};
 use serde_json::Value;
 use sqlx::{Row, postgres::PgRow};
 use uuid::Uuid;
-
-fn corrupt(stream: &StreamId, version: u64, reason: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        stream: stream.clone(),
-        version,
-        reason: reason.to_string(),
-    }
-}
 
 /// Decodes an event row selected with `EVENT_COLUMNS`. `known_stream` skips re-validating the
 /// stream id when the query was for one stream.
@@ -24,39 +18,54 @@ pub(crate) fn event(
     let stream_id = match known_stream {
         Some(stream) => stream.clone(),
         None => {
-            let text: String = row.try_get(2).map_err(StoreError::backend)?;
-            StreamId::new(&text).map_err(|err| StoreError::Corrupt {
-                stream: StreamId::lossy(&text),
-                version: 0,
-                reason: format!("stored stream id {text:?} is invalid: {err}"),
+            let text: String = row
+                .try_get(2)
+                .map_err(|err| StoreError::unavailable(None, err))?;
+            StreamId::new(&text).map_err(|err| {
+                CorruptData::new(
+                    StreamId::lossy(&text),
+                    0,
+                    format!("stored stream id {text:?} is invalid"),
+                )
+                .source(err)
             })?
         }
     };
-    let raw_version: i64 = row.try_get(3).map_err(StoreError::backend)?;
+    let raw_version: i64 = row.try_get(3).map_err(|err| {
+        CorruptData::new(
+            stream_id.clone(),
+            0,
+            "column `stream_version` cannot be read",
+        )
+        .source(err)
+    })?;
     let stream_version = u64::try_from(raw_version).map_err(|_| {
-        corrupt(
-            &stream_id,
+        CorruptData::new(
+            stream_id.clone(),
             0,
             format!("negative stream version {raw_version}"),
         )
     })?;
-    let field = |name: &str, err: sqlx::Error| {
-        corrupt(
-            &stream_id,
-            stream_version,
-            format!("column `{name}`: {err}"),
-        )
+    // The type first, so that every later error can name it.
+    let event_type: Option<String> = row.try_get(5).ok();
+    let corrupt = |problem: String| {
+        let err = CorruptData::new(stream_id.clone(), stream_version, problem);
+        match &event_type {
+            Some(event_type) => err.event_type(event_type.clone()),
+            None => err,
+        }
     };
-
+    let field = |name: &str, err: sqlx::Error| {
+        StoreError::from(corrupt(format!("column `{name}` cannot be read")).source(err))
+    };
+    let event_type = row
+        .try_get::<String, _>(5)
+        .map_err(|e| field("event_type", e))?;
     let raw_position: i64 = row.try_get(0).map_err(|e| field("global_position", e))?;
     let raw_schema: i32 = row.try_get(6).map_err(|e| field("schema_version", e))?;
     let extra: Value = row.try_get(10).map_err(|e| field("metadata", e))?;
     let Value::Object(extra) = extra else {
-        return Err(corrupt(
-            &stream_id,
-            stream_version,
-            format!("metadata is not a JSON object: {extra}"),
-        ));
+        return Err(corrupt(format!("metadata is not a JSON object: {extra}")).into());
     };
     Ok(RecordedEvent {
         event_id: row
@@ -65,30 +74,22 @@ pub(crate) fn event(
         aggregate_type: std::borrow::Cow::Owned(
             row.try_get(4).map_err(|e| field("aggregate_type", e))?,
         ),
-        global_position: u64::try_from(raw_position).map_err(|_| {
-            corrupt(
-                &stream_id,
-                stream_version,
-                format!("negative global position {raw_position}"),
-            )
-        })?,
+        global_position: Position::new(
+            u64::try_from(raw_position)
+                .map_err(|_| corrupt(format!("negative global position {raw_position}")))?,
+        ),
         recorded_at: row
             .try_get::<DateTime<Utc>, _>(11)
             .map_err(|e| field("recorded_at", e))?,
-        event_type: std::borrow::Cow::Owned(row.try_get(5).map_err(|e| field("event_type", e))?),
-        schema_version: u32::try_from(raw_schema).map_err(|_| {
-            corrupt(
-                &stream_id,
-                stream_version,
-                format!("negative schema version {raw_schema}"),
-            )
-        })?,
+        schema_version: u32::try_from(raw_schema)
+            .map_err(|_| corrupt(format!("negative schema version {raw_schema}")))?,
         payload: row.try_get(7).map_err(|e| field("payload", e))?,
         metadata: EventMetadata {
             correlation_id: row.try_get(8).map_err(|e| field("correlation_id", e))?,
             causation_id: row.try_get(9).map_err(|e| field("causation_id", e))?,
             extra,
         },
+        event_type: std::borrow::Cow::Owned(event_type),
         stream_version,
         stream_id,
     })

@@ -82,10 +82,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "projection_replays",
         sql: include_str!("../migrations/0003_projection_replays.sql"),
     },
+    Migration {
+        version: 4,
+        name: "projection_partitions",
+        sql: include_str!("../migrations/0004_projection_partitions.sql"),
+    },
 ];
 
 /// The newest migration version this release knows.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Creates the schema and applies pending migrations.
 ///

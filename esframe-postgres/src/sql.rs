@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use crate::SchemaName;
 
-/// Bits of `global_position` below the transaction id: at most 2^16 events per append.
+/// Bits of `global_position` below the transaction id: at most 2^16 events per append, the
+/// contract's limit.
 pub(crate) const POSITION_SHIFT: u32 = 16;
 
-/// The largest number of events one append may carry.
-pub const MAX_EVENTS_PER_APPEND: usize = 1 << POSITION_SHIFT;
+const _: () = assert!(esframe_core::limits::MAX_EVENTS_PER_APPEND == 1 << POSITION_SHIFT);
 
 /// Columns of a stored event, in the order [`crate::rows`] reads them.
 const EVENT_COLUMNS: &str = "global_position, event_id, stream_id, stream_version, aggregate_type, \
@@ -43,9 +43,12 @@ pub(crate) struct Queries {
     /// For an append that updates an inline projection: takes its lease lock shared (if no
     /// rebuild holds it) and tells whether a rebuild of it was left unfinished.
     pub(crate) inline_guard: Arc<str>,
+    /// Records an inline projection's version in its checkpoint row if it has none.
+    pub(crate) register_inline: Arc<str>,
     pub(crate) head: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
+    pub(crate) delete_snapshot: Arc<str>,
 }
 
 impl Queries {
@@ -93,12 +96,7 @@ impl Queries {
             append_with_snapshot: append_sql(&s, false, true).into(),
             append_notify: append_sql(&s, true, false).into(),
             find_event_ids: format!(
-                "SELECT e.event_id, e.stream_id, e.stream_version, e.global_position, e.recorded_at,
-                        (e.stream_id = $2 AND e.event_type = n.event_type
-                         AND e.schema_version = n.schema_version AND e.payload = n.payload) AS same
-                 FROM unnest($1::uuid[], $3::text[], $4::int4[], $5::jsonb[])
-                      AS n(event_id, event_type, schema_version, payload)
-                 JOIN {s}.events e ON e.event_id = n.event_id"
+                "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1::uuid[])"
             )
             .into(),
             read_stream: format!(
@@ -125,8 +123,16 @@ impl Queries {
             head: format!("SELECT max(global_position) FROM {s}.events").into(),
             inline_guard: format!(
                 "SELECT pg_try_advisory_xact_lock_shared(hashtextextended($1, 0)) AS free,
-                        EXISTS (SELECT 1 FROM {s}.projection_checkpoints
-                                WHERE projection = $2 AND replay_until IS NOT NULL) AS unfinished"
+                        cp.replay_until IS NOT NULL AS unfinished, cp.version
+                 FROM (SELECT 1) one
+                 LEFT JOIN {s}.projection_checkpoints cp
+                        ON cp.projection = $2 AND cp.partition = $3"
+            )
+            .into(),
+            register_inline: format!(
+                "INSERT INTO {s}.projection_checkpoints (projection, partition, version, position)
+                 SELECT $1, $2, $3, coalesce(max(global_position), 0) FROM {s}.events
+                 ON CONFLICT (projection, partition) DO NOTHING"
             )
             .into(),
             count_after: format!("SELECT count(*) FROM {s}.events WHERE global_position > $1")
@@ -145,6 +151,10 @@ impl Queries {
             load_snapshot: format!(
                 "SELECT aggregate_type, version, schema_version, state, taken_at
                  FROM {s}.snapshots WHERE stream_id = $1"
+            )
+            .into(),
+            delete_snapshot: format!(
+                "DELETE FROM {s}.snapshots WHERE stream_id = $1 AND version = $2"
             )
             .into(),
         }

@@ -4,12 +4,12 @@
 mod common;
 
 use esframe_core::{
-    CommandError, CommandHandler, DecodeErrorKind, EventStore, ExpectedVersion, NewEvent,
-    SnapshotStore, StoreError, StreamId,
+    CommandError, CommandHandler, CorruptData, DecodeErrorKind, EventStore, ExpectedVersion,
+    GlobalLog, NewEvent, Position, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
 };
 use esframe_examples::bank_account::{Account, AccountCommand};
 use esframe_postgres::PgEventStore;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::AssertSqlSafe;
 
 fn sid(s: &str) -> StreamId {
@@ -30,10 +30,10 @@ fn deposit(account_id: &str, amount: u64) -> AccountCommand {
     }
 }
 
-/// Every row of the events table as JSON, to prove nothing changed.
-async fn table_dump(store: &PgEventStore) -> Vec<Value> {
+/// Every row of the events table as JSON text, to prove nothing changed.
+async fn table_dump(store: &PgEventStore) -> Vec<String> {
     sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT to_jsonb(e) FROM \"{}\".events e ORDER BY global_position",
+        "SELECT to_jsonb(e)::text FROM \"{}\".events e ORDER BY global_position",
         store.schema()
     )))
     .fetch_all(store.pool())
@@ -150,13 +150,16 @@ async fn corrupt_rows_are_store_errors_naming_stream_and_version() {
         read_all_settled(&store).await.unwrap_err(),
     ] {
         match &err {
-            StoreError::Corrupt {
+            StoreError::Corrupt(CorruptData {
                 stream,
                 version,
-                reason,
-            } => {
+                event_type,
+                problem,
+                ..
+            }) => {
                 assert_eq!((stream, *version), (&sid("meta"), 1));
-                assert!(reason.contains("metadata"), "{reason}");
+                assert_eq!(event_type.as_deref(), Some("Happened"));
+                assert!(problem.contains("metadata"), "{problem}");
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
@@ -172,9 +175,11 @@ async fn corrupt_rows_are_store_errors_naming_stream_and_version() {
     .await
     .unwrap();
     match read_all_settled(&store).await.unwrap_err() {
-        StoreError::Corrupt { stream, reason, .. } => {
+        StoreError::Corrupt(CorruptData {
+            stream, problem, ..
+        }) => {
             assert_eq!(stream.as_str(), "(empty)");
-            assert!(reason.contains("stream id"), "{reason}");
+            assert!(problem.contains("stream id"), "{problem}");
         }
         other => panic!("expected Corrupt, got {other:?}"),
     }
@@ -232,7 +237,7 @@ async fn read_all_settled(
     store: &PgEventStore,
 ) -> Result<Vec<esframe_core::RecordedEvent>, StoreError> {
     for _ in 0..2000 {
-        match store.read_all(0, 10).await {
+        match store.read_all(Position::START, 10).await {
             Ok(events) if events.is_empty() => {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await
             }
@@ -240,4 +245,98 @@ async fn read_all_settled(
         }
     }
     panic!("the row never became readable");
+}
+
+#[tokio::test]
+async fn a_stream_with_a_gap_in_its_versions_is_corrupt_not_a_wrong_state() {
+    let store = common::store("gap").await;
+    let accounts = CommandHandler::<Account, _>::new(store.clone()).without_state_cache();
+    accounts.execute(open("g")).await.unwrap();
+    for amount in [1, 2, 3] {
+        accounts.execute(deposit("g", amount)).await.unwrap();
+    }
+    // Version 3 (the deposit of 2) vanishes: replaying would give 4 instead of 6, silently.
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM \"{}\".events WHERE stream_id = 'g' AND stream_version = 3",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let before = table_dump(&store).await;
+    for err in [
+        accounts.load("g").await.unwrap_err(),
+        accounts.execute(deposit("g", 1)).await.unwrap_err(),
+    ] {
+        match &err {
+            CommandError::Store(StoreError::Corrupt(corrupt)) => {
+                assert_eq!((corrupt.stream.as_str(), corrupt.version), ("g", 4));
+                assert_eq!(corrupt.event_type.as_deref(), Some("MoneyDeposited"));
+                assert!(corrupt.problem.contains("version 3 is missing"), "{err}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+    assert_eq!(table_dump(&store).await, before, "nothing stored changed");
+}
+
+#[tokio::test]
+async fn a_snapshot_ahead_of_its_stream_is_ignored_and_replaced() {
+    let store = common::store("snapshot_ahead").await;
+    let accounts = CommandHandler::<Account, _>::new(store.clone())
+        .snapshot_policy(SnapshotPolicy::every(1_000))
+        .without_state_cache();
+    accounts.execute(open("a")).await.unwrap();
+    accounts.execute(deposit("a", 5)).await.unwrap();
+    store
+        .save_snapshot(Snapshot {
+            stream_id: sid("a"),
+            aggregate_type: "account".into(),
+            version: 99,
+            schema_version: 1,
+            state: json!({ "owner": "Mallory", "balance": 1_000_000, "open": true }),
+            taken_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    let done = accounts.execute(deposit("a", 1)).await.unwrap();
+    assert_eq!(done.version, 3, "decided on the stream, not the snapshot");
+    assert_eq!(accounts.load("a").await.unwrap().state.balance, 6);
+    let fresh = store.load_snapshot(&sid("a")).await.unwrap().unwrap();
+    assert_eq!(
+        (fresh.version, fresh.state["balance"].clone()),
+        (3, json!(6))
+    );
+}
+
+#[tokio::test]
+async fn json_nested_deeper_than_can_be_read_is_a_typed_error() {
+    // Written behind esframe's back (esframe refuses to store it): 1,000 nested arrays, which
+    // PostgreSQL accepts and serde_json refuses to read past 128 levels.
+    let store = common::store("deep_row").await;
+    store
+        .append(&sid("deep"), ExpectedVersion::NoStream, vec![new_event()])
+        .await
+        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE \"{}\".events SET payload = (repeat('[', 1000) || repeat(']', 1000))::jsonb",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let before = table_dump(&store).await;
+    for err in [
+        store.read_stream(&sid("deep"), 1).await.unwrap_err(),
+        read_all_settled(&store).await.unwrap_err(),
+    ] {
+        match &err {
+            StoreError::Corrupt(corrupt) => {
+                assert_eq!((corrupt.stream.as_str(), corrupt.version), ("deep", 1));
+                assert!(corrupt.problem.contains("payload"), "{err}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+    assert_eq!(table_dump(&store).await, before);
 }

@@ -1,5 +1,7 @@
-//! Exactly-once projections on PostgreSQL: live under concurrent writers, killed mid-batch,
-//! poison events, two runners, rebuilds.
+//! Exactly-once projections on PostgreSQL: the shared projection suite with a read model written
+//! through the runner's transaction, and what only PostgreSQL can show: live under concurrent
+//! writers with the read model checked in SQL, runners killed and connections aborted
+//! mid-batch, commits the database refuses, inline projections.
 
 mod common;
 
@@ -13,11 +15,12 @@ use std::{
 };
 
 use esframe_core::{
-    EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId,
+    EventStore, ExpectedVersion, GlobalLog, NewEvent, Position, RecordedEvent, StreamId,
     projection::{
-        CheckpointStore, HandlerError, HandlerRetry, Projection, ProjectionContext,
-        ProjectionRunner, wait_for_projections,
+        CheckpointStore, DeadLetterStore, HandlerError, HandlerRetry, Projection,
+        ProjectionContext, ProjectionKey, ProjectionRunner, wait_for_projections,
     },
+    testing::projections::{Applied, Recorded, Recorder},
 };
 use esframe_postgres::{PgCheckpoints, PgEventStore, PgTransaction};
 use serde_json::json;
@@ -156,7 +159,7 @@ fn deposit(amount: i64) -> NewEvent {
     }
 }
 
-async fn append(store: &PgEventStore, stream: &str, amounts: &[i64]) -> (Vec<Uuid>, u64) {
+async fn append(store: &PgEventStore, stream: &str, amounts: &[i64]) -> (Vec<Uuid>, Position) {
     let events: Vec<NewEvent> = amounts.iter().map(|&a| deposit(a)).collect();
     let ids = events.iter().map(|e| e.event_id).collect();
     let outcome = store
@@ -208,6 +211,10 @@ async fn stored_events(store: &PgEventStore) -> i64 {
     .unwrap()
 }
 
+fn ledger_key() -> ProjectionKey {
+    ProjectionKey::single("ledger").unwrap()
+}
+
 fn checkpoints(store: &PgEventStore) -> PgCheckpoints {
     store
         .checkpoints()
@@ -228,7 +235,7 @@ async fn concurrent_writers_and_a_live_projection_apply_every_event_exactly_once
         .map(|w| {
             let store = store.clone();
             tokio::spawn(async move {
-                let mut last = 0;
+                let mut last = Position::START;
                 for i in 0..40 {
                     let amounts: Vec<i64> = (0..=(i % 3)).map(|k| i * 10 + k).collect();
                     let (_, position) =
@@ -239,11 +246,11 @@ async fn concurrent_writers_and_a_live_projection_apply_every_event_exactly_once
             })
         })
         .collect();
-    let mut last = 0;
+    let mut last = Position::START;
     for writer in writers {
         last = last.max(writer.await.unwrap());
     }
-    wait_for_projections(&checkpoints, &["ledger"], last, Duration::from_secs(30))
+    wait_for_projections(&checkpoints, &[ledger_key()], last, Duration::from_secs(30))
         .await
         .unwrap();
     running.shutdown().await.unwrap();
@@ -280,8 +287,8 @@ async fn a_runner_killed_in_the_middle_of_a_batch_neither_loses_nor_repeats() {
     // The first batch committed with its checkpoint; the second was rolled back whole.
     let (rows, distinct, _) = applied(&store).await;
     assert_eq!((rows, distinct), (100, 100));
-    let first_batch = store.read_all(0, 100).await.unwrap();
-    let checkpoint = checkpoints.load("ledger").await.unwrap().unwrap();
+    let first_batch = store.read_all(Position::START, 100).await.unwrap();
+    let checkpoint = checkpoints.load(&ledger_key()).await.unwrap().unwrap();
     assert_eq!(
         checkpoint.position,
         first_batch.last().unwrap().global_position
@@ -331,144 +338,13 @@ async fn a_connection_aborted_in_the_middle_of_a_batch_neither_loses_nor_repeats
     let (rows, distinct, sum) = applied(&store).await;
     assert_eq!((rows, distinct, sum), (200, 200, 400));
     totals_match_events(&store).await;
-    assert!(checkpoints.dead_letters("ledger").await.unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn a_poison_event_is_parked_in_the_dead_letter_table_and_retried_after_a_fix() {
-    let store = common::store("proj_poison").await;
-    let ledger = Ledger::new(&store).await;
-    append(&store, "p-1", &[1, 2]).await;
-    let (poison, _) = append(&store, "p-2", &[100]).await;
-    append(&store, "p-1", &[3]).await;
-    ledger.poison.lock().unwrap().insert(poison[0]);
-    let checkpoints = checkpoints(&store);
-    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone()).retry(
-        HandlerRetry {
-            attempts: 3,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(4),
-        },
+    assert!(
+        checkpoints
+            .dead_letters(&ledger_key())
+            .await
+            .unwrap()
+            .is_empty()
     );
-    runner.catch_up().await.unwrap();
-    assert_eq!(applied(&store).await, (3, 3, 6), "the projection moved on");
-
-    let parked = runner.dead_letters().await.unwrap();
-    assert_eq!(parked.len(), 1);
-    let letter = &parked[0];
-    assert_eq!(letter.event.event_id, poison[0]);
-    assert_eq!(
-        (letter.event.stream_id.as_str(), letter.event.stream_version),
-        ("p-2", 1)
-    );
-    assert_eq!(letter.event.attempts, 3);
-    assert!(letter.event.error.contains("poison event"));
-    assert!(runner.retry_dead_letter(letter.id).await.is_err());
-    assert_eq!(runner.dead_letters().await.unwrap()[0].event.attempts, 4);
-
-    ledger.poison.lock().unwrap().clear();
-    runner.retry_dead_letter(letter.id).await.unwrap();
-    assert!(runner.dead_letters().await.unwrap().is_empty());
-    assert_eq!(applied(&store).await, (4, 4, 106));
-    totals_match_events(&store).await;
-
-    // Discarding: park another, then drop it without handling.
-    let (again, _) = append(&store, "p-3", &[5]).await;
-    ledger.poison.lock().unwrap().insert(again[0]);
-    runner.catch_up().await.unwrap();
-    let id = runner.dead_letters().await.unwrap()[0].id;
-    assert!(runner.discard_dead_letter(id).await.unwrap());
-    assert!(!runner.discard_dead_letter(id).await.unwrap());
-    assert!(runner.dead_letters().await.unwrap().is_empty());
-    assert_eq!(applied(&store).await, (4, 4, 106));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_one_of_two_runners_processes_and_the_other_takes_over_when_it_dies() {
-    let store = common::store("proj_lease").await;
-    let first = Ledger::new(&store).await;
-    let second = Ledger {
-        handled: Arc::default(),
-        ..first.clone()
-    };
-    let checkpoints = checkpoints(&store);
-    let running_first = ProjectionRunner::new(store.clone(), checkpoints.clone(), first.clone())
-        .standby_poll(Duration::from_millis(20))
-        .spawn();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let running_second = ProjectionRunner::new(store.clone(), checkpoints.clone(), second.clone())
-        .standby_poll(Duration::from_millis(20))
-        .spawn();
-
-    let (_, last) = append(&store, "l", &[1, 2, 3]).await;
-    wait_for_projections(&checkpoints, &["ledger"], last, Duration::from_secs(10))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(first.handled.load(Ordering::SeqCst), 3);
-    assert_eq!(
-        second.handled.load(Ordering::SeqCst),
-        0,
-        "the standby processed nothing"
-    );
-
-    // The active runner dies (its task is dropped, as when a process is killed): its lease
-    // connection closes and the standby takes over from the checkpoint.
-    running_first.abort();
-    let _ = running_first.shutdown().await;
-    let (_, last) = append(&store, "l", &[4]).await;
-    wait_for_projections(&checkpoints, &["ledger"], last, Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!(second.handled.load(Ordering::SeqCst), 1);
-    assert_eq!(first.handled.load(Ordering::SeqCst), 3);
-    assert_eq!(applied(&store).await, (4, 4, 10));
-    running_second.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_rebuild_reaches_the_same_read_model_as_the_live_projection() {
-    let store = common::store("proj_rebuild").await;
-    for i in 0..40 {
-        append(&store, &format!("r-{}", i % 5), &[i, 1]).await;
-    }
-    let ledger = Ledger::new(&store).await;
-    let checkpoints = checkpoints(&store);
-    let progress = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&progress);
-    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
-        .batch_size(25)
-        .on_progress(move |p| seen.lock().unwrap().push(p.clone()));
-    runner.catch_up().await.unwrap();
-    let live: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT stream_id, total FROM \"{}\".ledger_totals ORDER BY stream_id",
-        store.schema()
-    )))
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
-
-    let report = runner.rebuild(0).await.unwrap();
-    assert_eq!(report.events, 80);
-    let rebuilt: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT stream_id, total FROM \"{}\".ledger_totals ORDER BY stream_id",
-        store.schema()
-    )))
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
-    assert_eq!(rebuilt, live);
-    assert_eq!(
-        applied(&store).await.0,
-        80,
-        "the reset emptied the read model first"
-    );
-    let progress = progress.lock().unwrap();
-    assert_eq!(
-        progress.iter().map(|p| p.events_done).collect::<Vec<_>>(),
-        [25, 50, 75, 80]
-    );
-    assert!(progress.iter().all(|p| p.events_total == Some(80)));
 }
 
 /// A store in a fresh schema with the ledger table, and the same store updating the ledger
@@ -587,7 +463,7 @@ async fn an_inline_projection_rebuilt_during_appends_misses_and_repeats_nothing(
     tokio::time::sleep(Duration::from_millis(20)).await;
     let report = ProjectionRunner::new(plain.clone(), checkpoints(&plain), ledger.clone())
         .batch_size(16)
-        .rebuild(0)
+        .rebuild(Position::START)
         .await
         .unwrap();
     assert!(report.events >= 100, "{report:?}");
@@ -619,46 +495,6 @@ async fn a_store_with_inline_projections_refuses_the_callers_transaction() {
     );
     drop(tx);
     assert_eq!(stored_events(&plain).await, 0);
-}
-
-#[tokio::test]
-async fn dead_letters_belong_to_their_projection() {
-    struct Other;
-    impl Projection<PgTransaction> for Other {
-        fn name(&self) -> &str {
-            "other"
-        }
-        async fn handle(
-            &self,
-            _: &RecordedEvent,
-            _: &mut ProjectionContext<'_, PgTransaction>,
-        ) -> Result<(), HandlerError> {
-            Ok(())
-        }
-    }
-    let store = common::store("proj_dl_owner").await;
-    let ledger = Ledger::new(&store).await;
-    let (poison, _) = append(&store, "o", &[1]).await;
-    ledger.poison.lock().unwrap().insert(poison[0]);
-    let checkpoints = checkpoints(&store);
-    let runner =
-        ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger).retry(HandlerRetry {
-            attempts: 1,
-            ..HandlerRetry::default()
-        });
-    runner.catch_up().await.unwrap();
-    let id = runner.dead_letters().await.unwrap()[0].id;
-    let other = ProjectionRunner::new(store.clone(), checkpoints, Other);
-    for err in [
-        other.discard_dead_letter(id).await.unwrap_err(),
-        other.retry_dead_letter(id).await.unwrap_err(),
-    ] {
-        assert!(
-            matches!(&err, esframe_core::projection::ProjectionError::WrongDeadLetter { owner, .. } if owner == "ledger"),
-            "{err}"
-        );
-    }
-    assert_eq!(runner.dead_letters().await.unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -703,8 +539,8 @@ async fn a_command_refused_by_an_inline_projection_fails_alone_in_a_group_commit
     for command in commands {
         match command.await.unwrap() {
             Ok(_) => {}
-            Err(CommandError::Store(StoreError::InlineProjection { reason, .. })) => {
-                assert!(reason.contains("poison amount 13"), "{reason}");
+            Err(CommandError::Store(StoreError::InlineProjection { source, .. })) => {
+                assert!(source.to_string().contains("poison amount 13"), "{source}");
                 failed += 1;
             }
             Err(other) => panic!("unexpected {other}"),
@@ -731,7 +567,7 @@ async fn an_inline_projection_whose_rebuild_was_interrupted_refuses_appends_unti
         runner
             .clone()
             .on_failure(OnFailure::Stop)
-            .rebuild(0)
+            .rebuild(Position::START)
             .await
             .is_err()
     );
@@ -754,7 +590,7 @@ async fn an_inline_projection_whose_rebuild_was_interrupted_refuses_appends_unti
     );
 
     ledger.poison.lock().unwrap().clear();
-    runner.rebuild(0).await.unwrap();
+    runner.rebuild(Position::START).await.unwrap();
     append(&store, "x", &[4]).await;
     assert_eq!(applied(&plain).await, (4, 4, 10));
 }
@@ -793,7 +629,7 @@ async fn a_rebuild_of_an_inline_projection_completes_on_a_small_busy_pool() {
         .collect();
     tokio::time::sleep(Duration::from_millis(10)).await;
     let runner = ProjectionRunner::new(plain.clone(), checkpoints(&plain), ledger).batch_size(4);
-    tokio::time::timeout(Duration::from_secs(60), runner.rebuild(0))
+    tokio::time::timeout(Duration::from_secs(60), runner.rebuild(Position::START))
         .await
         .expect("the rebuild is not starved of connections")
         .unwrap();
@@ -857,5 +693,194 @@ async fn a_batch_whose_commit_the_database_refuses_is_narrowed_down_and_parked()
         parked[0].event.error.contains("refused"),
         "{}",
         parked[0].event.error
+    );
+}
+
+/// The suite's read model in a table, written through the runner's transaction: what a check
+/// sees is what committed.
+#[derive(Clone)]
+struct TableRecorder {
+    pool: sqlx::PgPool,
+    schema: String,
+}
+
+impl TableRecorder {
+    async fn new(store: &PgEventStore) -> Self {
+        let schema = store.schema().to_string();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE \"{schema}\".suite_applied (
+                 seq BIGSERIAL PRIMARY KEY, projection TEXT NOT NULL, event_id UUID NOT NULL,
+                 stream TEXT NOT NULL, amount BIGINT NOT NULL, replay BOOLEAN NOT NULL);
+             CREATE TABLE \"{schema}\".suite_resets (
+                 projection TEXT PRIMARY KEY, resets BIGINT NOT NULL);"
+        )))
+        .execute(store.pool())
+        .await
+        .expect("create the suite's read model");
+        Self {
+            pool: store.pool().clone(),
+            schema,
+        }
+    }
+}
+
+impl Recorder<PgTransaction> for TableRecorder {
+    async fn record(
+        &self,
+        tx: &mut PgTransaction,
+        projection: &str,
+        applied: Applied,
+    ) -> Result<(), HandlerError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".suite_applied (projection, event_id, stream, amount, replay)
+             VALUES ($1, $2, $3, $4, $5)",
+            self.schema
+        )))
+        .bind(projection)
+        .bind(applied.event_id)
+        .bind(applied.stream)
+        .bind(applied.amount)
+        .bind(applied.replay)
+        .execute(tx.as_mut())
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut PgTransaction, projection: &str) -> Result<(), HandlerError> {
+        let schema = &self.schema;
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM \"{schema}\".suite_applied WHERE projection = $1"
+        )))
+        .bind(projection)
+        .execute(tx.as_mut())
+        .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{schema}\".suite_resets VALUES ($1, 1)
+             ON CONFLICT (projection) DO UPDATE SET resets = suite_resets.resets + 1"
+        )))
+        .bind(projection)
+        .execute(tx.as_mut())
+        .await?;
+        Ok(())
+    }
+
+    async fn recorded(&self, projection: &str) -> Recorded {
+        let schema = &self.schema;
+        let rows: Vec<(Uuid, String, i64, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT event_id, stream, amount, replay FROM \"{schema}\".suite_applied
+             WHERE projection = $1 ORDER BY seq"
+        )))
+        .bind(projection)
+        .fetch_all(&self.pool)
+        .await
+        .expect("read the suite's read model");
+        let resets: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT resets FROM \"{schema}\".suite_resets WHERE projection = $1"
+        )))
+        .bind(projection)
+        .fetch_optional(&self.pool)
+        .await
+        .expect("read the resets");
+        Recorded {
+            applied: rows
+                .into_iter()
+                .map(|(event_id, stream, amount, replay)| Applied {
+                    event_id,
+                    stream,
+                    amount,
+                    replay,
+                })
+                .collect(),
+            resets: resets.map_or(0, |r| r as u64),
+        }
+    }
+}
+
+mod suite {
+    //! The shared projection suite, exactly once.
+    use super::{TableRecorder, checkpoints, common};
+
+    esframe_core::projection_suite!(async {
+        let store = common::store("suite").await;
+        let recorder = TableRecorder::new(&store).await;
+        let checkpoints = checkpoints(&store);
+        (store, checkpoints, recorder)
+    });
+}
+
+#[tokio::test]
+async fn an_inline_projection_of_a_new_version_refuses_appends_until_rebuilt() {
+    let (plain, store, ledger) = inline_store("proj_inline_version").await;
+    append(&store, "v", &[1, 2]).await;
+    // The next release changes the read model: version 2.
+    struct V2(Ledger);
+    impl Projection<PgTransaction> for V2 {
+        fn name(&self) -> &str {
+            "ledger"
+        }
+        fn version(&self) -> u32 {
+            2
+        }
+        async fn handle(
+            &self,
+            event: &RecordedEvent,
+            ctx: &mut ProjectionContext<'_, PgTransaction>,
+        ) -> Result<(), HandlerError> {
+            self.0.handle(event, ctx).await
+        }
+        async fn reset(
+            &self,
+            ctx: &mut ProjectionContext<'_, PgTransaction>,
+        ) -> Result<(), HandlerError> {
+            self.0.reset(ctx).await
+        }
+    }
+    let upgraded = PgEventStore::builder(plain.pool().clone())
+        .schema(plain.schema().as_str())
+        .unwrap()
+        .inline_projection(V2(ledger.clone()))
+        .build()
+        .await
+        .unwrap();
+    let err = upgraded
+        .append(
+            &StreamId::new("v").unwrap(),
+            ExpectedVersion::Any,
+            vec![deposit(3)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, esframe_core::StoreError::InlineProjection { projection, .. } if projection == "ledger"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("at version 1 and the code at version 2"),
+        "{err}"
+    );
+    assert_eq!(
+        stored_events(&plain).await,
+        2,
+        "the refused append stored nothing"
+    );
+    ProjectionRunner::new(plain.clone(), checkpoints(&plain), V2(ledger))
+        .rebuild(Position::START)
+        .await
+        .unwrap();
+    append(&upgraded, "v", &[3]).await;
+    assert_eq!(applied(&plain).await, (3, 3, 6));
+    // The old release, still running somewhere, is refused now: its read model is older.
+    let err = store
+        .append(
+            &StreamId::new("v").unwrap(),
+            ExpectedVersion::Any,
+            vec![deposit(4)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("newer than this code's version 1"),
+        "{err}"
     );
 }

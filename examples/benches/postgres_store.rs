@@ -100,8 +100,9 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         let writers: u32 = writers
             .parse()
             .map_err(|_| "ESFRAME_BENCH_ONLY=writers1 or writers8")?;
-        let handler =
-            CommandHandler::<Account, _>::new(store.clone()).cache_policy(CachePolicy::Trust);
+        let handler = CommandHandler::<Account, _>::new(store.clone())
+            .snapshot_policy(SnapshotPolicy::every(100))
+            .cache_policy(CachePolicy::Trust);
         let mut pairs = Vec::new();
         for _ in 0..rounds {
             let raw = pgbench(url, &one_row, writers, window)?;
@@ -132,7 +133,9 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
             false,
         ),
     ] {
-        let mut handler = CommandHandler::<Account, _>::new(store.clone()).cache_policy(policy);
+        let mut handler = CommandHandler::<Account, _>::new(store.clone())
+            .snapshot_policy(SnapshotPolicy::every(100))
+            .cache_policy(policy);
         if !cache {
             handler = handler.without_state_cache();
         }
@@ -149,7 +152,9 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         ("CachePolicy::Trust ", CachePolicy::Trust),
         ("CachePolicy::Verify", CachePolicy::Verify),
     ] {
-        let handler = CommandHandler::<Account, _>::new(store.clone()).cache_policy(policy);
+        let handler = CommandHandler::<Account, _>::new(store.clone())
+            .snapshot_policy(SnapshotPolicy::every(100))
+            .cache_policy(policy);
         let mut pairs = Vec::new();
         for _ in 0..rounds {
             let raw = pgbench(url, &one_row, 8, window)?;
@@ -190,6 +195,7 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         ),
     ] {
         let handler = CommandHandler::<Account, _>::new(store.clone())
+            .snapshot_policy(SnapshotPolicy::every(100))
             .cache_policy(CachePolicy::Trust)
             .concurrency_mode(mode)
             .retry_policy(

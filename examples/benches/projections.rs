@@ -22,9 +22,10 @@ use std::{
 };
 
 use esframe_core::{
-    CommandHandler, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId,
+    CommandHandler, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, SnapshotPolicy,
+    StreamId,
     projection::{
-        HandlerError, Interest, Projection, ProjectionContext, ProjectionRunner,
+        HandlerError, Interest, Projection, ProjectionContext, ProjectionKey, ProjectionRunner,
         wait_for_projections,
     },
 };
@@ -83,7 +84,7 @@ async fn run(url: &str) -> Result<(), Error> {
     let runner = ProjectionRunner::new(store.clone(), store.checkpoints(), balances);
     let mut rates = Vec::new();
     for _ in 0..rounds {
-        let report = runner.rebuild(0).await?;
+        let report = runner.rebuild(Position::START).await?;
         rates.push(report.events as f64 / report.elapsed.as_secs_f64());
     }
     check_balances(&pool, events).await?;
@@ -98,7 +99,7 @@ async fn run(url: &str) -> Result<(), Error> {
     // The same read model written event by event.
     let per_event = PerEvent(PgBalances::create(pool.clone(), SCHEMA).await?);
     let report = ProjectionRunner::new(store.clone(), store.checkpoints(), per_event)
-        .rebuild(0)
+        .rebuild(Position::START)
         .await?;
     println!(
         "catch-up of {events} events, one upsert per event (default handle_batch): {:.0} events/s",
@@ -272,18 +273,19 @@ async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Resu
     let checkpoints = reader.checkpoints();
     let runner = ProjectionRunner::new(reader.clone(), checkpoints.clone(), projection);
     // Starts from a read model rebuilt from the stored events, like a deployed projection.
-    runner.rebuild(0).await?;
+    runner.rebuild(Position::START).await?;
     let running = runner.spawn();
     // Time for the runner to start listening, and for the writer's store to notice (it only
     // sends NOTIFY while another store listens, and looks every 250 ms).
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let accounts = CommandHandler::<Account, PgEventStore>::new(store.clone());
+    let accounts = CommandHandler::<Account, PgEventStore>::new(store.clone())
+        .snapshot_policy(SnapshotPolicy::every(100));
     let rate = 300.0;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
-    let mut last = 0;
+    let mut last = Position::START;
     let mut commands = 0u64;
     while started.elapsed() < window {
         ticker.tick().await;
@@ -304,7 +306,7 @@ async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Resu
     let achieved = commands as f64 / started.elapsed().as_secs_f64();
     wait_for_projections(
         &checkpoints,
-        &["balances_live"],
+        &[ProjectionKey::single("balances_live")?],
         last,
         Duration::from_secs(30),
     )

@@ -1,6 +1,9 @@
 //! [`AtLeastOnce`]: checkpoints in one store, read model somewhere else.
 
-use super::{Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, DeadLetter, Delivery};
+use super::{
+    Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, DeadLetter, DeadLetterStore,
+    Delivery, LeaseStore, ProjectionKey,
+};
 
 /// Runs projections whose read model lives outside the checkpoint store (another database, a
 /// search index, a cache, a message broker) on any checkpoint store, at least once.
@@ -18,34 +21,13 @@ pub struct AtLeastOnce<C>(pub C);
 
 impl<C: CheckpointStore> CheckpointStore for AtLeastOnce<C> {
     type Tx = ();
-    type Lease = C::Lease;
 
     fn delivery(&self) -> Delivery {
         Delivery::AtLeastOnce
     }
 
-    async fn try_lease(&self, projection: &str) -> Result<Option<Self::Lease>, CheckpointError> {
-        self.0.try_lease(projection).await
-    }
-
-    async fn wait_lease(
-        &self,
-        projection: &str,
-        wait: std::time::Duration,
-    ) -> Result<Option<Self::Lease>, CheckpointError> {
-        self.0.wait_lease(projection, wait).await
-    }
-
-    fn lease_held(&self, lease: &Self::Lease) -> bool {
-        self.0.lease_held(lease)
-    }
-
-    async fn release(&self, lease: Self::Lease) {
-        self.0.release(lease).await;
-    }
-
-    async fn load(&self, projection: &str) -> Result<Option<Checkpoint>, CheckpointError> {
-        self.0.load(projection).await
+    async fn load(&self, key: &ProjectionKey) -> Result<Option<Checkpoint>, CheckpointError> {
+        self.0.load(key).await
     }
 
     async fn begin(&self) -> Result<(), CheckpointError> {
@@ -59,8 +41,38 @@ impl<C: CheckpointStore> CheckpointStore for AtLeastOnce<C> {
 
     async fn rollback(&self, (): ()) {}
 
-    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, CheckpointError> {
-        self.0.dead_letters(projection).await
+    fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.0.changed()
+    }
+}
+
+impl<C: LeaseStore> LeaseStore for AtLeastOnce<C> {
+    type Lease = C::Lease;
+
+    async fn try_lease(&self, key: &ProjectionKey) -> Result<Option<Self::Lease>, CheckpointError> {
+        self.0.try_lease(key).await
+    }
+
+    async fn wait_lease(
+        &self,
+        key: &ProjectionKey,
+        wait: std::time::Duration,
+    ) -> Result<Option<Self::Lease>, CheckpointError> {
+        self.0.wait_lease(key, wait).await
+    }
+
+    fn lease_held(&self, lease: &Self::Lease) -> bool {
+        self.0.lease_held(lease)
+    }
+
+    async fn release(&self, lease: Self::Lease) {
+        self.0.release(lease).await;
+    }
+}
+
+impl<C: DeadLetterStore> DeadLetterStore for AtLeastOnce<C> {
+    async fn dead_letters(&self, key: &ProjectionKey) -> Result<Vec<DeadLetter>, CheckpointError> {
+        self.0.dead_letters(key).await
     }
 
     async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, CheckpointError> {
@@ -73,9 +85,5 @@ impl<C: CheckpointStore> CheckpointStore for AtLeastOnce<C> {
 
     async fn note_retry_failure(&self, id: u64, error: &str) -> Result<(), CheckpointError> {
         self.0.note_retry_failure(id, error).await
-    }
-
-    fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.0.changed()
     }
 }

@@ -6,7 +6,9 @@ use crate::RecordedEvent;
 
 use super::Interest;
 
-/// What a projection handler returns on failure: any error. The runner retries the event, then
+/// What a projection handler returns on failure: any error, boxed
+/// (`Box<dyn std::error::Error + Send + Sync>`), so `?` works on sqlx's, serde's or your own
+/// errors, and a `String` or `&str` converts with `.into()`. The runner retries the event, then
 /// parks it as a dead letter (or stops), recording the error's message.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -84,6 +86,11 @@ impl<'a, Tx> ProjectionContext<'a, Tx> {
 ///     }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an esframe projection for transactions of type `{Tx}`",
+    label = "not a `Projection<{Tx}>`",
+    note = "implement `Projection<{Tx}>` for it: `{Tx}` is the transaction type of the checkpoint store it runs with (`()` for `MemoryCheckpoints` and `AtLeastOnce`, `PgTransaction` for `PgCheckpoints`)"
+)]
 pub trait Projection<Tx: Send = ()>: Send + Sync + 'static {
     /// The projection's stable name: its checkpoint, lease and dead letters are kept under it.
     fn name(&self) -> &str;

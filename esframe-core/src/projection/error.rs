@@ -2,20 +2,22 @@
 
 use std::time::Duration;
 
-use crate::{StoreError, StreamId};
+use crate::{BackendError, Position, StoreError, StreamId};
 
-/// An error from a [`CheckpointStore`](super::CheckpointStore).
+use super::{InvalidProjectionKey, ProjectionKey};
+
+/// An error from a checkpoint, lease or dead-letter store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckpointError {
     /// The checkpoint was not where the commit expected it: another runner moved it. Nothing of
     /// the transaction was kept.
     #[error(
-        "checkpoint of projection `{projection}` moved: expected {expected}, found {found}; another runner is active"
+        "checkpoint of projection `{key}` moved: expected {expected}, found {found}; another runner is active"
     )]
     Moved {
-        /// The projection.
-        projection: String,
+        /// The projection partition.
+        key: ProjectionKey,
         /// Where the commit expected it.
         expected: String,
         /// Where it was.
@@ -23,10 +25,10 @@ pub enum CheckpointError {
     },
     /// The dead letter being resolved was retried or discarded by someone else meanwhile;
     /// nothing of the transaction was kept.
-    #[error("dead letter {id} of projection `{projection}` was retried or discarded meanwhile")]
+    #[error("dead letter {id} of projection `{key}` was retried or discarded meanwhile")]
     DeadLetterGone {
-        /// The projection.
-        projection: String,
+        /// The projection partition.
+        key: ProjectionKey,
         /// The dead letter.
         id: u64,
     },
@@ -34,16 +36,22 @@ pub enum CheckpointError {
     /// or a transaction a handler left aborted): nothing of it was kept. The runner treats it
     /// as a failure of the events in it.
     #[error("checkpoint store refused the commit: {0}")]
-    Rejected(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The backend failed (connection lost, I/O error, ...).
-    #[error("checkpoint store backend error: {0}")]
-    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Rejected(#[source] BackendError),
+    /// The backend failed (connection lost, I/O error, ...); nothing was changed. Transient:
+    /// the runner retries from its checkpoint.
+    #[error("checkpoint store unavailable: {0}")]
+    Unavailable(#[source] BackendError),
 }
 
 impl CheckpointError {
-    /// Wraps a backend error.
-    pub fn backend(err: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self::Backend(Box::new(err))
+    /// A backend failure (nothing was changed).
+    pub fn unavailable(err: impl Into<BackendError>) -> Self {
+        Self::Unavailable(err.into())
+    }
+
+    /// Whether the same request may succeed later: the backend was unavailable.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
 }
 
@@ -55,8 +63,8 @@ pub enum ProjectionError {
     /// Reading events failed.
     #[error("projection `{projection}`: reading the event log failed: {source}")]
     Store {
-        /// The projection.
-        projection: String,
+        /// The projection partition.
+        projection: ProjectionKey,
         /// The store's error.
         #[source]
         source: StoreError,
@@ -64,8 +72,8 @@ pub enum ProjectionError {
     /// The checkpoint store failed.
     #[error("projection `{projection}`: checkpoint store failed: {source}")]
     Checkpoint {
-        /// The projection.
-        projection: String,
+        /// The projection partition.
+        projection: ProjectionKey,
         /// The checkpoint store's error.
         #[source]
         source: CheckpointError,
@@ -73,11 +81,11 @@ pub enum ProjectionError {
     /// The handler failed on an event after every retry, and the runner is configured to stop
     /// ([`OnFailure::Stop`](super::OnFailure::Stop)). The checkpoint is just before the event.
     #[error(
-        "projection `{projection}` failed on event `{event_type}` at version {stream_version} of stream `{stream}` (global position {global_position}) after {attempts} attempts: {message}"
+        "projection `{projection}` failed on event `{event_type}` at version {stream_version} of stream `{stream}` (global position {global_position}) after {attempts} attempts: {source}"
     )]
     Handler {
-        /// The projection.
-        projection: String,
+        /// The projection partition.
+        projection: ProjectionKey,
         /// The event's stream.
         stream: StreamId,
         /// The event's version.
@@ -85,27 +93,29 @@ pub enum ProjectionError {
         /// The event's type.
         event_type: String,
         /// The event's global position.
-        global_position: u64,
+        global_position: Position,
         /// How many times it was tried.
         attempts: u32,
-        /// The last error's message.
-        message: String,
+        /// The last error.
+        #[source]
+        source: super::HandlerError,
     },
     /// Resetting the read model for a rebuild failed.
-    #[error("projection `{projection}` cannot be reset for a rebuild: {message}")]
+    #[error("projection `{projection}` cannot be reset for a rebuild: {source}")]
     Reset {
-        /// The projection.
-        projection: String,
-        /// The handler's error message.
-        message: String,
+        /// The projection partition.
+        projection: ProjectionKey,
+        /// The handler's error.
+        #[source]
+        source: super::HandlerError,
     },
     /// The checkpoint was written by a newer version of the projection than this code's.
     #[error(
         "projection `{projection}` is at version {stored} in the checkpoint store, newer than this code's version {code}; refusing to roll it back"
     )]
     VersionTooNew {
-        /// The projection.
-        projection: String,
+        /// The projection partition.
+        projection: ProjectionKey,
         /// The stored version.
         stored: u32,
         /// This code's version.
@@ -114,15 +124,12 @@ pub enum ProjectionError {
     /// Another runner holds the projection's lease, so it cannot be rebuilt now.
     #[error("projection `{projection}` is being run by another runner; stop it first")]
     Busy {
-        /// The projection.
-        projection: String,
+        /// The projection partition.
+        projection: ProjectionKey,
     },
-    /// The projection's name is empty or too long.
-    #[error("invalid projection name {name:?}: it must have 1 to 200 characters")]
-    InvalidName {
-        /// The name.
-        name: String,
-    },
+    /// The projection's name cannot be kept by any checkpoint store.
+    #[error(transparent)]
+    InvalidKey(#[from] InvalidProjectionKey),
     /// No dead letter has this id.
     #[error("no dead letter with id {id}")]
     NoSuchDeadLetter {
@@ -134,20 +141,21 @@ pub enum ProjectionError {
     WrongDeadLetter {
         /// The id.
         id: u64,
-        /// The projection asked to retry it.
-        projection: String,
-        /// The projection it belongs to.
-        owner: String,
+        /// The projection partition asked to retry it.
+        projection: ProjectionKey,
+        /// The projection partition it belongs to.
+        owner: ProjectionKey,
     },
     /// Retrying a dead letter failed again; it stays parked.
-    #[error("dead letter {id} of projection `{projection}` failed again: {message}")]
+    #[error("dead letter {id} of projection `{projection}` failed again: {source}")]
     RetryFailed {
         /// The dead letter.
         id: u64,
-        /// The projection.
-        projection: String,
-        /// The error's message.
-        message: String,
+        /// The projection partition.
+        projection: ProjectionKey,
+        /// The handler's error.
+        #[source]
+        source: super::HandlerError,
     },
     /// [`wait_for_projections`](super::wait_for_projections) ran out of time.
     #[error(
@@ -155,12 +163,24 @@ pub enum ProjectionError {
     )]
     Timeout {
         /// The first projection that was behind.
-        projection: String,
+        projection: ProjectionKey,
         /// The position waited for.
-        target: u64,
+        target: Position,
         /// Where that projection was.
-        reached: u64,
+        reached: Position,
         /// How long it waited.
         waited: Duration,
     },
+}
+
+impl ProjectionError {
+    /// Whether the error is a backend failure worth retrying (a lost connection, a database
+    /// restart), as opposed to stored data the runner cannot get past or a decision to stop.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store { source, .. } => source.is_transient(),
+            Self::Checkpoint { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
 }

@@ -2,7 +2,9 @@
 //!
 //! A [`Projection`] turns events into a read model. A [`ProjectionRunner`] feeds it: it catches
 //! up from the projection's checkpoint by reading the global log in batches, then follows new
-//! events as they are appended, and stores the checkpoint through a [`CheckpointStore`].
+//! events as they are appended, and stores the checkpoint through a [`CheckpointStore`], under
+//! a [`ProjectionKey`] (the projection's name and partition), holding a lease from a
+//! [`LeaseStore`] and parking failing events in a [`DeadLetterStore`].
 //!
 //! ```text
 //!   global log ──read_all_batch──▶ runner ──handle_batch(events, ctx)──▶ projection
@@ -31,21 +33,32 @@
 mod at_least_once;
 mod checkpoint;
 mod context;
+mod dead_letter;
 mod error;
 mod interest;
+mod key;
+mod lease;
 mod progress;
 mod runner;
 mod wait;
 
 pub use at_least_once::AtLeastOnce;
-pub use checkpoint::{
-    Checkpoint, CheckpointCommit, CheckpointStore, DeadLetter, Delivery, NewDeadLetter,
-};
+pub use checkpoint::{Checkpoint, CheckpointCommit, CheckpointStore, Delivery};
 pub use context::{HandlerError, Projection, ProjectionContext};
+pub use dead_letter::{DeadLetter, DeadLetterStore, NewDeadLetter};
 pub use error::{CheckpointError, ProjectionError};
 pub use interest::Interest;
+pub use key::{InvalidProjectionKey, MAX_PROJECTION_NAME_LEN, ProjectionKey};
+pub use lease::LeaseStore;
 pub use progress::{RebuildProgress, RebuildReport};
 pub use runner::{
-    DEFAULT_PROJECTION_BATCH_SIZE, HandlerRetry, OnFailure, ProjectionRunner, RunningProjection,
+    DEFAULT_PROJECTION_BATCH_SIZE, DeadLetterRetry, HandlerRetry, OnFailure, ProjectionRunner,
+    RunningProjection,
 };
 pub use wait::wait_for_projections;
+
+/// Everything a [`ProjectionRunner`] needs of its store: checkpoints, leases and dead letters.
+/// Implemented for every type that has the three.
+pub trait ProjectionStore: CheckpointStore + LeaseStore + DeadLetterStore {}
+
+impl<T: CheckpointStore + LeaseStore + DeadLetterStore> ProjectionStore for T {}

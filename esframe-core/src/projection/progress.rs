@@ -14,7 +14,7 @@ pub struct RebuildProgress {
     /// if the store cannot count them.
     pub events_total: Option<u64>,
     /// The global position reached.
-    pub position: u64,
+    pub position: crate::Position,
     /// Time since the replay started.
     pub elapsed: Duration,
 }
@@ -88,7 +88,7 @@ pub struct RebuildReport {
     /// Stored events read.
     pub events: u64,
     /// The global position it reached.
-    pub position: u64,
+    pub position: crate::Position,
     /// How long it took.
     pub elapsed: Duration,
 }
@@ -103,7 +103,7 @@ mod tests {
             projection: "balances".into(),
             events_done: 500,
             events_total: Some(1000),
-            position: 500,
+            position: crate::Position::new(500),
             elapsed: Duration::from_secs(2),
         };
         assert_eq!(progress.events_per_second(), 250.0);
@@ -123,7 +123,7 @@ mod tests {
             projection: "p".into(),
             events_done: 10,
             events_total: None,
-            position: 10,
+            position: crate::Position::new(10),
             elapsed: Duration::ZERO,
         };
         assert_eq!(progress.remaining(), None);

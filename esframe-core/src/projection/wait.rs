@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{CheckpointStore, ProjectionError};
+use crate::Position;
+
+use super::{CheckpointStore, ProjectionError, ProjectionKey};
 
 /// Waits until every projection in `projections` has its checkpoint at or past global position
 /// `position` (say, the last position of a command's events), or fails with
@@ -13,8 +15,8 @@ use super::{CheckpointStore, ProjectionError};
 /// otherwise (a few milliseconds; see [`CheckpointStore::changed`]).
 pub async fn wait_for_projections<C: CheckpointStore>(
     checkpoints: &C,
-    projections: &[&str],
-    position: u64,
+    projections: &[ProjectionKey],
+    position: Position,
     timeout: Duration,
 ) -> Result<(), ProjectionError> {
     let started = Instant::now();
@@ -22,15 +24,15 @@ pub async fn wait_for_projections<C: CheckpointStore>(
         // Register for the wake-up before reading, so a commit in between is not missed.
         let changed = checkpoints.changed();
         let mut behind = None;
-        for &projection in projections {
+        for projection in projections {
             let reached = checkpoints
                 .load(projection)
                 .await
                 .map_err(|source| ProjectionError::Checkpoint {
-                    projection: projection.to_owned(),
+                    projection: projection.clone(),
                     source,
                 })?
-                .map_or(0, |c| c.position);
+                .map_or(Position::START, |c| c.position);
             if reached < position {
                 behind = Some((projection, reached));
                 break;
@@ -42,7 +44,7 @@ pub async fn wait_for_projections<C: CheckpointStore>(
         let waited = started.elapsed();
         let Some(left) = timeout.checked_sub(waited) else {
             return Err(ProjectionError::Timeout {
-                projection: projection.to_owned(),
+                projection: projection.clone(),
                 target: position,
                 reached,
                 waited,

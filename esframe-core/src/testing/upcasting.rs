@@ -6,9 +6,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use futures_util::StreamExt;
+
 use crate::{
-    DecodeErrorKind, Event, EventMetadata, EventType, ExpectedVersion, NewEvent, RecordedEvent,
-    SnapshotStore, StoreError, StreamId,
+    DecodeErrorKind, Event, EventMetadata, EventType, ExpectedVersion, GlobalLog, NewEvent,
+    Position, RecordedEvent, StoreError, StreamId,
     upcast::{Upcast, Upcasters, upcaster},
 };
 
@@ -104,7 +106,7 @@ fn decoded(events: &[RecordedEvent]) -> Vec<Sampled> {
 }
 
 /// Old events, stored as their old JSON, come back at the current version from every read path.
-pub async fn old_events_are_read_at_their_current_version<S: SnapshotStore>(store: S) {
+pub async fn old_events_are_read_at_their_current_version<S: GlobalLog>(store: S) {
     let stream = StreamId::new("upcast-history").expect("valid id");
     let history = vec![
         raw("Sampled", 1, json!({ "amt": 1 })),
@@ -154,7 +156,10 @@ pub async fn old_events_are_read_at_their_current_version<S: SnapshotStore>(stor
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let global = loop {
-        let events = store.read_all(0, 100).await.expect("read_all");
+        let events = store
+            .read_all(Position::START, 100)
+            .await
+            .expect("read_all");
         if events.len() >= 4 || tokio::time::Instant::now() > deadline {
             break events;
         }
@@ -164,12 +169,13 @@ pub async fn old_events_are_read_at_their_current_version<S: SnapshotStore>(stor
 
     // Batches of one: the dropped event is a whole batch that returns nothing, and the
     // subscription must still move past it.
-    let mut subscription = store.subscribe(0).batch_size(1);
+    let mut subscription = store.subscribe(Position::START).batch_size(1);
     let mut live = Vec::new();
     for _ in 0..4 {
         let next = tokio::time::timeout(Duration::from_secs(10), subscription.next())
             .await
             .expect("an event within 10 s")
+            .expect("a following subscription never ends")
             .expect("subscription");
         live.push(next);
     }
@@ -181,7 +187,7 @@ pub async fn old_events_are_read_at_their_current_version<S: SnapshotStore>(stor
 }
 
 /// A payload an upcaster cannot convert is a typed error naming the event; nothing changes.
-pub async fn failing_upcasters_are_typed_errors<S: SnapshotStore>(store: S) {
+pub async fn failing_upcasters_are_typed_errors<S: GlobalLog>(store: S) {
     let stream = StreamId::new("upcast-broken").expect("valid id");
     store
         .append(
@@ -198,13 +204,13 @@ pub async fn failing_upcasters_are_typed_errors<S: SnapshotStore>(store: S) {
                 version,
                 event_type,
                 schema_version,
-                reason,
+                source,
             }) => {
                 assert_eq!(
                     (s, version, event_type.as_str(), schema_version),
                     (stream.clone(), 1, "Sampled", 1)
                 );
-                assert!(reason.contains("`amt` is not a number"), "{reason}");
+                assert_eq!(source.to_string(), "`amt` is not a number");
             }
             other => panic!("expected StoreError::Upcast, got {other:?}"),
         }

@@ -8,8 +8,12 @@ use std::{
 };
 
 use esframe_core::{
-    Aggregate, CommandError, CommandHandler, ExpectedVersion, NewEvent, SnapshotStore, StreamId,
-    projection::{CheckpointStore, Projection, ProjectionRunner, wait_for_projections},
+    Aggregate, CommandError, CommandHandler, ExpectedVersion, GlobalLog, NewEvent, Position,
+    SnapshotPolicy, SnapshotStore, StreamId,
+    projection::{
+        CheckpointStore, Projection, ProjectionKey, ProjectionRunner, ProjectionStore,
+        wait_for_projections,
+    },
 };
 
 use super::{Account, AccountCommand, AccountError, AccountEvent, BalanceQuery};
@@ -50,11 +54,14 @@ pub async fn run_demo<S, C, B>(
     out: &mut impl Write,
 ) -> Result<DemoReport, DemoError>
 where
-    S: SnapshotStore,
-    C: CheckpointStore,
-    B: Projection<C::Tx> + BalanceQuery + Clone,
+    S: SnapshotStore + GlobalLog,
+    C: ProjectionStore,
+    B: Projection<<C as CheckpointStore>::Tx> + BalanceQuery + Clone,
 {
-    let accounts = CommandHandler::<Account, S>::new(store.clone());
+    // Snapshots are optional; with them, loading an account reads its latest snapshot and the
+    // events after it instead of its whole history.
+    let accounts = CommandHandler::<Account, S>::new(store.clone())
+        .snapshot_policy(SnapshotPolicy::every(100));
     let (ada, bob) = (format!("account-ada-{run}"), format!("account-bob-{run}"));
     let (ada, bob) = (ada.as_str(), bob.as_str());
 
@@ -69,7 +76,7 @@ where
         });
     let live_projection = runner.clone().spawn();
     // ANCHOR_END: runner
-    let mut last_position = 0;
+    let mut last_position = Position::START;
 
     writeln!(out, "== Opening accounts")?;
     for (id, owner) in [(ada, "Ada"), (bob, "Bob")] {
@@ -163,7 +170,7 @@ where
     // Read-your-writes: wait until the projection has processed the last command's events.
     wait_for_projections(
         &checkpoints,
-        &[balances.name()],
+        &[ProjectionKey::single(balances.name())?],
         last_position,
         Duration::from_secs(10),
     )
@@ -227,7 +234,7 @@ where
     live_projection.shutdown().await?;
     // ANCHOR: rebuild
     // Empties the read model and replays every stored event into it, reporting progress.
-    let rebuild = runner.rebuild(0).await?;
+    let rebuild = runner.rebuild(Position::START).await?;
     // ANCHOR_END: rebuild
     for line in progress
         .lock()

@@ -53,7 +53,7 @@ fn stored(event_type: &'static str, schema_version: u32, payload: Value) -> Reco
         stream_id: StreamId::new("account-1").unwrap(),
         aggregate_type: Cow::Borrowed("account"),
         stream_version: 1,
-        global_position: 1,
+        global_position: esframe_core::Position::new(1),
         recorded_at: Default::default(),
         event_type: Cow::Borrowed(event_type),
         schema_version,

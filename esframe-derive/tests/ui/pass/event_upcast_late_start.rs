@@ -29,7 +29,7 @@ fn main() {
         stream_id: StreamId::new("account-1").unwrap(),
         aggregate_type: Cow::Borrowed("account"),
         stream_version: 4,
-        global_position: 9,
+        global_position: esframe_core::Position::new(9),
         recorded_at: Default::default(),
         event_type: Cow::Borrowed("LimitChanged"),
         schema_version: 2,

@@ -1,9 +1,16 @@
-//! Why the global log is not moving: which transaction holds the read horizon back.
+//! Why the global log is not moving: which transaction holds the read horizon back, and the
+//! warning logged when it has been held back too long.
+
+use std::{
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
+use esframe_core::Position;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
-use crate::sql::Queries;
+use crate::{PgEventStore, sql::Queries};
 
 /// The state of the global log's read horizon.
 ///
@@ -16,9 +23,9 @@ pub struct HorizonStatus {
     /// Committed events exist that readers cannot see yet.
     pub blocked: bool,
     /// The highest position stored, if any.
-    pub head: Option<u64>,
+    pub head: Option<Position>,
     /// Positions below this are readable.
-    pub horizon: u64,
+    pub horizon: Position,
     /// The oldest running transaction, which defines the horizon.
     pub holder: Option<HorizonHolder>,
 }
@@ -95,8 +102,59 @@ pub(crate) async fn horizon_status(
     };
     Ok(HorizonStatus {
         blocked: head.is_some_and(|h| h >= horizon),
-        head: head.map(|h| h as u64),
-        horizon: horizon.max(0) as u64,
+        head: head.map(|h| Position::new(u64::try_from(h).unwrap_or(0))),
+        horizon: Position::new(u64::try_from(horizon).unwrap_or(0)),
         holder,
     })
+}
+
+/// When the global log was first seen held back by an open transaction, when that was last
+/// reported, and the horizon it was stuck at.
+#[derive(Debug, Default)]
+pub(crate) struct Stall(Mutex<Option<(Instant, Option<Instant>, i64)>>);
+
+impl PgEventStore {
+    /// Tracks whether the log is held back and warns, naming the holder, past the threshold.
+    /// Returns how long it has been held back at this horizon (zero if it is not).
+    pub(crate) async fn note_stall(&self, blocked: bool, horizon: i64) -> Duration {
+        let (due, blocked_for) = {
+            let mut stall = self
+                .inner
+                .stall
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Appends in flight keep events beyond the horizon all the time under load; the log
+            // is only stalled while the horizon itself does not move.
+            if !blocked || stall.is_some_and(|(_, _, seen)| seen != horizon) {
+                *stall = None;
+            }
+            if !blocked {
+                return Duration::ZERO;
+            }
+            let now = Instant::now();
+            let (since, last_warned, _) = stall.get_or_insert((now, None, horizon));
+            let threshold = self.inner.stall_warning_after;
+            let due = now.duration_since(*since) >= threshold
+                && last_warned.is_none_or(|at| now.duration_since(at) >= threshold);
+            if due {
+                *last_warned = Some(now);
+            }
+            let blocked_for = now.duration_since(*since);
+            (due.then_some(blocked_for), blocked_for)
+        };
+        if let Some(blocked_for) = due {
+            match self.horizon_status().await {
+                Ok(status) => tracing::warn!(
+                    blocked_for_ms = blocked_for.as_millis() as u64,
+                    holder = ?status.holder,
+                    "esframe global log held back by an open transaction; subscriptions wait until it ends"
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %err, "esframe global log held back; diagnostics failed")
+                }
+            }
+        }
+        blocked_for
+    }
 }

@@ -1,114 +1,18 @@
-//! The checks of the conformance suite. Each takes a fresh, empty store and panics with a message
-//! naming the broken guarantee.
+//! Checks of the [`EventStore`] capability: appends with every expectation, atomicity,
+//! idempotency, stream reads, hostile ids, concurrent writers.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Arc};
 
 use serde_json::json;
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
-use crate::{
-    EventMetadata, ExpectedVersion, NewEvent, RecordedEvent, Snapshot, SnapshotStore, StoreError,
-    StreamId,
-};
+use crate::{EventStore, ExpectedVersion, StoreError};
 
-const AGGREGATE: &str = "conformance";
-
-fn stream(name: &str) -> StreamId {
-    StreamId::new(name).expect("valid test stream id")
-}
-
-/// An event whose payload carries `n`.
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::now_v7(),
-        aggregate_type: AGGREGATE.into(),
-        event_type: "Happened".into(),
-        schema_version: 1,
-        payload: json!({ "n": n }),
-        metadata: EventMetadata::default(),
-    }
-}
-
-fn events(range: std::ops::RangeInclusive<u64>) -> Vec<NewEvent> {
-    range.map(event).collect()
-}
-
-fn payload_n(event: &RecordedEvent) -> u64 {
-    event.payload["n"]
-        .as_u64()
-        .expect("conformance payloads carry `n`")
-}
-
-fn snapshot(stream_id: &StreamId, version: u64, value: u64) -> Snapshot {
-    Snapshot {
-        stream_id: stream_id.clone(),
-        aggregate_type: AGGREGATE.into(),
-        version,
-        schema_version: 1,
-        state: json!({ "value": value }),
-        taken_at: chrono::Utc::now(),
-    }
-}
-
-async fn versions<S: SnapshotStore>(store: &S, stream_id: &StreamId) -> Vec<u64> {
-    store
-        .read_stream(stream_id, 1)
-        .await
-        .expect("read_stream")
-        .iter()
-        .map(|e| e.stream_version)
-        .collect()
-}
-
-/// Reads the whole global log once it holds `expected` events (appends become readable there once
-/// every earlier transaction has ended), then checks that no more appear.
-async fn settled_log<S: SnapshotStore>(store: &S, expected: usize) -> Vec<RecordedEvent> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let all = store.read_all(0, usize::MAX).await.expect("read_all");
-        if all.len() >= expected {
-            assert_eq!(
-                all.len(),
-                expected,
-                "the global log holds more events than were appended"
-            );
-            return all;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the global log shows {} of {expected} appended events after 10 s",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn expect_conflict(
-    result: Result<crate::AppendOutcome, StoreError>,
-    stream_id: &StreamId,
-    expected: ExpectedVersion,
-    actual: Option<u64>,
-) {
-    match result {
-        Err(StoreError::Conflict(conflict)) => {
-            assert_eq!(&conflict.stream, stream_id, "conflict names the stream");
-            assert_eq!(
-                conflict.expected, expected,
-                "conflict names the expectation"
-            );
-            assert_eq!(conflict.actual, actual, "conflict names the actual version");
-        }
-        other => panic!("expected a conflict ({expected} vs {actual:?}), got {other:?}"),
-    }
-}
+use super::fixtures::{event, events, expect_conflict, payload_n, stream, versions};
 
 /// The first append creates the stream at version 1 and the global log at position > 0.
-pub async fn append_to_new_stream_starts_at_version_one<S: SnapshotStore>(store: S) {
+pub async fn append_to_new_stream_starts_at_version_one<S: EventStore>(store: S) {
     let s = stream("first");
     assert_eq!(store.stream_version(&s).await.unwrap(), None);
     let outcome = store
@@ -117,13 +21,16 @@ pub async fn append_to_new_stream_starts_at_version_one<S: SnapshotStore>(store:
         .unwrap();
     assert_eq!(outcome.stream_version, 1);
     assert_eq!(outcome.positions.len(), 1);
-    assert!(outcome.positions[0] > 0, "global positions start above 0");
+    assert!(
+        outcome.positions[0] > crate::Position::START,
+        "global positions start above 0"
+    );
     assert!(!outcome.deduplicated);
     assert_eq!(store.stream_version(&s).await.unwrap(), Some(1));
 }
 
 /// `Any` appends whatever the version.
-pub async fn expected_version_any<S: SnapshotStore>(store: S) {
+pub async fn expected_version_any<S: EventStore>(store: S) {
     let s = stream("any");
     assert_eq!(
         store
@@ -145,7 +52,7 @@ pub async fn expected_version_any<S: SnapshotStore>(store: S) {
 }
 
 /// `NoStream` succeeds only on a stream without events.
-pub async fn expected_version_no_stream<S: SnapshotStore>(store: S) {
+pub async fn expected_version_no_stream<S: EventStore>(store: S) {
     let s = stream("no-stream");
     store
         .append(&s, ExpectedVersion::NoStream, events(1..=1))
@@ -163,7 +70,7 @@ pub async fn expected_version_no_stream<S: SnapshotStore>(store: S) {
 }
 
 /// `StreamExists` succeeds only on a stream with events.
-pub async fn expected_version_stream_exists<S: SnapshotStore>(store: S) {
+pub async fn expected_version_stream_exists<S: EventStore>(store: S) {
     let s = stream("exists");
     let missing = store
         .append(&s, ExpectedVersion::StreamExists, events(1..=1))
@@ -182,7 +89,7 @@ pub async fn expected_version_stream_exists<S: SnapshotStore>(store: S) {
 }
 
 /// `Exact(n)` succeeds only at version n; `Exact(0)` means no stream.
-pub async fn expected_version_exact<S: SnapshotStore>(store: S) {
+pub async fn expected_version_exact<S: EventStore>(store: S) {
     let s = stream("exact");
     let ahead = store
         .append(&s, ExpectedVersion::Exact(3), events(1..=1))
@@ -209,7 +116,7 @@ pub async fn expected_version_exact<S: SnapshotStore>(store: S) {
 }
 
 /// An append of no events writes nothing but still checks the expectation.
-pub async fn empty_append_checks_expected_version<S: SnapshotStore>(store: S) {
+pub async fn empty_append_checks_expected_version<S: EventStore>(store: S) {
     let s = stream("empty");
     store
         .append(&s, ExpectedVersion::Any, events(1..=2))
@@ -225,11 +132,10 @@ pub async fn empty_append_checks_expected_version<S: SnapshotStore>(store: S) {
         .append(&s, ExpectedVersion::NoStream, Vec::new())
         .await;
     expect_conflict(refused, &s, ExpectedVersion::NoStream, Some(2));
-    settled_log(&store, 2).await;
 }
 
 /// A multi-event append stores all events with consecutive versions, or none.
-pub async fn multi_event_append_is_atomic<S: SnapshotStore>(store: S) {
+pub async fn multi_event_append_is_atomic<S: EventStore>(store: S) {
     let s = stream("atomic");
     let outcome = store
         .append(&s, ExpectedVersion::NoStream, events(1..=3))
@@ -257,11 +163,10 @@ pub async fn multi_event_append_is_atomic<S: SnapshotStore>(store: S) {
         vec![1, 2, 3],
         "refused appends store nothing"
     );
-    settled_log(&store, 3).await;
 }
 
 /// Appending the same event ids with the same content again is a no-op reporting the original.
-pub async fn idempotent_append_returns_original_outcome<S: SnapshotStore>(store: S) {
+pub async fn idempotent_append_returns_original_outcome<S: EventStore>(store: S) {
     let s = stream("idempotent");
     store
         .append(&s, ExpectedVersion::NoStream, events(1..=1))
@@ -298,7 +203,7 @@ pub async fn idempotent_append_returns_original_outcome<S: SnapshotStore>(store:
 }
 
 /// An event id stored with other content, or in another stream, is refused.
-pub async fn reused_event_id_with_other_content_is_refused<S: SnapshotStore>(store: S) {
+pub async fn reused_event_id_with_other_content_is_refused<S: EventStore>(store: S) {
     let s = stream("reused");
     let first = event(1);
     store
@@ -340,7 +245,7 @@ pub async fn reused_event_id_with_other_content_is_refused<S: SnapshotStore>(sto
 }
 
 /// A batch mixing stored and new event ids is refused and stores nothing.
-pub async fn partial_duplicate_batch_is_refused<S: SnapshotStore>(store: S) {
+pub async fn partial_duplicate_batch_is_refused<S: EventStore>(store: S) {
     let s = stream("partial");
     let first = event(1);
     store
@@ -360,7 +265,7 @@ pub async fn partial_duplicate_batch_is_refused<S: SnapshotStore>(store: S) {
 }
 
 /// `read_stream` starts at the given version and keeps version order; other streams stay apart.
-pub async fn read_stream_from_version<S: SnapshotStore>(store: S) {
+pub async fn read_stream_from_version<S: EventStore>(store: S) {
     let a = stream("read-a");
     let b = stream("read-b");
     for n in 1..=5 {
@@ -398,95 +303,8 @@ pub async fn read_stream_from_version<S: SnapshotStore>(store: S) {
     );
 }
 
-/// `read_all` returns every event once, in increasing position, honouring `after` and `limit`.
-pub async fn read_all_is_globally_ordered_in_batches<S: SnapshotStore>(store: S) {
-    let names = ["g-a", "g-b", "g-c"];
-    for n in 0..30u64 {
-        let s = stream(names[(n % 3) as usize]);
-        store
-            .append(&s, ExpectedVersion::Any, vec![event(n)])
-            .await
-            .unwrap();
-    }
-    settled_log(&store, 30).await;
-    let mut seen = Vec::new();
-    let mut after = 0;
-    loop {
-        let batch = store.read_all(after, 7).await.unwrap();
-        assert!(batch.len() <= 7, "read_all respects its limit");
-        let Some(last) = batch.last() else { break };
-        after = last.global_position;
-        seen.extend(batch);
-    }
-    assert_eq!(seen.len(), 30);
-    assert!(
-        seen.windows(2)
-            .all(|w| w[0].global_position < w[1].global_position),
-        "global positions strictly increase"
-    );
-    assert_eq!(
-        seen.iter().map(payload_n).collect::<Vec<_>>(),
-        (0..30).collect::<Vec<_>>(),
-        "global order is append order"
-    );
-    let mut next_version: HashMap<&StreamId, u64> = HashMap::new();
-    for e in &seen {
-        let v = next_version.entry(&e.stream_id).or_insert(1);
-        assert_eq!(
-            e.stream_version, *v,
-            "each stream's events appear in version order"
-        );
-        *v += 1;
-    }
-    let from_middle = store.read_all(seen[9].global_position, 100).await.unwrap();
-    assert_eq!(from_middle.len(), 20);
-    assert_eq!(from_middle[0].event_id, seen[10].event_id);
-}
-
-/// Everything given to `append` comes back from both read paths.
-pub async fn envelope_fields_round_trip<S: SnapshotStore>(store: S) {
-    let s = stream("envelope");
-    let mut e = event(7);
-    e.event_type = "MoneyDeposited".into();
-    e.schema_version = 3;
-    e.payload = json!({ "amount": 12.5, "note": "a \"quoted\" 'note'", "nested": { "list": [1, 2, null] } });
-    e.metadata = EventMetadata {
-        correlation_id: Some(Uuid::now_v7()),
-        causation_id: Some(Uuid::now_v7()),
-        extra: json!({ "user": "ada", "tenant": 7 })
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-    };
-    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
-    let outcome = store
-        .append(&s, ExpectedVersion::NoStream, vec![e.clone()])
-        .await
-        .unwrap();
-    let after = chrono::Utc::now() + chrono::Duration::seconds(5);
-    for stored in [
-        store.read_stream(&s, 1).await.unwrap().remove(0),
-        settled_log(&store, 1).await.remove(0),
-    ] {
-        assert_eq!(stored.event_id, e.event_id);
-        assert_eq!(stored.stream_id, s);
-        assert_eq!(stored.aggregate_type, AGGREGATE);
-        assert_eq!(stored.stream_version, 1);
-        assert_eq!(stored.global_position, outcome.positions[0]);
-        assert_eq!(stored.event_type, "MoneyDeposited");
-        assert_eq!(stored.schema_version, 3);
-        assert_eq!(stored.payload, e.payload);
-        assert_eq!(stored.metadata, e.metadata);
-        assert!(
-            stored.recorded_at > before && stored.recorded_at < after,
-            "recorded_at is the append time"
-        );
-        assert_eq!(stored.recorded_at, outcome.recorded_at);
-    }
-}
-
 /// Stream ids full of quotes, SQL and non-ASCII text, and the longest allowed, are stored verbatim.
-pub async fn hostile_stream_ids_round_trip<S: SnapshotStore>(store: S) {
+pub async fn hostile_stream_ids_round_trip<S: EventStore>(store: S) {
     let long = "x".repeat(crate::MAX_STREAM_ID_LEN);
     let ids = [
         "it's",
@@ -509,78 +327,12 @@ pub async fn hostile_stream_ids_round_trip<S: SnapshotStore>(store: S) {
         assert_eq!(stored[0].stream_id.as_str(), *id);
         assert_eq!(payload_n(&stored[0]), n as u64);
     }
-    settled_log(&store, ids.len()).await;
-}
-
-/// The latest snapshot wins; an older one never replaces it.
-pub async fn snapshots_keep_the_latest<S: SnapshotStore>(store: S) {
-    let s = stream("snap");
-    assert_eq!(store.load_snapshot(&s).await.unwrap(), None);
-    store.save_snapshot(snapshot(&s, 5, 50)).await.unwrap();
-    store.save_snapshot(snapshot(&s, 9, 90)).await.unwrap();
-    store.save_snapshot(snapshot(&s, 7, 70)).await.unwrap();
-    let latest = store.load_snapshot(&s).await.unwrap().expect("a snapshot");
-    assert_eq!(latest.version, 9);
-    assert_eq!(latest.state, json!({ "value": 90 }));
-    assert_eq!(latest.aggregate_type, AGGREGATE);
-    assert_eq!(
-        store.load_snapshot(&stream("snap-other")).await.unwrap(),
-        None
-    );
-}
-
-/// `append_with_snapshot` stores the snapshot with the events, and neither on conflict.
-pub async fn append_with_snapshot_stores_both_or_neither<S: SnapshotStore>(store: S) {
-    let s = stream("snap-append");
-    store
-        .append_with_snapshot(
-            &s,
-            ExpectedVersion::NoStream,
-            events(1..=3),
-            snapshot(&s, 3, 3),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store.load_snapshot(&s).await.unwrap().map(|x| x.version),
-        Some(3)
-    );
-    let refused = store
-        .append_with_snapshot(
-            &s,
-            ExpectedVersion::Exact(1),
-            events(4..=5),
-            snapshot(&s, 3, 99),
-        )
-        .await;
-    expect_conflict(refused, &s, ExpectedVersion::Exact(1), Some(3));
-    let kept = store.load_snapshot(&s).await.unwrap().expect("snapshot");
-    assert_eq!(
-        kept.state,
-        json!({ "value": 3 }),
-        "a refused append stores no snapshot"
-    );
-    store
-        .append_with_snapshot(
-            &s,
-            ExpectedVersion::Exact(3),
-            events(4..=5),
-            snapshot(&s, 5, 5),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store.load_snapshot(&s).await.unwrap().map(|x| x.version),
-        Some(5)
-    );
 }
 
 const RACERS: usize = 16;
 
 /// Many tasks append at the same instant with the same expected version: exactly one wins each round.
-pub async fn concurrent_writers_one_stream_exactly_one_winner_per_version<S: SnapshotStore>(
-    store: S,
-) {
+pub async fn concurrent_writers_one_stream_exactly_one_winner_per_version<S: EventStore>(store: S) {
     let s = stream("race");
     let rounds = 20u64;
     let barrier = Arc::new(Barrier::new(RACERS));
@@ -626,7 +378,7 @@ pub async fn concurrent_writers_one_stream_exactly_one_winner_per_version<S: Sna
 }
 
 /// Many tasks retrying on conflict: every event lands once, versions have no gaps or repeats.
-pub async fn concurrent_writers_one_stream_lose_nothing<S: SnapshotStore>(store: S) {
+pub async fn concurrent_writers_one_stream_lose_nothing<S: EventStore>(store: S) {
     let s = stream("contended");
     let per_task = 15u64;
     let mut tasks = Vec::new();
@@ -667,83 +419,47 @@ pub async fn concurrent_writers_one_stream_lose_nothing<S: SnapshotStore>(store:
     assert_eq!(stored_ids, expected_ids, "no event lost");
 }
 
-/// Many tasks on many streams: every event in the global log once, each stream in order.
-pub async fn concurrent_writers_many_streams<S: SnapshotStore>(store: S) {
-    let writers = 32u64;
-    let per_writer = 20u64;
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let s = stream(&format!("many-{w}"));
-            for i in 0..per_writer {
-                let expected = if i == 0 {
-                    ExpectedVersion::NoStream
-                } else {
-                    ExpectedVersion::Exact(i)
-                };
-                store
-                    .append(&s, expected, vec![event(w * 1000 + i)])
-                    .await
-                    .unwrap();
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("writer task");
-    }
-    let all = settled_log(&store, (writers * per_writer) as usize).await;
-    assert!(
-        all.windows(2)
-            .all(|w| w[0].global_position < w[1].global_position)
-    );
-    let ids: HashSet<Uuid> = all.iter().map(|e| e.event_id).collect();
-    assert_eq!(ids.len(), all.len(), "no event twice in the global log");
-    let mut next: HashMap<&StreamId, u64> = HashMap::new();
-    for e in &all {
-        let v = next.entry(&e.stream_id).or_insert(1);
-        assert_eq!(
-            e.stream_version, *v,
-            "stream {} out of order in the global log",
-            e.stream_id
-        );
-        assert_eq!(payload_n(e) % 1000, *v - 1);
-        *v += 1;
-    }
-    assert_eq!(next.len() as u64, writers);
-}
-
-/// A subscription delivers stored events, then live ones, each once and in order.
-pub async fn subscription_delivers_stored_then_live_events<S: SnapshotStore>(store: S) {
-    let s = stream("sub");
+/// When several ids of a batch are already stored, the error names the first one in the
+/// batch's order, whatever the store's lookup order.
+pub async fn reused_ids_are_reported_in_the_batch_order<S: EventStore>(store: S) {
+    let s = stream("reused-order");
+    let (a, b) = (event(1), event(2));
     store
-        .append(&s, ExpectedVersion::Any, events(1..=3))
+        .append(&s, ExpectedVersion::NoStream, vec![a.clone(), b.clone()])
         .await
         .unwrap();
-    let mut sub = store.subscribe(0);
-    let writer = {
-        let (store, s) = (store.clone(), s.clone());
-        tokio::spawn(async move {
-            for n in 4..=10 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                store
-                    .append(&s, ExpectedVersion::Any, vec![event(n)])
-                    .await
-                    .unwrap();
-            }
-        })
-    };
-    let mut seen = Vec::new();
-    while seen.len() < 10 {
-        let next = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("a live event arrives within 10 s")
-            .unwrap();
-        seen.push(payload_n(&next));
-        assert_eq!(sub.position(), next.global_position);
+    let (mut a2, mut b2) = (a.clone(), b.clone());
+    a2.payload = json!({ "n": 10 });
+    b2.payload = json!({ "n": 20 });
+    match store
+        .append(&s, ExpectedVersion::Any, vec![event(3), b2, a2])
+        .await
+    {
+        Err(StoreError::EventIdReused {
+            event_id,
+            stored_version,
+            ..
+        }) => {
+            assert_eq!(
+                event_id, b.event_id,
+                "the first reused id in the batch's order"
+            );
+            assert_eq!(stored_version, 2);
+        }
+        other => panic!("expected EventIdReused, got {other:?}"),
     }
-    writer.await.unwrap();
-    assert_eq!(seen, (1..=10).collect::<Vec<_>>());
-    let quiet = tokio::time::timeout(Duration::from_millis(50), sub.next()).await;
-    assert!(quiet.is_err(), "no event is delivered twice");
+    match store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![event(4), b.clone(), a.clone()],
+        )
+        .await
+    {
+        Err(StoreError::PartialDuplicate {
+            stored_event_id, ..
+        }) => assert_eq!(stored_event_id, b.event_id),
+        other => panic!("expected PartialDuplicate, got {other:?}"),
+    }
+    assert_eq!(versions(&store, &s).await, vec![1, 2]);
 }

@@ -1,0 +1,208 @@
+//! Loading an aggregate's state: cached state, or a snapshot it can trust, plus the events after.
+
+use crate::{
+    Aggregate, CachePolicy, CommandError, DecodeErrorKind, EventStore, RecordedEvent, Snapshot,
+    StreamId,
+};
+
+use super::CommandHandler;
+
+/// An aggregate's state as loaded for a command.
+#[derive(Debug)]
+pub(crate) struct LoadedState<A> {
+    /// The state.
+    pub(crate) state: A,
+    /// The stream version it includes (0: no events).
+    pub(crate) version: u64,
+    /// The stored snapshot could not be used: store a fresh one with the next append.
+    pub(crate) replace_snapshot: bool,
+    /// A cached state used as is ([`CachePolicy::Trust`]), without reading the store.
+    pub(crate) trusted: bool,
+}
+
+/// Where a load starts from before reading the stream's events.
+struct Start<A> {
+    state: A,
+    /// The version the state includes.
+    version: u64,
+    /// Read from this version on; events at or below `version` are only checked.
+    read_from: u64,
+    replace_snapshot: bool,
+    /// The snapshot's version, if the start is a snapshot (to drop it if the stream disagrees).
+    snapshot: Option<u64>,
+}
+
+impl<A: Aggregate> Start<A> {
+    fn empty(replace_snapshot: bool) -> Self {
+        Self {
+            state: A::default(),
+            version: 0,
+            read_from: 1,
+            replace_snapshot,
+            snapshot: None,
+        }
+    }
+}
+
+impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
+    /// The state to decide on: a cached one (used as is with [`CachePolicy::Trust`], else
+    /// brought up to date), or the latest usable snapshot, or nothing, then the events after it.
+    pub(crate) async fn load_state(
+        &self,
+        stream: &StreamId,
+        use_cache: bool,
+    ) -> Result<LoadedState<A>, CommandError<A::Error>> {
+        let cached = match (&self.cache, use_cache) {
+            (Some(cache), true) => cache.take(stream),
+            _ => None,
+        };
+        let mut start = match cached {
+            Some((version, state)) if self.cache_policy == CachePolicy::Trust => {
+                return Ok(LoadedState {
+                    state,
+                    version,
+                    replace_snapshot: false,
+                    trusted: true,
+                });
+            }
+            Some((version, state)) => Start {
+                state,
+                version,
+                read_from: version + 1,
+                replace_snapshot: false,
+                snapshot: None,
+            },
+            None => self.start_from_snapshot(stream).await?,
+        };
+        let mut events = self.store.read_stream(stream, start.read_from).await?;
+        if let Some(snapshot_version) = start.snapshot
+            && events.first().map(|e| e.stream_version) != Some(snapshot_version)
+        {
+            // The snapshot claims a version the stream does not have: it cannot be trusted.
+            tracing::warn!(stream = %stream, snapshot_version, "snapshot is ahead of its stream; ignored, replaced, and the state rebuilt from events");
+            self.drop_snapshot(stream, snapshot_version).await;
+            start = Start::empty(true);
+            events = self.store.read_stream(stream, 1).await?;
+        }
+        self.apply_events(stream, start, events)
+    }
+
+    /// Applies `events` to the start state; those at or below its version are only checked.
+    fn apply_events(
+        &self,
+        stream: &StreamId,
+        start: Start<A>,
+        events: Vec<RecordedEvent>,
+    ) -> Result<LoadedState<A>, CommandError<A::Error>> {
+        let Start {
+            mut state,
+            mut version,
+            replace_snapshot,
+            ..
+        } = start;
+        for recorded in events {
+            self.check_type(stream, &recorded)?;
+            if recorded.stream_version <= version {
+                continue;
+            }
+            version = recorded.stream_version;
+            match recorded.decode::<A::Event>() {
+                Ok(event) => state.apply(&event),
+                Err(err)
+                    if self.skip_unknown_types
+                        && matches!(err.kind, DecodeErrorKind::UnknownType) =>
+                {
+                    tracing::debug!(stream = %stream, version = recorded.stream_version, event_type = %recorded.event_type, "skipping an event type this code does not know");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(LoadedState {
+            state,
+            version,
+            replace_snapshot,
+            trusted: false,
+        })
+    }
+
+    fn check_type(
+        &self,
+        stream: &StreamId,
+        recorded: &RecordedEvent,
+    ) -> Result<(), CommandError<A::Error>> {
+        if recorded.aggregate_type == A::TYPE {
+            return Ok(());
+        }
+        Err(CommandError::WrongAggregateType {
+            stream: stream.clone(),
+            expected: A::TYPE,
+            found: recorded.aggregate_type.to_string(),
+            version: recorded.stream_version,
+        })
+    }
+
+    /// The latest snapshot if it can be used: of this stream, this aggregate type and snapshot
+    /// version, and readable. Reading from its own version (not the one after) proves the
+    /// stream has that version; see `load_state`.
+    async fn start_from_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> Result<Start<A>, CommandError<A::Error>> {
+        let Some(ops) = &self.snapshots else {
+            return Ok(Start::empty(false));
+        };
+        let Some(snapshot) = (ops.load)(&self.store, stream).await? else {
+            return Ok(Start::empty(false));
+        };
+        match self.usable(stream, &snapshot) {
+            Ok(state) => Ok(Start {
+                state,
+                version: snapshot.version,
+                read_from: snapshot.version,
+                replace_snapshot: false,
+                snapshot: Some(snapshot.version),
+            }),
+            Err(why) => {
+                tracing::info!(stream = %stream, version = snapshot.version, "ignoring a snapshot ({why}); rebuilding from events and replacing it");
+                if snapshot.stream_id != *stream {
+                    self.drop_snapshot(stream, snapshot.version).await;
+                }
+                Ok(Start::empty(true))
+            }
+        }
+    }
+
+    fn usable(&self, stream: &StreamId, snapshot: &Snapshot) -> Result<A, String> {
+        if snapshot.stream_id != *stream {
+            return Err(format!("it belongs to stream `{}`", snapshot.stream_id));
+        }
+        if snapshot.aggregate_type != A::TYPE {
+            return Err(format!(
+                "it is of aggregate type `{}`, not `{}`",
+                snapshot.aggregate_type,
+                A::TYPE
+            ));
+        }
+        if snapshot.schema_version != A::SNAPSHOT_VERSION {
+            return Err(format!(
+                "it has snapshot version {}, this code writes {}",
+                snapshot.schema_version,
+                A::SNAPSHOT_VERSION
+            ));
+        }
+        if snapshot.version == 0 {
+            return Err("it is at version 0".to_owned());
+        }
+        A::from_snapshot(&snapshot.state).map_err(|err| format!("it cannot be read: {err}"))
+    }
+
+    /// Deletes an untrustworthy snapshot, so that the next one replaces it even at a lower
+    /// version. Best effort: a failure only costs another rebuild next time.
+    async fn drop_snapshot(&self, stream: &StreamId, version: u64) {
+        if let Some(ops) = &self.snapshots
+            && let Err(err) = (ops.delete)(&self.store, stream, version).await
+        {
+            tracing::warn!(stream = %stream, error = %err, "cannot delete an unusable snapshot");
+        }
+    }
+}

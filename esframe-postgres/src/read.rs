@@ -1,0 +1,210 @@
+//! Reads: a stream, the global log below its horizon, the head, snapshots, and the wait for new
+//! events. Rows are decoded as they arrive (`fetch`, not `fetch_all`), so a long stream is
+//! never held in memory twice; a connection that died while idle is replaced and the read run
+//! again.
+
+use std::{sync::Arc, time::Duration};
+
+use esframe_core::{Position, RecordedEvent, Snapshot, StoreError, StreamId};
+use futures_util::TryStreamExt;
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::{PgEventStore, append::to_i64, error::Failure, rows};
+
+impl PgEventStore {
+    pub(crate) async fn load_stream_rows(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let span = tracing::debug_span!("esframe.read_stream", stream = %stream, from_version, events = tracing::field::Empty);
+        let events = async {
+            on_connection!(self, |conn| {
+                async {
+                    let mut rows =
+                        sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
+                            .bind(stream.as_str())
+                            .bind(to_i64(from_version))
+                            .fetch(&mut *conn);
+                    let mut events = Vec::new();
+                    while let Some(row) = rows.try_next().await? {
+                        events.push(rows::event(&row, Some(stream))?);
+                    }
+                    Ok::<_, Failure>(events)
+                }
+                .await
+            })
+        }
+        .instrument(span.clone())
+        .await
+        .map_err(|failure| failure.unavailable(Some(stream)))?;
+        span.record("events", events.len());
+        Ok(events)
+    }
+
+    pub(crate) async fn read_stream_version(
+        &self,
+        stream: &StreamId,
+    ) -> Result<Option<u64>, StoreError> {
+        on_connection!(self, |conn| self.stream_version_on(conn, stream).await)
+            .map_err(|failure| failure.unavailable(Some(stream)))
+    }
+
+    pub(crate) async fn load_log_rows(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        on_connection!(self, |conn| {
+            async {
+                let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_all)))
+                    .bind(to_i64(after.get()))
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch(&mut *conn);
+                let mut events = Vec::with_capacity(limit.min(4096));
+                while let Some(row) = rows.try_next().await? {
+                    events.push(rows::event(&row, None)?);
+                }
+                Ok::<_, Failure>(events)
+            }
+            .await
+        })
+        .map_err(|failure| failure.unavailable(None))
+    }
+
+    pub(crate) async fn read_head(&self) -> Result<Position, StoreError> {
+        let head: Option<i64> = on_connection!(self, |conn| {
+            async {
+                Ok::<_, Failure>(
+                    sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.head)))
+                        .fetch_one(&mut *conn)
+                        .await?,
+                )
+            }
+            .await
+        })
+        .map_err(|failure| failure.unavailable(None))?;
+        Ok(Position::new(
+            head.map_or(0, |h| u64::try_from(h).unwrap_or(0)),
+        ))
+    }
+
+    pub(crate) async fn count_after(&self, after: Position) -> Result<u64, StoreError> {
+        let count: i64 = on_connection!(self, |conn| {
+            async {
+                Ok::<_, Failure>(
+                    sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.count_after)))
+                        .bind(to_i64(after.get()))
+                        .fetch_one(&mut *conn)
+                        .await?,
+                )
+            }
+            .await
+        })
+        .map_err(|failure| failure.unavailable(None))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    pub(crate) async fn wait_past(&self, after: Position) -> Result<(), StoreError> {
+        // Register for wake-ups before checking, so a commit between the check and the wait
+        // still wakes us.
+        let mut woken: watch::Receiver<u64> = self.inner.waker.subscribe();
+        let after_i = to_i64(after.get());
+        let row = on_connection!(self, |conn| {
+            async {
+                Ok::<_, Failure>(
+                    sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.readiness)))
+                        .bind(after_i)
+                        .fetch_one(&mut *conn)
+                        .await?,
+                )
+            }
+            .await
+        })
+        .map_err(|failure| failure.unavailable(None))?;
+        let readiness = (|| -> Result<(bool, Option<i64>, i64), sqlx::Error> {
+            Ok((
+                row.try_get("ready")?,
+                row.try_get("head")?,
+                row.try_get("horizon")?,
+            ))
+        })();
+        let (ready, head, horizon) = readiness.map_err(|err| StoreError::unavailable(None, err))?;
+        let pending = head.is_some_and(|h| h > after_i && h >= horizon);
+        let blocked_for = self.note_stall(pending, horizon).await;
+        if ready {
+            return Ok(());
+        }
+        // Events are stored but a transaction still running holds them back (usually another
+        // append or a projection's transaction, ending within a millisecond). Its commit may
+        // not notify anyone, so look again soon, backing off while the same horizon holds.
+        let poll = self.inner.poll_interval;
+        let wait = if pending {
+            (blocked_for / 4).clamp(Duration::from_micros(200), poll)
+        } else {
+            poll
+        };
+        let _ = tokio::time::timeout(wait, woken.changed()).await;
+        Ok(())
+    }
+
+    pub(crate) async fn write_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        on_connection!(self, |conn| {
+            sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.save_snapshot)))
+                .bind(snapshot.stream_id.as_str())
+                .bind(&snapshot.aggregate_type)
+                .bind(to_i64(snapshot.version))
+                .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
+                .bind(&snapshot.state)
+                .bind(snapshot.taken_at)
+                .execute(&mut *conn)
+                .await
+                .map(drop)
+                .map_err(Failure::Db)
+        })
+        .map_err(|failure| failure.unavailable(Some(&snapshot.stream_id)))
+    }
+
+    pub(crate) async fn read_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>, StoreError> {
+        let row = on_connection!(self, |conn| {
+            async {
+                Ok::<_, Failure>(
+                    sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.load_snapshot)))
+                        .bind(stream.as_str())
+                        .fetch_optional(&mut *conn)
+                        .await?,
+                )
+            }
+            .await
+        })
+        .map_err(|failure| failure.unavailable(Some(stream)))?;
+        Ok(row.and_then(|row| rows::snapshot(&row, stream)))
+    }
+
+    pub(crate) async fn remove_snapshot(
+        &self,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<bool, StoreError> {
+        let deleted = on_connection!(self, |conn| {
+            async {
+                Ok::<_, Failure>(
+                    sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.delete_snapshot)))
+                        .bind(stream.as_str())
+                        .bind(to_i64(version))
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected(),
+                )
+            }
+            .await
+        })
+        .map_err(|failure| failure.unavailable(Some(stream)))?;
+        Ok(deleted > 0)
+    }
+}
