@@ -751,6 +751,93 @@ mod tests {
     }
 
     #[test]
+    fn two_enums_declaring_one_type_at_different_versions_are_refused() {
+        struct Older;
+        impl Event for Older {
+            fn event_types() -> &'static [EventType] {
+                const T: &[EventType] = &[EventType::new("MoneyDeposited", 2)];
+                T
+            }
+            fn event_type(&self) -> &'static str {
+                "MoneyDeposited"
+            }
+            fn schema_version(&self) -> u32 {
+                2
+            }
+            fn to_payload(&self) -> Result<Value, serde_json::Error> {
+                Ok(Value::Null)
+            }
+            fn from_payload(_: &str, _: &Value) -> Result<Self, DecodeErrorKind> {
+                Ok(Older)
+            }
+        }
+        let err = Upcasters::builder()
+            .current::<Current>()
+            .current::<Older>()
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            UpcastChainError::ConflictingCurrent {
+                event_type: "MoneyDeposited".into(),
+                first: 3,
+                second: 2,
+            }
+        );
+        // The same enum given twice is fine.
+        assert!(
+            Upcasters::builder()
+                .current::<Current>()
+                .current::<Current>()
+                .build()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn an_upcaster_producing_a_type_it_did_not_declare_is_a_typed_error() {
+        let upcasters = Upcasters::builder()
+            .current::<Current>()
+            .register(
+                upcaster("Deposited", 1, |p| {
+                    Ok(Upcast::Renamed {
+                        event_type: "Surprise".into(),
+                        payload: p,
+                    })
+                })
+                .outputs(["MoneyDeposited"]),
+            )
+            .register(
+                upcaster("Pair", 2, |p| {
+                    Ok(Upcast::Split(vec![
+                        ("MoneyDeposited".into(), p.clone()),
+                        ("Unannounced".into(), p),
+                    ]))
+                })
+                .outputs(["MoneyDeposited"]),
+            )
+            .register(next("MoneyDeposited", 2))
+            .build()
+            .unwrap();
+        for (event_type, version, produced) in
+            [("Deposited", 1, "Surprise"), ("Pair", 2, "Unannounced")]
+        {
+            let err = upcasters
+                .apply_all(vec![stored(event_type, version, json!({}))])
+                .unwrap_err();
+            let StoreError::Upcast { source, .. } = &err else {
+                panic!("expected Upcast, got {err:?}");
+            };
+            let undeclared = source.to_string();
+            assert!(
+                undeclared.contains(&format!("`{produced}`"))
+                    && undeclared.contains("declares `MoneyDeposited`"),
+                "{undeclared}"
+            );
+        }
+    }
+
+    #[test]
     fn a_failing_upcaster_is_a_typed_error_naming_the_event() {
         let upcasters = Upcasters::builder()
             .current::<Current>()

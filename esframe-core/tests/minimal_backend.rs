@@ -121,3 +121,69 @@ esframe_core::upcasting_suite!(|upcasters| async move {
     }
 });
 // ANCHOR_END: suite
+
+/// The command handler runs on a store without snapshots: states are rebuilt from events (and
+/// kept in the handler's state cache).
+mod handler_without_snapshots {
+    use esframe_core::{Aggregate, Command, CommandHandler, Decision, Event};
+    use serde::{Deserialize, Serialize};
+
+    use super::VecStore;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+    enum TallyEvent {
+        Counted { by: u64 },
+    }
+
+    #[derive(Debug, Command)]
+    struct Count {
+        #[command(aggregate_id)]
+        tally: String,
+        by: u64,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    #[derive(Debug, Default, Serialize, Deserialize, Aggregate)]
+    #[aggregate(command = Count, event = TallyEvent, error = Never)]
+    struct Tally {
+        total: u64,
+    }
+
+    impl Tally {
+        async fn handle(
+            decision: &mut Decision<'_, Self>,
+            command: &Count,
+            _services: &(),
+        ) -> Result<(), Never> {
+            decision.emit(TallyEvent::Counted { by: command.by });
+            Ok(())
+        }
+
+        fn apply(&mut self, event: &TallyEvent) {
+            let TallyEvent::Counted { by } = event;
+            self.total += by;
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_are_handled_on_a_store_that_keeps_no_snapshots() {
+        let store = VecStore::default();
+        let cached = CommandHandler::<Tally, _>::new(store.clone());
+        let uncached = CommandHandler::<Tally, _>::new(store).without_state_cache();
+        for by in 1..=10 {
+            let handler = if by % 2 == 0 { &cached } else { &uncached };
+            handler
+                .execute(Count {
+                    tally: "t".into(),
+                    by,
+                })
+                .await
+                .unwrap();
+        }
+        let loaded = uncached.load("t").await.unwrap();
+        assert_eq!((loaded.version, loaded.state.total), (10, 55));
+    }
+}

@@ -151,10 +151,10 @@ impl PgEventStore {
             self.append_on(conn, batch, &columns, snapshot, AppendMode::Autocommit)
                 .await
         })
-        .map_err(|failure| failure.of_append(batch.stream(), reconnect.lost > 0))?;
+        .map_err(|failure| failure.of_append(batch.stream(), reconnect.interrupted))?;
         // A deduplicated outcome after a lost connection may be this append's own commit,
         // whose wake-up was never sent.
-        if !outcome.positions.is_empty() && (!outcome.deduplicated || reconnect.lost > 0) {
+        if !outcome.positions.is_empty() && (!outcome.deduplicated || reconnect.interrupted) {
             self.appended();
         }
         Ok(outcome)
@@ -168,9 +168,11 @@ impl PgEventStore {
     ///   [`StoreError::AppendNotFirstWrite`].
     /// - It runs under a savepoint, so a refused append ([`StoreError::Conflict`] with the
     ///   stream's actual version, a reused id, ...) leaves the caller's transaction usable; it
-    ///   has then written, so another `append_in` in it is refused: roll back and start again
-    ///   to retry. Under `REPEATABLE READ` or `SERIALIZABLE`, whose snapshot may be older than
-    ///   the stream, the actual version is read outside the transaction.
+    ///   may then have written, so another `append_in` in it can be refused: roll back and start
+    ///   again to retry. Under `REPEATABLE READ` or `SERIALIZABLE`, whose snapshot may be older
+    ///   than the stream, the actual version is read outside the transaction, and a snapshot
+    ///   too old to append although the expectation holds is
+    ///   [`StoreError::StaleSnapshot`].
     /// - A store with inline projections refuses it
     ///   ([`StoreError::InlineProjectionsNeedOwnTransaction`]): they run in the store's own
     ///   transaction.
@@ -265,6 +267,15 @@ impl PgEventStore {
             _ if old_snapshot => self.fresh_stream_version(stream).await?,
             _ => self.stream_version_on(tx, stream).await?,
         };
+        if old_snapshot && batch.expected().accepts(actual) {
+            // The expectation holds; only this transaction's snapshot is behind.
+            return Err(StoreError::StaleSnapshot {
+                stream: stream.clone(),
+                expected: batch.expected(),
+                actual,
+            }
+            .into());
+        }
         Err(conflict(batch, actual).into())
     }
 

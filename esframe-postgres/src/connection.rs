@@ -17,8 +17,11 @@ const MAX_WAIT: Duration = Duration::from_millis(500);
 pub(crate) struct Reconnect {
     budget: Duration,
     started: Option<Instant>,
-    /// How many connections died under the operation.
-    pub(crate) lost: u32,
+    /// How many times the operation could not get or keep a connection.
+    lost: u32,
+    /// Whether a connection died while a statement of the operation was on it, so that the
+    /// statement may have run (for an append: may have committed).
+    pub(crate) interrupted: bool,
 }
 
 impl Reconnect {
@@ -28,6 +31,7 @@ impl Reconnect {
             budget,
             started: None,
             lost: 0,
+            interrupted: false,
         }
     }
 
@@ -54,32 +58,34 @@ impl Reconnect {
 
 /// Runs `$op` with `$conn: &mut PgConnection`, a kept or pooled connection, and hands the
 /// connection back ([`PgEventStore::release`](crate::PgEventStore)). `$op` gives a
-/// `Result<_, Failure>`. If the connection turns out to be dead (a database restart, say:
-/// [`Failure::connection_lost`](crate::error::Failure::connection_lost)), runs it again on
-/// another after a backoff ([`Reconnect`], counting lost connections in `$reconnect.lost`),
-/// until the store's reconnect budget is spent. Only for operations that may run twice: reads,
-/// and appends (idempotent by event id).
+/// `Result<_, Failure>`. If no connection can be had, or the one used turns out to be dead (a
+/// database restart, say: [`Failure::connection_lost`](crate::error::Failure::connection_lost)),
+/// runs it again on another after a backoff ([`Reconnect`]; a connection that died under `$op`
+/// sets `$reconnect.interrupted`), until the store's reconnect budget is spent. Only for
+/// operations that may run twice: reads, and appends (idempotent by event id).
 macro_rules! on_connection {
     ($store:ident, $reconnect:ident, |$conn:ident| $op:expr) => {
         loop {
-            let mut held = match $store.connection().await {
-                Ok(held) => held,
-                Err(err) => break Err($crate::error::Failure::Db(err)),
-            };
-            let result: Result<_, $crate::error::Failure> = {
-                let $conn: &mut ::sqlx::PgConnection = &mut held;
-                $op
-            };
-            match result {
-                Err(failure) if failure.connection_lost() => {
-                    drop(held);
-                    if !$reconnect.wait().await {
-                        break Err(failure);
+            let failure = match $store.connection().await {
+                Ok(mut held) => {
+                    let result: Result<_, $crate::error::Failure> = {
+                        let $conn: &mut ::sqlx::PgConnection = &mut held;
+                        $op
+                    };
+                    match result {
+                        Err(failure) if failure.connection_lost() => {
+                            $reconnect.interrupted = true;
+                            failure
+                        }
+                        result => break $store.release(held, result),
                     }
-                    tracing::debug!("connection lost; running again on another");
                 }
-                result => break $store.release(held, result),
+                Err(err) => $crate::error::Failure::Db(err),
+            };
+            if !(failure.connection_lost() && $reconnect.wait().await) {
+                break Err(failure);
             }
+            tracing::debug!("connection lost; running again on another");
         }
     };
     ($store:ident, |$conn:ident| $op:expr) => {{

@@ -141,6 +141,8 @@ enum Attempt {
     Rebuilding(String),
     /// A race (another writer took the version or the id, then rolled back): try again.
     Retry,
+    /// No connection could be had: nothing was sent.
+    NoConnection(sqlx::Error),
 }
 
 /// The envelopes of events just appended, as the global log will show them.
@@ -183,7 +185,7 @@ impl PgEventStore {
             match self.inline_attempt(batch, &columns, snapshot).await {
                 Ok(Attempt::Done(outcome)) => {
                     if !outcome.positions.is_empty()
-                        && (!outcome.deduplicated || reconnect.lost > 0)
+                        && (!outcome.deduplicated || reconnect.interrupted)
                     {
                         self.appended();
                     }
@@ -215,10 +217,21 @@ impl PgEventStore {
                         format!("the append lost {ANY_RETRIES} races in a row to other writers"),
                     ));
                 }
+                Ok(Attempt::NoConnection(err)) => {
+                    let failure = Failure::Db(err);
+                    if !(failure.connection_lost() && reconnect.wait().await) {
+                        return Err(failure.of_append(stream, reconnect.interrupted));
+                    }
+                }
                 // The transaction died with its connection (or at its commit): run it again;
                 // if it committed, the ids say so.
-                Err(failure) if failure.connection_lost() && reconnect.wait().await => {}
-                Err(failure) => return Err(failure.of_append(stream, reconnect.lost > 0)),
+                Err(failure) if failure.connection_lost() => {
+                    reconnect.interrupted = true;
+                    if !reconnect.wait().await {
+                        return Err(failure.of_append(stream, true));
+                    }
+                }
+                Err(failure) => return Err(failure.of_append(stream, reconnect.interrupted)),
             }
         }
     }
@@ -230,7 +243,10 @@ impl PgEventStore {
         snapshot: Option<&Snapshot>,
     ) -> Result<Attempt, Failure> {
         let stream = batch.stream();
-        let mut tx = self.inner.pool.begin().await?;
+        let mut tx = match self.inner.pool.begin().await {
+            Ok(tx) => tx,
+            Err(err) => return Ok(Attempt::NoConnection(err)),
+        };
         // Shared with other appends, exclusive with a rebuild holding the lease. Taking it
         // writes nothing, so the append stays the transaction's first write.
         if let Some(rebuilding) = self.lock_inline_projections(&mut tx, stream).await? {

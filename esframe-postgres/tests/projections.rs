@@ -884,3 +884,47 @@ async fn an_inline_projection_of_a_new_version_refuses_appends_until_rebuilt() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_inline_appends_racing_each_other_are_stored_and_applied_once() {
+    let (plain, store, _ledger) = inline_store("proj_inline_race").await;
+    let events = vec![deposit(5), deposit(6)];
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, events) = (store.clone(), events.clone());
+            tokio::spawn(async move {
+                store
+                    .append(
+                        &StreamId::new("race").unwrap(),
+                        ExpectedVersion::Any,
+                        events,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for racer in racers {
+        outcomes.push(
+            racer
+                .await
+                .unwrap()
+                .expect("a lost race is an idempotent repeat"),
+        );
+    }
+    let stored = outcomes.iter().filter(|o| !o.deduplicated).count();
+    assert_eq!(
+        stored, 1,
+        "one append stored the events, the others repeated it"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.positions == outcomes[0].positions)
+    );
+    assert_eq!(
+        applied(&plain).await,
+        (2, 2, 11),
+        "the inline projection applied them once"
+    );
+}

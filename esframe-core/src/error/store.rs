@@ -91,6 +91,22 @@ pub enum StoreError {
         /// The stream appended to.
         stream: StreamId,
     },
+    /// An append in the caller's transaction (PostgreSQL `append_in`) whose snapshot is older
+    /// than the stream (`REPEATABLE READ` or `SERIALIZABLE`, with the stream changed after the
+    /// transaction's snapshot was taken): it cannot append to the stream even though the
+    /// expectation holds. Nothing was stored. Retry in a new transaction.
+    #[error(
+        "the append to stream `{stream}` ran in a transaction whose snapshot is older than the stream (now {}): it cannot append to it although {expected} holds; retry in a new transaction",
+        match .actual { Some(v) => format!("at version {v}"), None => "gone".to_owned() }
+    )]
+    StaleSnapshot {
+        /// The stream appended to.
+        stream: StreamId,
+        /// What the writer expected.
+        expected: crate::ExpectedVersion,
+        /// The stream's version outside the transaction.
+        actual: Option<u64>,
+    },
     /// An append in the caller's transaction on a store that updates inline projections, which
     /// run in the store's own append transaction.
     #[error(
@@ -187,7 +203,7 @@ impl StoreError {
     /// What the error means for the caller.
     pub fn kind(&self) -> StoreErrorKind {
         match self {
-            Self::Conflict(_) => StoreErrorKind::Conflict,
+            Self::Conflict(_) | Self::StaleSnapshot { .. } => StoreErrorKind::Conflict,
             Self::EventIdReused { .. }
             | Self::PartialDuplicate { .. }
             | Self::DuplicateIdInBatch { .. }
