@@ -16,7 +16,9 @@ pub trait Command: Send + Sync + 'static {
     fn aggregate_id(&self) -> String;
 
     /// The command's own id, if it carries one. It becomes the causation id of the events it
-    /// produces (and their correlation id unless the context names another).
+    /// produces (and their correlation id unless the context names another), and their ids are
+    /// derived from it ([`derived_event_id`](crate::derived_event_id)), so the same command
+    /// handled twice is stored once.
     fn command_id(&self) -> Option<Uuid> {
         None
     }

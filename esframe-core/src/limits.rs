@@ -27,6 +27,13 @@ pub const MAX_JSON_DEPTH: usize = 64;
 
 /// Checks a type name: not empty, at most [`MAX_NAME_LEN`] bytes, no control character.
 pub(crate) fn check_name(field: &'static str, name: &str) -> Result<(), InputProblem> {
+    // The common case, checked a byte at a time: printable ASCII.
+    if !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Ok(());
+    }
     let reason = if name.is_empty() {
         "is empty".to_owned()
     } else if name.len() > MAX_NAME_LEN {
@@ -62,6 +69,9 @@ pub(crate) fn check_range(
 /// levels of arrays and objects. Recursion is bounded by the depth limit, so any value, however
 /// deep, is checked without overflowing the stack.
 pub(crate) fn check_json(field: &'static str, value: &Value) -> Result<(), InputProblem> {
+    if clean(value, 0) {
+        return Ok(());
+    }
     walk(value, 0).map_err(|found| found.into_problem(field))
 }
 
@@ -70,7 +80,30 @@ pub(crate) fn check_json_map(
     field: &'static str,
     map: &Map<String, Value>,
 ) -> Result<(), InputProblem> {
+    if clean_map(map, 0) {
+        return Ok(());
+    }
     walk_map(map, 0).map_err(|found| found.into_problem(field))
+}
+
+/// The fast pass of every append: whether `value` is fine, without noting where it is not
+/// (then [`walk`] finds the place). Recursion is bounded by the depth limit.
+fn clean(value: &Value, depth: usize) -> bool {
+    match value {
+        Value::String(text) => !text.as_bytes().contains(&0),
+        Value::Array(items) => {
+            depth < MAX_JSON_DEPTH && items.iter().all(|item| clean(item, depth + 1))
+        }
+        Value::Object(map) => clean_map(map, depth),
+        _ => true,
+    }
+}
+
+fn clean_map(map: &Map<String, Value>, depth: usize) -> bool {
+    depth < MAX_JSON_DEPTH
+        && map
+            .iter()
+            .all(|(key, item)| !key.as_bytes().contains(&0) && clean(item, depth + 1))
 }
 
 /// What a walk found; the path is collected on the way out, innermost segment first.

@@ -74,16 +74,20 @@ impl RetryPolicy {
     }
 }
 
-/// When the command handler stores a snapshot of the aggregate's state.
+/// When the command handler stores a snapshot of the aggregate's state, once snapshots are
+/// turned on with [`CommandHandler::snapshot_policy`](crate::CommandHandler::snapshot_policy)
+/// (a handler has none by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum SnapshotPolicy {
-    /// Never.
+    /// Never: snapshots off.
     Never,
-    /// Whenever an append crosses a multiple of N events (and when the stored snapshot was
-    /// unreadable or of another schema version).
+    /// Whenever an append crosses a multiple of N events, and with the first append after a
+    /// stored snapshot had to be ignored (unreadable, of another schema version, or
+    /// contradicted by the stream).
     EveryNEvents(NonZeroU64),
-    /// Every 100 events.
+    /// Every 100 events: what `SnapshotPolicy::default()` gives a handler that turns
+    /// snapshots on.
     #[default]
     Default,
 }
@@ -96,12 +100,19 @@ impl SnapshotPolicy {
 
     /// Whether an append moving the stream from `from` to `to` should store a snapshot.
     pub fn is_due(&self, from: u64, to: u64, stored_snapshot_unusable: bool) -> bool {
-        let n = match self {
-            Self::Never => return false,
-            Self::EveryNEvents(n) => n.get(),
-            Self::Default => 100,
+        let Some(n) = self.interval() else {
+            return false;
         };
         stored_snapshot_unusable || from / n != to / n
+    }
+
+    /// Events between snapshots; `None` for [`SnapshotPolicy::Never`].
+    pub fn interval(&self) -> Option<u64> {
+        match self {
+            Self::Never => None,
+            Self::EveryNEvents(n) => Some(n.get()),
+            Self::Default => Some(100),
+        }
     }
 }
 

@@ -10,7 +10,7 @@ pub const MAX_STREAM_ID_LEN: usize = 512;
 /// The id of one event stream (one aggregate instance).
 ///
 /// Guarantees: not empty, at most [`MAX_STREAM_ID_LEN`] bytes, no NUL byte and no other
-/// ASCII control character. Any other text, including quotes and SQL, is stored verbatim: stores
+/// control character (Unicode `Cc`). Any other text, including quotes and SQL, is stored verbatim: stores
 /// must bind it as a parameter, never splice it into a query. Cloning is cheap (shared `Arc<str>`).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(Arc<str>);

@@ -490,11 +490,21 @@ async fn a_snapshot_ahead_of_its_stream_is_ignored_deleted_and_replaced() {
         "rebuilt from events"
     );
     assert_eq!(
-        store.load_snapshot(&sid("ahead")).await.unwrap(),
-        None,
-        "a load deletes it too"
+        store
+            .load_snapshot(&sid("ahead"))
+            .await
+            .unwrap()
+            .map(|s| s.version),
+        Some(50),
+        "a plain load changes nothing stored: the next command replaces it"
     );
-    assert_eq!(handler.load("ahead").await.unwrap().state.total, 8);
+    handler.execute(add("ahead", 2)).await.unwrap();
+    let fresh = store.load_snapshot(&sid("ahead")).await.unwrap().unwrap();
+    assert_eq!(
+        (fresh.version, fresh.state["total"].clone()),
+        (5, json!(10))
+    );
+    assert_eq!(handler.load("ahead").await.unwrap().state.total, 10);
 }
 
 #[tokio::test]
@@ -862,4 +872,56 @@ async fn unknown_event_types_are_skipped_only_when_asked() {
         "the skipped event still counts for the version"
     );
     assert_eq!(lenient.load("mixed").await.unwrap().state.total, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_command_queued_twice_at_once_is_stored_once() {
+    // Two deliveries of one command land in the same batch: their derived event ids collide,
+    // the batch's append is refused (certainly not stored), and the commands then run one by
+    // one: the first is stored, the second recognised as its repeat.
+    let store = MemoryStore::new();
+    let handler = pausing(&store);
+    handler.execute(add("twice", 1)).await.unwrap();
+    let command_id = Uuid::now_v7();
+    let commands = vec![
+        (add("twice", 5), command_id),
+        (add("twice", 5), command_id),
+        (add("twice", 2), Uuid::now_v7()),
+    ];
+    let results = run_batched(&handler, commands).await;
+    let outcomes: Vec<_> = results.iter().map(|r| r.as_ref().unwrap()).collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| o.deduplicated).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[0].events[0].event_id,
+        outcomes[1].events[0].event_id
+    );
+    let loaded = handler.load("twice").await.unwrap();
+    assert_eq!(
+        (loaded.version, loaded.state.total),
+        (3, 8),
+        "5 once, 2 once"
+    );
+}
+
+#[tokio::test]
+async fn a_long_stream_without_a_snapshot_gets_one_with_its_next_append() {
+    let store = MemoryStore::new();
+    let plain = CommandHandler::<Counter, _>::new(store.clone());
+    for _ in 0..250 {
+        plain.execute(add("long", 1)).await.unwrap();
+    }
+    assert_eq!(store.load_snapshot(&sid("long")).await.unwrap(), None);
+    // Snapshots turned on for an existing history: no wait for the next multiple of 100.
+    let snapshotting = CommandHandler::<Counter, _>::new(store.clone())
+        .snapshot_policy(SnapshotPolicy::every(100));
+    snapshotting.execute(add("long", 1)).await.unwrap();
+    let snapshot = store.load_snapshot(&sid("long")).await.unwrap().unwrap();
+    assert_eq!(
+        (snapshot.version, snapshot.state["total"].clone()),
+        (251, json!(251))
+    );
 }

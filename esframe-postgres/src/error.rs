@@ -115,13 +115,14 @@ impl Failure {
         }
     }
 
-    /// The error of an append that ran its own transaction: if a connection died under it
-    /// (`lost`), the commit may have happened, so the outcome is unknown; any other database
-    /// failure stored nothing.
-    pub(crate) fn of_append(self, stream: &StreamId, lost: bool) -> StoreError {
+    /// The error of an append that ran its own transaction: if a connection died under one of
+    /// its statements (`interrupted`), the commit may have happened, so the outcome is unknown;
+    /// any other database failure (none could be had, or the server refused the statement)
+    /// stored nothing.
+    pub(crate) fn of_append(self, stream: &StreamId, interrupted: bool) -> StoreError {
         match self {
             Self::Store(err) => err,
-            Self::Db(err) if lost || connection_lost(&err) => StoreError::OutcomeUnknown {
+            Self::Db(err) if interrupted => StoreError::OutcomeUnknown {
                 stream: stream.clone(),
                 source: Box::new(err),
             },

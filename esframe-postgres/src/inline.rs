@@ -274,7 +274,12 @@ impl PgEventStore {
         if outcome.deduplicated || outcome.positions.is_empty() {
             return Ok(Attempt::Done(outcome));
         }
-        let recorded = recorded_events(batch, &outcome);
+        // As the log will show them: through the store's upcasters, like every read (an event
+        // appended at an old schema version reaches the projection at its current one).
+        let recorded = self
+            .inner
+            .upcasters
+            .apply_all(recorded_events(batch, &outcome))?;
         for projection in &self.inner.inline {
             let wanted: Vec<RecordedEvent> = recorded
                 .iter()

@@ -47,20 +47,20 @@ pub(crate) fn event(
         )
     })?;
     // The type first, so that every later error can name it.
-    let event_type: Option<String> = row.try_get(5).ok();
+    let event_type: String = row.try_get(5).map_err(|err| {
+        CorruptData::new(
+            stream_id.clone(),
+            stream_version,
+            "column `event_type` cannot be read",
+        )
+        .source(err)
+    })?;
     let corrupt = |problem: String| {
-        let err = CorruptData::new(stream_id.clone(), stream_version, problem);
-        match &event_type {
-            Some(event_type) => err.event_type(event_type.clone()),
-            None => err,
-        }
+        CorruptData::new(stream_id.clone(), stream_version, problem).event_type(event_type.clone())
     };
     let field = |name: &str, err: sqlx::Error| {
         StoreError::from(corrupt(format!("column `{name}` cannot be read")).source(err))
     };
-    let event_type = row
-        .try_get::<String, _>(5)
-        .map_err(|e| field("event_type", e))?;
     let raw_position: i64 = row.try_get(0).map_err(|e| field("global_position", e))?;
     let raw_schema: i32 = row.try_get(6).map_err(|e| field("schema_version", e))?;
     let extra: Value = row.try_get(10).map_err(|e| field("metadata", e))?;

@@ -928,3 +928,48 @@ async fn identical_inline_appends_racing_each_other_are_stored_and_applied_once(
         "the inline projection applied them once"
     );
 }
+
+#[tokio::test]
+async fn an_inline_projection_gets_events_appended_at_an_old_version_upcast() {
+    use esframe_core::CommandHandler;
+    use esframe_examples::bank_account::{
+        Account, AccountCommand, BalanceQuery, PgBalances, upcasters,
+    };
+
+    let plain = common::store("proj_inline_upcast").await;
+    let balances = PgBalances::create(plain.pool().clone(), plain.schema().as_str())
+        .await
+        .unwrap();
+    let store = PgEventStore::builder(plain.pool().clone())
+        .schema(plain.schema().as_str())
+        .unwrap()
+        .upcasters(upcasters())
+        .inline_projection(balances.clone())
+        .build()
+        .await
+        .unwrap();
+    CommandHandler::<Account, _>::new(store.clone())
+        .execute(AccountCommand::Open {
+            account_id: "old".into(),
+            owner: "Ada".into(),
+        })
+        .await
+        .unwrap();
+    // What an older release wrote: `MoneyDeposited` v1, without a currency.
+    let v1 = NewEvent {
+        event_type: "MoneyDeposited".into(),
+        schema_version: 1,
+        payload: json!({ "amount": 700 }),
+        ..deposit(0)
+    };
+    store
+        .append(
+            &StreamId::new("old").unwrap(),
+            ExpectedVersion::Exact(1),
+            vec![v1],
+        )
+        .await
+        .expect("the inline projection reads the v1 deposit as v2");
+    let row = balances.balance("old").await.unwrap().unwrap();
+    assert_eq!((row.balance, row.deposits), (700, 1));
+}

@@ -154,9 +154,11 @@ pub enum StoreError {
         #[source]
         source: UpcastFailure,
     },
-    /// The backend failed before anything was stored (for a read: nothing was read). Safe to
-    /// retry.
-    #[error("event store unavailable{}, nothing was stored: {source}", OnStream(.stream.as_ref()))]
+    /// The backend failed, and nothing was stored (for a read: nothing was read). Usually
+    /// transient (a restart, a timeout, a pool exhausted): safe to retry. It also covers
+    /// failures that need an operator (a permission the database refuses); the source says
+    /// which.
+    #[error("event store unavailable{}: {source} (nothing was changed)", OnStream(.stream.as_ref()))]
     Unavailable {
         /// The stream the operation was for, if any.
         stream: Option<StreamId>,

@@ -9,8 +9,13 @@ use crate::{Command, EventMetadata};
 ///
 /// A command with an id (given here, or by [`Command::command_id`]) produces events whose ids
 /// are derived from it ([`derived_event_id`]), so the same command handled twice (retried after
-/// an unknown outcome, delivered twice by a broker) is deduplicated by the store. Without one,
-/// event ids are random (UUIDv7).
+/// an unknown outcome, delivered twice by a broker) is stored once: if it decides the same
+/// events again, the store recognises them and nothing is stored
+/// ([`CommandOutcome::deduplicated`](crate::CommandOutcome::deduplicated)); if its own first
+/// handling changed the decision (a second `Open` refused as already open), that result is
+/// returned; if it decides other events, the store refuses them
+/// ([`StoreError::EventIdReused`](crate::StoreError::EventIdReused)). Without an id, event ids
+/// are random (UUIDv7).
 ///
 /// ```
 /// use esframe_core::CommandContext;

@@ -159,14 +159,16 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     /// Same results as running them one by one: each command sees the state its predecessors
     /// left. A command rejected after emitting events leaves that state unusable, so the batch
     /// stops there and the rest go back to the queue. Conflicts rerun the whole batch. A failed
-    /// load, or an append certainly not stored (an inline projection refused it), runs each
-    /// command on its own; any other append failure leaves it unknown whether the batch was
-    /// stored, so every decided command gets the error ([`CommandError::BatchFailed`]).
+    /// load, or an append certainly not stored (every error but
+    /// [`StoreErrorKind::OutcomeUnknown`](crate::StoreErrorKind::OutcomeUnknown)), runs each
+    /// command on its own; an unknown outcome leaves it unknown whether the batch was stored, so
+    /// every decided command gets the error ([`CommandError::BatchFailed`], or the error itself
+    /// for a batch of one).
     async fn run_batch(&self, stream: &StreamId, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let loaded = match self.load_state(stream, attempt == 1).await {
+            let loaded = match self.load_state(stream, attempt == 1, true).await {
                 Ok(loaded) => loaded,
                 Err(_) => return self.run_each(stream, jobs).await,
             };
@@ -235,22 +237,29 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                         }
                         continue;
                     }
-                    Err(err) if err.kind() == crate::StoreErrorKind::Rejected => {
-                        // Certainly not stored (the store rolled the append back): let each
-                        // command meet its own fate, so one command an inline projection
-                        // refuses does not fail the others.
-                        if let Some(cache) = &self.cache {
-                            let _ = cache.take(stream);
-                        }
+                    Err(err) if err.kind() != crate::StoreErrorKind::OutcomeUnknown => {
+                        // Certainly not stored (an inline projection refused it, a reused id,
+                        // the database unavailable): let each command meet its own fate, so one
+                        // command that caused it does not fail the others.
+                        self.cache_drop(stream);
                         return self.run_each(stream, jobs).await;
                     }
                     Err(err) => {
-                        // It may or may not have been stored (a connection lost after commit):
-                        // nothing is decided again with new event ids, which could store a
-                        // command twice. Even a rejection was decided on a state that included
-                        // its predecessors' events.
-                        if let Some(cache) = &self.cache {
-                            let _ = cache.take(stream);
+                        // It may or may not have been stored (a connection lost around the
+                        // commit): nothing is decided again with new event ids, which could
+                        // store a command twice. Even a rejection was decided on a state that
+                        // included its predecessors' events.
+                        self.cache_drop(stream);
+                        if decided.len() == 1 {
+                            return self.fail_decided(jobs, 1, {
+                                let mut err = Some(err);
+                                move |_| match err.take() {
+                                    Some(err) => CommandError::Store(err),
+                                    None => CommandError::QueueStopped {
+                                        stream: stream.clone(),
+                                    },
+                                }
+                            });
                         }
                         let source = Arc::new(err);
                         let others = decided.len().saturating_sub(1);
@@ -316,7 +325,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         &self,
         mut jobs: Vec<Job<A>>,
         decided: usize,
-        error: impl Fn(usize) -> CommandError<A::Error>,
+        mut error: impl FnMut(usize) -> CommandError<A::Error>,
     ) -> Vec<Job<A>> {
         let leftover = jobs.split_off(decided);
         for (i, job) in jobs.into_iter().enumerate() {

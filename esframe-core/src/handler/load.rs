@@ -30,6 +30,8 @@ struct Start<A> {
     replace_snapshot: bool,
     /// The snapshot's version, if the start is a snapshot (to drop it if the stream disagrees).
     snapshot: Option<u64>,
+    /// Snapshots are on and the stream has none.
+    missing_snapshot: bool,
 }
 
 impl<A: Aggregate> Start<A> {
@@ -40,6 +42,7 @@ impl<A: Aggregate> Start<A> {
             read_from: 1,
             replace_snapshot,
             snapshot: None,
+            missing_snapshot: false,
         }
     }
 }
@@ -47,10 +50,17 @@ impl<A: Aggregate> Start<A> {
 impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     /// The state to decide on: a cached one (used as is with [`CachePolicy::Trust`], else
     /// brought up to date), or the latest usable snapshot, or nothing, then the events after it.
+    ///
+    /// `for_command`: the state is for deciding a command, whose append will replace an
+    /// unusable snapshot; only then is such a snapshot deleted (a plain [`load`] leaves the
+    /// store as it is).
+    ///
+    /// [`load`]: CommandHandler::load
     pub(crate) async fn load_state(
         &self,
         stream: &StreamId,
         use_cache: bool,
+        for_command: bool,
     ) -> Result<LoadedState<A>, CommandError<A::Error>> {
         let cached = match (&self.cache, use_cache) {
             (Some(cache), true) => cache.take(stream),
@@ -71,8 +81,9 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                 read_from: version + 1,
                 replace_snapshot: false,
                 snapshot: None,
+                missing_snapshot: false,
             },
-            None => self.start_from_snapshot(stream).await?,
+            None => self.start_from_snapshot(stream, for_command).await?,
         };
         let mut events = self.store.read_stream(stream, start.read_from).await?;
         if let Some(snapshot_version) = start.snapshot
@@ -80,7 +91,9 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         {
             // The snapshot claims a version the stream does not have: it cannot be trusted.
             tracing::warn!(stream = %stream, snapshot_version, "snapshot is ahead of its stream; ignored, replaced, and the state rebuilt from events");
-            self.drop_snapshot(stream, snapshot_version).await;
+            if for_command {
+                self.drop_snapshot(stream, snapshot_version).await;
+            }
             start = Start::empty(true);
             events = self.store.read_stream(stream, 1).await?;
         }
@@ -97,7 +110,8 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         let Start {
             mut state,
             mut version,
-            replace_snapshot,
+            mut replace_snapshot,
+            missing_snapshot,
             ..
         } = start;
         for recorded in events {
@@ -116,6 +130,11 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                 }
                 Err(err) => return Err(err.into()),
             }
+        }
+        if missing_snapshot
+            && let Some(interval) = self.snapshots.and_then(|ops| ops.policy.interval())
+        {
+            replace_snapshot |= version >= interval;
         }
         Ok(LoadedState {
             state,
@@ -147,12 +166,17 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     async fn start_from_snapshot(
         &self,
         stream: &StreamId,
+        for_command: bool,
     ) -> Result<Start<A>, CommandError<A::Error>> {
         let Some(ops) = &self.snapshots else {
             return Ok(Start::empty(false));
         };
         let Some(snapshot) = (ops.load)(&self.store, stream).await? else {
-            return Ok(Start::empty(false));
+            // None yet: a stream that is already long gets one with its next append.
+            return Ok(Start {
+                missing_snapshot: true,
+                ..Start::empty(false)
+            });
         };
         match self.usable(stream, &snapshot) {
             Ok(state) => Ok(Start {
@@ -161,10 +185,12 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                 read_from: snapshot.version,
                 replace_snapshot: false,
                 snapshot: Some(snapshot.version),
+                missing_snapshot: false,
             }),
             Err(why) => {
                 tracing::info!(stream = %stream, version = snapshot.version, "ignoring a snapshot ({why}); rebuilding from events and replacing it");
-                if snapshot.stream_id != *stream {
+                // Deleted, so that the replacement is stored even at a lower version.
+                if for_command {
                     self.drop_snapshot(stream, snapshot.version).await;
                 }
                 Ok(Start::empty(true))

@@ -37,8 +37,9 @@ pub struct CommandOutcome<E> {
     /// How many times the command was handled (more than 1 after conflicts).
     pub attempts: u32,
     /// `true` when the command carries an id and was already handled with the same events:
-    /// nothing was stored this time, and `events` are the stored ones (their original ids,
-    /// versions and positions).
+    /// nothing was stored this time, and `events` carry the stored events' ids, versions and
+    /// positions (their type, schema version and payload are the stored ones, by the
+    /// idempotency rule; their metadata and time are this call's).
     pub deduplicated: bool,
 }
 
@@ -183,8 +184,10 @@ where
 impl<A: Aggregate, S: SnapshotStore> CommandHandler<A, S> {
     /// Takes snapshots by `policy` and loads aggregates from the latest usable one. Snapshots
     /// of another aggregate type or snapshot version, unreadable ones, and ones the stream
-    /// contradicts (a version the stream does not have) are ignored and replaced.
-    /// [`SnapshotPolicy::Never`] turns snapshots off (the default).
+    /// contradicts (a version the stream does not have) are ignored, deleted and replaced with
+    /// the next append; so is a missing one on a stream of at least the policy's interval.
+    /// Without this call a handler takes no snapshots; [`SnapshotPolicy::Never`] turns them off
+    /// again.
     #[must_use]
     pub fn snapshot_policy(mut self, policy: SnapshotPolicy) -> Self {
         self.snapshots = (policy != SnapshotPolicy::Never).then(|| SnapshotOps::new(policy));
@@ -293,7 +296,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     /// Rebuilds the current state of aggregate `aggregate_id` from its snapshot and events.
     pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
         let stream = StreamId::new(aggregate_id)?;
-        let loaded = self.load_state(&stream, false).await?;
+        let loaded = self.load_state(&stream, false, false).await?;
         Ok(Loaded {
             state: loaded.state,
             version: loaded.version,
@@ -315,7 +318,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                 version,
                 replace_snapshot,
                 trusted,
-            } = self.load_state(stream, attempt == 1).await?;
+            } = self.load_state(stream, attempt == 1, true).await?;
             let mut decision = Decision::new(&mut state, stream, version);
             let decided = A::handle(&mut decision, command, &self.services).await;
             let emitted = decision.into_emitted();

@@ -27,7 +27,7 @@ pub struct ProjectionKey {
 
 /// Why a projection name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid projection name {name:?}: it {reason}")]
+#[error("invalid projection name `{name}`: it {reason}")]
 pub struct InvalidProjectionKey {
     /// The refused name (escaped and shortened to 64 characters).
     pub name: String,
@@ -115,7 +115,7 @@ mod tests {
         }
         assert_eq!(
             ProjectionKey::single("a\0b").unwrap_err().to_string(),
-            "invalid projection name \"a\\\\0b\": it contains the control character '\\0' at byte 1"
+            "invalid projection name `a\\0b`: it contains the control character '\\0' at byte 1"
         );
         assert_eq!(ProjectionKey::new("p", 3).unwrap().to_string(), "p#3");
         assert_eq!(ProjectionKey::single("p").unwrap().to_string(), "p");

@@ -124,9 +124,11 @@ fn unavailable(err: sqlx::Error) -> CheckpointError {
 }
 
 /// A failure inside a commit: an error the server answered with refuses this transaction; a
-/// failure of the connection is the backend being unavailable.
+/// failure of the connection (or the server ending the session) is the backend being
+/// unavailable, and the checkpoint's compare-and-set tells on the next try whether it
+/// committed.
 fn refused(err: sqlx::Error) -> CheckpointError {
-    if err.as_database_error().is_some() {
+    if err.as_database_error().is_some() && !crate::error::connection_lost(&err) {
         CheckpointError::Rejected(Box::new(err))
     } else {
         CheckpointError::unavailable(err)
