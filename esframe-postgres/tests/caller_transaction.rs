@@ -3,32 +3,13 @@
 
 mod common;
 
+use common::{connect, event, sid};
+
 use std::time::Duration;
 
-use esframe_core::{EventStore, ExpectedVersion, NewEvent, StoreError, StreamId};
+use esframe_core::{EventStore, ExpectedVersion, StoreError};
 use serde_json::json;
-use sqlx::{Connection, PgConnection};
-
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "test".into(),
-        event_type: "Happened".into(),
-        schema_version: 1,
-        payload: json!({ "n": n }),
-        metadata: Default::default(),
-    }
-}
-
-fn sid(s: &str) -> StreamId {
-    StreamId::new(s).unwrap()
-}
-
-async fn connect() -> PgConnection {
-    PgConnection::connect(&common::database_url())
-        .await
-        .expect("connect")
-}
+use sqlx::Connection;
 
 fn expect_conflict(
     result: Result<esframe_core::AppendOutcome, StoreError>,

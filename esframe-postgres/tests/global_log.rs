@@ -3,30 +3,15 @@
 
 mod common;
 
+use common::{connect, event, sid};
+
 use std::time::Duration;
 
-use esframe_core::{
-    EventStore, ExpectedVersion, GlobalLog, NewEvent, Position, RecordedEvent, StoreError, StreamId,
-};
+use esframe_core::{EventStore, ExpectedVersion, GlobalLog, Position, RecordedEvent, StoreError};
 use esframe_postgres::PgEventStore;
 use futures_util::StreamExt;
 use serde_json::json;
 use sqlx::Connection;
-
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "test".into(),
-        event_type: "Happened".into(),
-        schema_version: 1,
-        payload: json!({ "n": n }),
-        metadata: Default::default(),
-    }
-}
-
-fn sid(s: &str) -> StreamId {
-    StreamId::new(s).unwrap()
-}
 
 /// Reads the log after `after` until it holds `n` events (other tests' transactions may hold
 /// the horizon for a moment), failing after 10 s.
@@ -39,12 +24,6 @@ async fn read_until(store: &PgEventStore, after: Position, n: usize) -> Vec<Reco
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("fewer than {n} events readable after position {after} within 10 s");
-}
-
-async fn connect() -> sqlx::PgConnection {
-    sqlx::PgConnection::connect(&common::database_url())
-        .await
-        .expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,8 @@
 //! `/usr/lib/postgresql/*/bin` or in `ESFRAME_PG_BIN`), run as the `postgres` user when the
 //! test runs as root.
 
+mod common;
+
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
@@ -14,11 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use esframe_core::{
-    EventStore, ExpectedVersion, GlobalLog, NewEvent, Position, StoreErrorKind, StreamId,
-};
+use esframe_core::{EventStore, ExpectedVersion, GlobalLog, Position, StoreErrorKind, StreamId};
 use esframe_postgres::PgEventStore;
-use serde_json::json;
+
+use common::event;
 
 /// A PostgreSQL server of the test's own, in a temporary directory, stopped and removed on drop.
 struct PrivateServer {
@@ -165,17 +166,6 @@ impl Drop for PrivateServer {
             .args(["-D", &self.data(), "-m", "immediate", "stop"])
             .output();
         let _ = std::fs::remove_dir_all(Path::new(&self.dir));
-    }
-}
-
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "test".into(),
-        event_type: "Happened".into(),
-        schema_version: 1,
-        payload: json!({ "n": n }),
-        metadata: Default::default(),
     }
 }
 

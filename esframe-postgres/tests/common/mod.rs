@@ -4,8 +4,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use esframe_core::{NewEvent, StreamId};
 use esframe_postgres::PgEventStore;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// The server the tests use; `.ci/run` exports it, and this default fits the local server.
 pub fn database_url() -> String {
@@ -88,4 +89,28 @@ pub async fn store(label: &str) -> PgEventStore {
         .build()
         .await
         .expect("open the store")
+}
+
+/// An event of type `Happened` whose payload carries `n`.
+pub fn event(n: u64) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "test".into(),
+        event_type: "Happened".into(),
+        schema_version: 1,
+        payload: serde_json::json!({ "n": n }),
+        metadata: Default::default(),
+    }
+}
+
+/// A stream id the test knows is valid.
+pub fn sid(s: &str) -> StreamId {
+    StreamId::new(s).expect("valid test stream id")
+}
+
+/// A connection of its own to the test database (for the caller's transactions).
+pub async fn connect() -> PgConnection {
+    PgConnection::connect(&database_url())
+        .await
+        .expect("connect to the test database")
 }
