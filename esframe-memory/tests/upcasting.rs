@@ -77,3 +77,67 @@ async fn resuming_between_split_parts_loses_nothing() {
         "consumed once the last part is read"
     );
 }
+
+/// A snapshot taken at a version whose stored event an upcaster now drops is still trusted:
+/// the stream has that version even though no event comes back for it.
+#[tokio::test]
+async fn a_snapshot_at_a_dropped_event_is_trusted() {
+    use esframe_core::{
+        CommandHandler, EventStore, ExpectedVersion, NewEvent, Snapshot, SnapshotPolicy,
+        SnapshotStore, StreamId,
+        testing::upcasting::{AddSample, SampledTotal, sample_upcasters},
+    };
+    use serde_json::json;
+    let store = esframe_memory::MemoryStore::with_upcasters(sample_upcasters());
+    let stream = StreamId::new("snapshot-at-drop").unwrap();
+    let raw = |event_type: &'static str, schema_version, payload| NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "sample".into(),
+        event_type: event_type.into(),
+        schema_version,
+        payload,
+        metadata: Default::default(),
+    };
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![
+                raw("Sampled", 3, json!({ "amount": 1, "currency": "EUR" })),
+                raw("Noise", 1, json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    // The state says 7, not the 1 the events give: proof that the snapshot was used.
+    store
+        .save_snapshot(Snapshot {
+            stream_id: stream.clone(),
+            aggregate_type: "sample".into(),
+            version: 2,
+            schema_version: 1,
+            state: json!({ "total": 7, "events": 1 }),
+            taken_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    let handler = CommandHandler::<SampledTotal, _>::new(store)
+        .without_state_cache()
+        .snapshot_policy(SnapshotPolicy::every(100));
+    let outcome = handler
+        .execute(AddSample {
+            id: stream.as_str().into(),
+            amount: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome.version, 3);
+    let loaded = handler.load(stream.as_str()).await.unwrap();
+    assert_eq!(
+        (loaded.state.total, loaded.version),
+        (9, 3),
+        "built on the snapshot"
+    );
+    let kept = handler.store().load_snapshot(&stream).await.unwrap();
+    assert_eq!(kept.map(|s| s.version), Some(2), "the snapshot is kept");
+}

@@ -223,12 +223,23 @@ impl PgEventStore {
                         return Err(failure.of_append(stream, reconnect.interrupted));
                     }
                 }
-                // The transaction died with its connection (or at its commit): run it again;
-                // if it committed, the ids say so.
+                // The transaction died with its connection (or at its commit). If it
+                // committed, the ids say so: look them up before anything else, since the
+                // guard of the next attempt could refuse (a rebuild started meanwhile) an
+                // append that is in fact stored. If not, run it again.
                 Err(failure) if failure.connection_lost() => {
                     reconnect.interrupted = true;
                     if !reconnect.wait().await {
                         return Err(failure.of_append(stream, true));
+                    }
+                    let stored =
+                        on_connection!(self, reconnect, |conn| self.deduplicate(conn, batch).await)
+                            .map_err(|failure| failure.of_append(stream, true))?;
+                    if let Some(original) = stored {
+                        if !original.positions.is_empty() {
+                            self.appended();
+                        }
+                        return Ok(original);
                     }
                 }
                 Err(failure) => return Err(failure.of_append(stream, reconnect.interrupted)),
@@ -280,6 +291,7 @@ impl PgEventStore {
             .inner
             .upcasters
             .apply_all(recorded_events(batch, &outcome))?;
+        let mut writers = Vec::new();
         for projection in &self.inner.inline {
             let wanted: Vec<RecordedEvent> = recorded
                 .iter()
@@ -297,9 +309,33 @@ impl PgEventStore {
                 }
                 .into());
             }
+            writers.push(projection.name());
         }
-        tx.commit().await?;
-        Ok(Attempt::Done(outcome))
+        // A handler that swallowed a failed statement leaves the transaction aborted, and
+        // PostgreSQL answers the `COMMIT` of an aborted transaction with a rollback, not an
+        // error: one more statement finds out first.
+        let committed = if writers.is_empty() {
+            tx.commit().await
+        } else {
+            match sqlx::query("SELECT 1").execute(&mut *tx).await {
+                Ok(_) => tx.commit().await,
+                Err(err) => Err(err),
+            }
+        };
+        match committed {
+            Ok(()) => Ok(Attempt::Done(outcome)),
+            Err(err) if connection_lost(&err) => Err(err.into()),
+            Err(err) if classify(&err) == AppendFailure::Transient => Ok(Attempt::Retry),
+            // The server refused what the projections wrote (a deferred constraint of a read
+            // model, or the aborted transaction): nothing was stored.
+            Err(err) if err.as_database_error().is_some() => Err(StoreError::InlineProjection {
+                projection: writers.join(", "),
+                stream: stream.clone(),
+                source: format!("the database refused the commit of their writes: {err}").into(),
+            }
+            .into()),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// After the append statement failed on a race in the inline transaction.
@@ -356,10 +392,24 @@ impl PgEventStore {
                 .fetch_one(&mut *tx)
                 .await?;
             let free: bool = row.try_get("free")?;
-            let unfinished: bool = row.try_get("unfinished")?;
-            let stored: Option<i32> = row.try_get("version")?;
+            let mut unfinished: bool = row.try_get("unfinished")?;
+            let mut stored: Option<i32> = row.try_get("version")?;
             if !free {
                 return Ok(Some(projection.name().to_owned()));
+            }
+            let code = projection.version();
+            if unfinished || stored.is_some_and(|v| u32::try_from(v).ok() != Some(code)) {
+                // The row was read with the statement's snapshot, taken before the lock: a
+                // rebuild that ended in between is only seen by a new statement.
+                let again = sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.inline_recheck)))
+                    .bind(projection.name())
+                    .bind(i32::from(projection.key().partition()))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                (unfinished, stored) = match again {
+                    Some(row) => (row.try_get("unfinished")?, row.try_get("version")?),
+                    None => (false, None),
+                };
             }
             let refuse = |reason: String| -> Result<Option<String>, Failure> {
                 Err(StoreError::InlineProjection {
@@ -376,7 +426,6 @@ impl PgEventStore {
                         .to_owned(),
                 );
             }
-            let code = projection.version();
             match stored.map(|v| u32::try_from(v).unwrap_or(0)) {
                 Some(stored) if stored < code => {
                     return refuse(format!(
@@ -387,7 +436,7 @@ impl PgEventStore {
                 Some(stored) if stored > code => {
                     return refuse(format!(
                         "its read model is at version {stored}, newer than this code's version \
-                         {code}: run the newer code, or rebuild it with this one"
+                         {code}: appends that update it must run the newer code"
                     ));
                 }
                 _ => {}

@@ -43,6 +43,8 @@ pub(crate) struct Queries {
     /// For an append that updates an inline projection: takes its lease lock shared (if no
     /// rebuild holds it) and tells whether a rebuild of it was left unfinished.
     pub(crate) inline_guard: Arc<str>,
+    /// Reads an inline projection's checkpoint row again, once its lock is held.
+    pub(crate) inline_recheck: Arc<str>,
     /// Records an inline projection's version in its checkpoint row if it has none.
     pub(crate) register_inline: Arc<str>,
     pub(crate) head: Arc<str>,
@@ -127,6 +129,11 @@ impl Queries {
                  FROM (SELECT 1) one
                  LEFT JOIN {s}.projection_checkpoints cp
                         ON cp.projection = $2 AND cp.partition = $3"
+            )
+            .into(),
+            inline_recheck: format!(
+                "SELECT replay_until IS NOT NULL AS unfinished, version
+                 FROM {s}.projection_checkpoints WHERE projection = $1 AND partition = $2"
             )
             .into(),
             register_inline: format!(

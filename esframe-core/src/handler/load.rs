@@ -85,9 +85,21 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             },
             None => self.start_from_snapshot(stream, for_command).await?,
         };
+        // An upcaster may drop stored events: the last one read is then not the stream's
+        // version, and neither is the first one read proof that a snapshot's version exists.
+        // The stored version, asked before the read, settles both (events appended meanwhile
+        // are in the read).
+        let stored = if self.store.upcasters().is_empty() {
+            None
+        } else {
+            Some(self.store.stream_version(stream).await?.unwrap_or(0))
+        };
         let mut events = self.store.read_stream(stream, start.read_from).await?;
         if let Some(snapshot_version) = start.snapshot
-            && events.first().map(|e| e.stream_version) != Some(snapshot_version)
+            && match stored {
+                Some(stored) => stored < snapshot_version,
+                None => events.first().map(|e| e.stream_version) != Some(snapshot_version),
+            }
         {
             // The snapshot claims a version the stream does not have: it cannot be trusted.
             tracing::warn!(stream = %stream, snapshot_version, "snapshot is ahead of its stream; ignored, replaced, and the state rebuilt from events");
@@ -97,29 +109,33 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             start = Start::empty(true);
             events = self.store.read_stream(stream, 1).await?;
         }
-        self.apply_events(stream, start, events)
+        self.apply_events(stream, start, events, stored.unwrap_or(0))
     }
 
     /// Applies `events` to the start state; those at or below its version are only checked.
+    /// The parts an upcaster split one stored event into share its version: all are applied.
+    /// The version is at least `stored` (events an upcaster dropped still count).
     fn apply_events(
         &self,
         stream: &StreamId,
         start: Start<A>,
         events: Vec<RecordedEvent>,
+        stored: u64,
     ) -> Result<LoadedState<A>, CommandError<A::Error>> {
         let Start {
             mut state,
-            mut version,
+            version: start_version,
             mut replace_snapshot,
             missing_snapshot,
             ..
         } = start;
+        let mut version = start_version.max(stored);
         for recorded in events {
             self.check_type(stream, &recorded)?;
-            if recorded.stream_version <= version {
+            if recorded.stream_version <= start_version {
                 continue;
             }
-            version = recorded.stream_version;
+            version = version.max(recorded.stream_version);
             match recorded.decode::<A::Event>() {
                 Ok(event) => state.apply(&event),
                 Err(err)

@@ -38,18 +38,9 @@ impl AppendBatch {
                 events,
             }),
             Err(err) => {
-                if matches!(
-                    &err,
-                    StoreError::InvalidInput(InvalidInput {
-                        problem: InputProblem::TooDeep { .. },
-                        ..
-                    })
-                ) {
-                    for event in events {
-                        limits::dismantle(event.payload);
-                        limits::dismantle(serde_json::Value::Object(event.metadata.extra));
-                    }
-                }
+                // Whatever the reason, a refused event may be nested too deep for `Value`'s
+                // recursive drop (the first problem found is not necessarily the depth).
+                dismantle_events(events);
                 Err(err)
             }
         }
@@ -166,5 +157,13 @@ fn repeated_id(events: &[NewEvent]) -> Option<uuid::Uuid> {
                 .find(|e| !seen.insert(e.event_id))
                 .map(|e| e.event_id)
         }
+    }
+}
+
+/// Drops refused events without recursion ([`limits::dismantle`]).
+pub(crate) fn dismantle_events(events: Vec<NewEvent>) {
+    for event in events {
+        limits::dismantle(event.payload);
+        limits::dismantle(serde_json::Value::Object(event.metadata.extra));
     }
 }

@@ -252,19 +252,28 @@ pub trait SnapshotStore: EventStore {
         events: Vec<NewEvent>,
         snapshot: Snapshot,
     ) -> impl Future<Output = Result<AppendOutcome, StoreError>> + Send {
-        let checked = AppendBatch::new(stream, expected, events).and_then(|batch| {
-            if snapshot.stream_id != *stream {
-                return Err(crate::InvalidInput {
+        let checked = match AppendBatch::new(stream, expected, events) {
+            Ok(_) if snapshot.stream_id != *stream => {
+                let err = crate::InvalidInput {
                     stream: stream.clone(),
                     location: crate::InputLocation::Snapshot,
                     problem: crate::InputProblem::OtherStream {
                         stream: snapshot.stream_id.clone(),
                     },
-                }
-                .into());
+                };
+                crate::limits::dismantle(snapshot.state);
+                Err(err.into())
             }
-            Ok((batch, snapshot.checked()?))
-        });
+            Ok(batch) => snapshot
+                .checked()
+                .map(|snapshot| (batch, snapshot))
+                .map_err(StoreError::from),
+            Err(err) => {
+                // The snapshot, unchecked, may be nested too deep for a recursive drop.
+                crate::limits::dismantle(snapshot.state);
+                Err(err)
+            }
+        };
         async move {
             let (batch, snapshot) = checked?;
             self.append_batch_with_snapshot(batch, snapshot).await

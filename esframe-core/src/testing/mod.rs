@@ -116,6 +116,7 @@ macro_rules! upcasting_suite {
         $crate::__upcasting_tests! {
             $make_store;
             old_events_are_read_at_their_current_version,
+            the_handler_applies_split_and_dropped_events,
             failing_upcasters_are_typed_errors
         }
     };

@@ -9,8 +9,8 @@ use uuid::Uuid;
 use futures_util::StreamExt;
 
 use crate::{
-    DecodeErrorKind, Event, EventMetadata, EventType, ExpectedVersion, GlobalLog, NewEvent,
-    Position, RecordedEvent, StoreError, StreamId,
+    Aggregate, Command, CommandHandler, Decision, DecodeErrorKind, Event, EventMetadata, EventType,
+    ExpectedVersion, GlobalLog, NewEvent, Position, RecordedEvent, StoreError, StreamId,
     upcast::{Upcast, Upcasters, upcaster},
 };
 
@@ -56,9 +56,81 @@ impl Event for Sampled {
     }
 }
 
+/// The fixture aggregate over [`Sampled`]: the sum of the amounts and how many events made it.
+/// Its command, [`AddSample`], emits one `Sampled` in EUR.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SampledTotal {
+    /// The sum of the amounts applied.
+    pub total: u64,
+    /// How many events were applied.
+    pub events: u64,
+}
+
+/// Adds one sample of `amount` to the stream `id`.
+#[derive(Debug, Clone)]
+pub struct AddSample {
+    /// The stream.
+    pub id: String,
+    /// The amount.
+    pub amount: u64,
+}
+
+impl Command for AddSample {
+    fn aggregate_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+/// `SampledTotal` never refuses a command.
+#[derive(Debug, thiserror::Error)]
+#[error("never happens")]
+pub struct NeverRefused;
+
+impl Aggregate for SampledTotal {
+    const TYPE: &'static str = "sample";
+    type Command = AddSample;
+    type Event = Sampled;
+    type Error = NeverRefused;
+    type Services = ();
+
+    async fn handle(
+        decision: &mut Decision<'_, Self>,
+        command: &AddSample,
+        _: &(),
+    ) -> Result<(), NeverRefused> {
+        decision.emit(Sampled {
+            amount: command.amount,
+            currency: "EUR".into(),
+        });
+        Ok(())
+    }
+
+    fn apply(&mut self, event: &Sampled) {
+        self.total += event.amount;
+        self.events += 1;
+    }
+
+    fn to_snapshot(&self) -> Result<Value, serde_json::Error> {
+        Ok(json!({ "total": self.total, "events": self.events }))
+    }
+
+    fn from_snapshot(state: &Value) -> Result<Self, serde_json::Error> {
+        let field = |name: &str| {
+            state[name]
+                .as_u64()
+                .ok_or_else(|| serde::de::Error::custom(format!("`{name}` is not a number")))
+        };
+        Ok(Self {
+            total: field("total")?,
+            events: field("events")?,
+        })
+    }
+}
+
 /// The fixture chain: `Sampled` v1 `{amt}` -> v2 `{amount}` -> v3 `{amount, currency: "EUR"}`;
-/// the retired `OldSampled` v1 is renamed to `Sampled` v2; `Noise` v1 is dropped. A v1 payload
-/// whose `amt` is not a number makes the first step fail.
+/// the retired `OldSampled` v1 is renamed to `Sampled` v2; `Noise` v1 is dropped; `Pair` v2
+/// `{a, b}` is split into two `Sampled` v3 in EUR. A v1 payload whose `amt` is not a number
+/// makes the first step fail.
 pub fn sample_upcasters() -> Upcasters {
     Upcasters::builder()
         .current::<Sampled>()
@@ -80,6 +152,16 @@ pub fn sample_upcasters() -> Upcasters {
             .outputs(["Sampled"]),
         )
         .register(upcaster("Noise", 1, |_| Ok(Upcast::Drop)).outputs([]))
+        .register(
+            upcaster("Pair", 2, |payload| {
+                let part = |amount: &Value| json!({ "amount": amount, "currency": "EUR" });
+                Ok(Upcast::Split(vec![
+                    ("Sampled".into(), part(&payload["a"])),
+                    ("Sampled".into(), part(&payload["b"])),
+                ]))
+            })
+            .outputs(["Sampled"]),
+        )
         .build()
         .expect("the fixture chain is complete")
 }
@@ -184,6 +266,42 @@ pub async fn old_events_are_read_at_their_current_version<S: GlobalLog>(store: S
         store.stream_version(&stream).await.expect("version"),
         Some(5)
     );
+}
+
+/// A command handler applies every part of a split event and a dropped one leaves its version
+/// taken: the state sees all amounts and the next command appends after the stored version.
+pub async fn the_handler_applies_split_and_dropped_events<S: GlobalLog>(store: S) {
+    let stream = StreamId::new("upcast-handler").expect("valid id");
+    let history = vec![
+        raw("Pair", 2, json!({ "a": 1, "b": 2 })),
+        raw("Noise", 1, json!({ "loud": true })),
+        raw("Pair", 2, json!({ "a": 3, "b": 4 })),
+        raw("Noise", 1, json!({ "loud": false })),
+    ];
+    store
+        .append(&stream, ExpectedVersion::NoStream, history)
+        .await
+        .expect("append");
+    let handler = CommandHandler::<SampledTotal, _>::new(store).without_state_cache();
+    let loaded = handler.load(stream.as_str()).await.expect("load");
+    assert_eq!(
+        (loaded.state.total, loaded.state.events, loaded.version),
+        (10, 4, 4),
+        "both parts of both splits applied, at the stored version"
+    );
+    let outcome = handler
+        .execute(AddSample {
+            id: stream.as_str().into(),
+            amount: 5,
+        })
+        .await
+        .expect("a command after the history");
+    assert_eq!(
+        outcome.version, 5,
+        "appended after the dropped event's version"
+    );
+    let loaded = handler.load(stream.as_str()).await.expect("load");
+    assert_eq!((loaded.state.total, loaded.state.events), (15, 5));
 }
 
 /// A payload an upcaster cannot convert is a typed error naming the event; nothing changes.

@@ -284,6 +284,30 @@ pub async fn json_nested_too_deep_is_refused<S: EventStore>(store: S) {
             "metadata nested too deep",
         );
     }
+    // Refused for another reason first: the deep value must still be dropped safely.
+    let mut bad_name = event(3);
+    bad_name.event_type = "".into();
+    let deep = || {
+        let mut e = event(4);
+        e.payload = nested(100_000, json!(1));
+        e
+    };
+    expect_invalid(
+        store
+            .append(&s, ExpectedVersion::Any, vec![bad_name, deep()])
+            .await,
+        &s,
+        &at(0, "(empty)"),
+        |p| matches!(p, InputProblem::InvalidName { .. }),
+        "a bad name before a deep payload",
+    );
+    assert!(
+        store
+            .append(&s, ExpectedVersion::Exact(u64::MAX), vec![deep()])
+            .await
+            .is_err(),
+        "an expectation out of range with a deep payload"
+    );
     stored.unchanged("deep JSON").await;
 }
 
@@ -358,7 +382,35 @@ pub async fn invalid_snapshots_are_refused<S: SnapshotStore>(store: S) {
         |p| matches!(p, InputProblem::NulCharacter { field: "state", .. }),
         "append_with_snapshot with a NUL in the state",
     );
+    // The events are refused first: the unchecked deep state is still dropped safely.
+    let mut deep = snapshot(&s, 2, 2);
+    deep.state = nested(100_000, json!(0));
+    let mut bad_name = event(1);
+    bad_name.aggregate_type = "".into();
+    assert!(
+        store
+            .append_with_snapshot(&s, ExpectedVersion::NoStream, vec![bad_name], deep)
+            .await
+            .is_err(),
+        "a refused batch with a deep snapshot"
+    );
     let other = stream("bad-snapshots-other");
+    let mut deep_other = snapshot(&other, 2, 2);
+    deep_other.state = nested(100_000, json!(0));
+    expect_invalid(
+        store
+            .append_with_snapshot(
+                &s,
+                ExpectedVersion::NoStream,
+                vec![event(1), event(2)],
+                deep_other,
+            )
+            .await,
+        &s,
+        &InputLocation::Snapshot,
+        |p| matches!(p, InputProblem::OtherStream { stream } if *stream == other),
+        "a deep snapshot of another stream",
+    );
     expect_invalid(
         store
             .append_with_snapshot(

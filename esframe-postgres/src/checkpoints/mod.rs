@@ -123,15 +123,19 @@ fn unavailable(err: sqlx::Error) -> CheckpointError {
     CheckpointError::unavailable(err)
 }
 
-/// A failure inside a commit: an error the server answered with refuses this transaction; a
-/// failure of the connection (or the server ending the session) is the backend being
-/// unavailable, and the checkpoint's compare-and-set tells on the next try whether it
-/// committed.
+/// A failure inside a commit: an error the server answered with refuses what this
+/// transaction wrote; a failure of the connection (or the server ending the session) is the
+/// backend being unavailable, and the checkpoint's compare-and-set tells on the next try
+/// whether it committed. A serialization failure or deadlock is no fault of the writes: the
+/// same transaction may succeed when run again, so it is unavailable too.
 fn refused(err: sqlx::Error) -> CheckpointError {
-    if err.as_database_error().is_some() && !crate::error::connection_lost(&err) {
-        CheckpointError::Rejected(Box::new(err))
-    } else {
+    if crate::error::classify(&err) == crate::error::AppendFailure::Transient
+        || crate::error::connection_lost(&err)
+        || err.as_database_error().is_none()
+    {
         CheckpointError::unavailable(err)
+    } else {
+        CheckpointError::Rejected(Box::new(err))
     }
 }
 

@@ -52,20 +52,29 @@ where
                 .iter()
                 .position(|e| e.global_position != position)
                 .map_or(rest.len(), |i| index + i);
-            if start > 0 {
+            if start > 0 && cursor.position() < position.before() {
                 // Commit what came before it. Exactly once, the failed transaction took their
-                // writes with it, so they are handled again; at least once, they took effect
-                // already and only the checkpoint moves.
+                // writes with it, so they are handled again (unless a narrowed-down commit
+                // already stored them); at least once, they took effect already and only the
+                // checkpoint moves.
+                let done = cursor.position();
                 let before: &[RecordedEvent] = match self.checkpoints().delivery() {
-                    Delivery::ExactlyOnce => &rest[..start],
+                    Delivery::ExactlyOnce => {
+                        let first = rest[..start]
+                            .iter()
+                            .position(|e| e.global_position > done)
+                            .unwrap_or(start);
+                        &rest[first..start]
+                    }
                     Delivery::AtLeastOnce => &[],
                 };
+                let skipped = start - before.len();
                 if let Some((i, err)) = self
                     .attempt(cursor, before, position.before(), 1, false)
                     .await?
                 {
                     // Failed before the unit this time (a flaky handler): start over there.
-                    index = i;
+                    index = skipped + i;
                     error = err;
                     continue;
                 }
@@ -224,11 +233,19 @@ where
                 Ok(None)
             }
             // The database refused what the handlers wrote (a deferred constraint, or a handler
-            // that swallowed an error and left the transaction aborted): a failure of these
-            // events, found event by event like a failing handler.
-            Err(CheckpointError::Rejected(err)) if as_batch && events.len() > 1 => {
-                tracing::debug!(projection = %self.key, error = %err, "batch commit refused; handling its events one by one");
-                Box::pin(self.attempt(cursor, events, to, attempt, false)).await
+            // that swallowed an error and left the transaction aborted). Exactly once, the
+            // rollback undid every write, so the events are committed unit by unit to find the
+            // one at fault; at least once, their writes are already done and only the first
+            // unit can be blamed.
+            Err(CheckpointError::Rejected(err))
+                if self.checkpoints().delivery() == Delivery::ExactlyOnce
+                    && events
+                        .first()
+                        .zip(events.last())
+                        .is_some_and(|(a, b)| a.global_position != b.global_position) =>
+            {
+                tracing::debug!(projection = %self.key, error = %err, "commit refused; committing its events unit by unit to find the one at fault");
+                Box::pin(self.attempt_by_unit(cursor, events, to, attempt)).await
             }
             Err(CheckpointError::Rejected(err)) if !events.is_empty() => Ok(Some((
                 0,
@@ -236,5 +253,34 @@ where
             ))),
             Err(err) => Err(self.commit_failed(err)),
         }
+    }
+
+    /// [`Self::attempt`] for each unit of `events` (the parts of one stored event) in its own
+    /// transaction, the checkpoint moving to each unit and to `to` after the last. Stops at
+    /// the first failing unit, returning the index (in `events`) and error of its failure.
+    async fn attempt_by_unit(
+        &self,
+        cursor: &mut Cursor,
+        events: &[RecordedEvent],
+        to: Position,
+        attempt: u32,
+    ) -> Result<Option<(usize, HandlerError)>, StepError> {
+        let mut start = 0;
+        while start < events.len() {
+            let position = events[start].global_position;
+            let end = events[start..]
+                .iter()
+                .position(|e| e.global_position != position)
+                .map_or(events.len(), |i| start + i);
+            let target = if end == events.len() { to } else { position };
+            if let Some((i, err)) = self
+                .attempt(cursor, &events[start..end], target, attempt, false)
+                .await?
+            {
+                return Ok(Some((start + i, err)));
+            }
+            start = end;
+        }
+        Ok(None)
     }
 }
