@@ -3,12 +3,18 @@
 //! `cargo bench -p esframe-examples --bench postgres_store` (PostgreSQL at `DATABASE_URL`,
 //! default `postgres://postgres@127.0.0.1:5432/test`; needs `pgbench` on the PATH).
 //! `ESFRAME_BENCH_SECONDS` sets the length of each measurement (default 5),
-//! `ESFRAME_BENCH_ROUNDS` the number of paired rounds (default 3), and
-//! `ESFRAME_BENCH_ONLY=writers1` or `writers8` runs only that comparison.
+//! `ESFRAME_BENCH_ROUNDS` the number of paired rounds (default 5), and
+//! `ESFRAME_BENCH_ONLY` one section: `commands`, `appends`, `load`, `global` or `contention`.
 //!
-//! The raw ceiling is pgbench inserting into a table created by esframe's own migration, so it
-//! has exactly the events table's shape and indexes: one row per transaction with 1 and 8
-//! clients, and 100 rows per transaction with 1 client.
+//! Every ratio pairs an esframe measurement with its baseline run on the same server just
+//! before it, round by round; the median ratio and the range are printed. Baselines, all on a
+//! table made by esframe's own migration (the events table's shape and indexes):
+//! - commands: pgbench, one-row `INSERT` per transaction, 1 and 8 clients;
+//! - 100-event appends: pgbench, a 100-row `INSERT ... SELECT generate_series(..)` per
+//!   transaction, every column computed cheaply in the server (ids are md5 hashes cast to uuid);
+//! - stream load: a bare sqlx query of the stream's payloads in version order, each taken as an
+//!   owned string, no serde;
+//! - global read: the same bare query over the global order, in batches of 1,000.
 
 use std::{
     process::Command,
@@ -21,17 +27,21 @@ use std::{
 
 use esframe_core::{
     CachePolicy, CommandError, CommandHandler, ConcurrencyMode, EventStore, ExpectedVersion,
-    NewEvent, RetryPolicy, SnapshotPolicy, StreamId,
+    GlobalLog, NewEvent, Position, RetryPolicy, SnapshotPolicy, StreamId,
 };
 use esframe_examples::bank_account::{Account, AccountCommand, AccountEvent};
 use esframe_postgres::PgEventStore;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const RAW_SCHEMA: &str = "esframe_bench_raw";
 const SCHEMA: &str = "esframe_bench";
+/// Events in the global log for the global-read comparison.
+const GLOBAL_EVENTS: usize = 50_000;
+/// Rows per batch of every global read.
+const GLOBAL_BATCH: usize = 1_000;
 
 fn main() -> Result<(), Error> {
     let url = std::env::var("DATABASE_URL")
@@ -73,12 +83,14 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
          ((pg_current_xact_id()::text::bigint << 16), gen_random_uuid(), gen_random_uuid()::text, 1, 'account', \
          'MoneyDeposited', 1, '{{\"amount\": 1}}', gen_random_uuid(), gen_random_uuid(), '{{}}');\n"
     );
+    // Ids from the series (md5 of the transaction id and row number): cheap, unlike one
+    // gen_random_uuid() per row, so this measures the table's own write cost.
     let hundred_rows = format!(
         "INSERT INTO {RAW_SCHEMA}.events (global_position, event_id, stream_id, stream_version, aggregate_type, \
          event_type, schema_version, payload, correlation_id, causation_id, metadata) \
-         SELECT (pg_current_xact_id()::text::bigint << 16) + g, gen_random_uuid(), s.id, g + 1, 'account', \
-         'MoneyDeposited', 1, '{{\"amount\": 1}}', gen_random_uuid(), gen_random_uuid(), '{{}}' \
-         FROM generate_series(0, 99) g, (SELECT gen_random_uuid()::text AS id) s;\n"
+         SELECT (x.id << 16) + g, md5(x.id::text || '-' || g)::uuid, x.id::text, g + 1, 'account', \
+         'MoneyDeposited', 2, '{{\"amount\": 1, \"currency\": \"EUR\"}}', NULL, NULL, '{{}}' \
+         FROM (SELECT pg_current_xact_id()::text::bigint AS id) x, generate_series(0, 99) g;\n"
     );
     reset_schema(&pool, SCHEMA).await?;
     let store = PgEventStore::builder(pool.clone())
@@ -88,125 +100,144 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
     let rounds: usize = std::env::var("ESFRAME_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5)
+        .max(1);
     println!(
-        "\nEach ratio pairs an esframe measurement with a pgbench run made just before it; \
+        "\nEach ratio pairs an esframe measurement with its baseline run just before it; \
          {rounds} rounds, median ratio (min..max)."
     );
-
     let only = std::env::var("ESFRAME_BENCH_ONLY").ok();
-    if let Some(writers) = only.as_deref().and_then(|o| o.strip_prefix("writers")) {
-        // Only the one- or eight-writer comparison (Trust), for quick experiments on it.
-        let writers: u32 = writers
-            .parse()
-            .map_err(|_| "ESFRAME_BENCH_ONLY=writers1 or writers8")?;
-        let handler = CommandHandler::<Account, _>::new(store.clone())
-            .snapshot_policy(SnapshotPolicy::every(100))
-            .cache_policy(CachePolicy::Trust);
-        let mut pairs = Vec::new();
-        for _ in 0..rounds {
-            let raw = pgbench(url, &one_row, writers, window)?;
-            pairs.push((
-                deposits(&handler, writers as usize, false, window).await?,
-                raw,
-            ));
+    let wanted = |section: &str| only.as_deref().is_none_or(|o| o == section);
+
+    if wanted("commands") {
+        println!(
+            "\ndeposit command round trip (load, handle, append), 1 writer, vs one-row INSERT with 1 client"
+        );
+        for (label, policy, cache) in [
+            ("default (CachePolicy::Verify)", CachePolicy::Verify, true),
+            ("CachePolicy::Trust", CachePolicy::Trust, true),
+            ("cold: no cache, snapshot every 100", CachePolicy::Verify, false),
+        ] {
+            let mut handler = CommandHandler::<Account, _>::new(store.clone())
+                .snapshot_policy(SnapshotPolicy::every(100))
+                .cache_policy(policy);
+            if !cache {
+                handler = handler.without_state_cache();
+            }
+            let mut pairs = Vec::new();
+            for _ in 0..rounds {
+                let raw = pgbench(url, &one_row, 1, window)?;
+                pairs.push((deposits(&handler, 1, false, window).await?, raw));
+            }
+            report(label, &pairs, "commands/s");
         }
-        report(&format!("{writers} writer(s), Trust"), &pairs, "commands/s");
-        reset_schema(&pool, RAW_SCHEMA).await?;
-        reset_schema(&pool, SCHEMA).await?;
-        return Ok(());
+
+        println!("\ndeposit commands, 8 writers on 8 streams, vs one-row INSERT with 8 clients");
+        for (label, policy) in [
+            ("default (CachePolicy::Verify)", CachePolicy::Verify),
+            ("CachePolicy::Trust", CachePolicy::Trust),
+        ] {
+            let handler = CommandHandler::<Account, _>::new(store.clone())
+                .snapshot_policy(SnapshotPolicy::every(100))
+                .cache_policy(policy);
+            let mut pairs = Vec::new();
+            for _ in 0..rounds {
+                let raw = pgbench(url, &one_row, 8, window)?;
+                pairs.push((deposits(&handler, 8, false, window).await?, raw));
+            }
+            report(label, &pairs, "commands/s");
+        }
     }
 
-    println!(
-        "\ndeposit command round trip (load, handle, append), 1 writer, vs one-row INSERT with 1 client"
-    );
-    for (label, policy, cache) in [
-        ("state cache, CachePolicy::Trust ", CachePolicy::Trust, true),
-        (
-            "state cache, CachePolicy::Verify",
-            CachePolicy::Verify,
-            true,
-        ),
-        (
-            "no state cache (snapshot + tail)",
-            CachePolicy::Verify,
-            false,
-        ),
-    ] {
-        let mut handler = CommandHandler::<Account, _>::new(store.clone())
-            .snapshot_policy(SnapshotPolicy::every(100))
-            .cache_policy(policy);
-        if !cache {
-            handler = handler.without_state_cache();
-        }
+    if wanted("appends") {
+        println!(
+            "\nappends of 100 events per call, 1 writer, vs a server-side 100-row INSERT with 1 client"
+        );
         let mut pairs = Vec::new();
         for _ in 0..rounds {
-            let raw = pgbench(url, &one_row, 1, window)?;
-            pairs.push((deposits(&handler, 1, false, window).await?, raw));
+            let raw = pgbench(url, &hundred_rows, 1, window)? * 100.0;
+            pairs.push((batch_appends(&store, window).await?, raw));
         }
-        report(label, &pairs, "commands/s");
+        report("events appended", &pairs, "events/s");
     }
-
-    println!("\ndeposit commands, 8 writers on 8 streams, vs one-row INSERT with 8 clients");
-    for (label, policy) in [
-        ("CachePolicy::Trust ", CachePolicy::Trust),
-        ("CachePolicy::Verify", CachePolicy::Verify),
-    ] {
-        let handler = CommandHandler::<Account, _>::new(store.clone())
-            .snapshot_policy(SnapshotPolicy::every(100))
-            .cache_policy(policy);
-        let mut pairs = Vec::new();
-        for _ in 0..rounds {
-            let raw = pgbench(url, &one_row, 8, window)?;
-            pairs.push((deposits(&handler, 8, false, window).await?, raw));
-        }
-        report(label, &pairs, "commands/s");
-    }
-
-    println!("\nappends of 100 events per call, 1 writer, vs 100-row INSERT with 1 client");
-    let mut pairs = Vec::new();
-    for _ in 0..rounds {
-        let raw = pgbench(url, &hundred_rows, 1, window)? * 100.0;
-        pairs.push((batch_appends(&store, window).await?, raw));
-    }
-    report("events appended", &pairs, "events/s");
     reset_schema(&pool, RAW_SCHEMA).await?;
 
-    println!("\nloading a 10,000-event stream without a snapshot (median of 15)");
-    let (esframe, bare) = load_10k(&store, &pool).await?;
-    println!(
-        "  CommandHandler::load {:>8.2} ms   bare sqlx query of the same rows (faster of fetch_all and fetch) {:>8.2} ms   ratio {:.2}x",
-        esframe.as_secs_f64() * 1e3,
-        bare.as_secs_f64() * 1e3,
-        esframe.as_secs_f64() / bare.as_secs_f64()
-    );
+    if wanted("load") {
+        println!(
+            "\nloading a 10,000-event stream without a snapshot, vs a bare fetch of its payloads (median of 15 per round)"
+        );
+        let id = long_stream(&store).await?;
+        let mut pairs = Vec::new();
+        for _ in 0..rounds {
+            let bare = bare_stream_fetch(&pool, &id).await?;
+            let ours = handler_load(&store, &id).await?;
+            // As rates (loads/s), so that higher is better like every other line.
+            pairs.push((1.0 / ours.as_secs_f64(), 1.0 / bare.as_secs_f64()));
+        }
+        report_times("CommandHandler::load", &pairs);
+        upcast_load(&pool).await?;
+    }
 
-    upcast_load(&pool).await?;
+    if wanted("global") {
+        println!(
+            "\nreading the global log ({GLOBAL_EVENTS} events, batches of {GLOBAL_BATCH}), vs the bare query in batches"
+        );
+        fill_log(&store, GLOBAL_EVENTS).await?;
+        let (mut read_all, mut subscription) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let bare = bare_global_read(&pool).await?;
+            read_all.push((read_all_rate(&store).await?, bare));
+            let bare = bare_global_read(&pool).await?;
+            subscription.push((subscription_rate(&store).await?, bare));
+        }
+        report("read_all", &read_all, "events/s");
+        report("Subscription, counting handler", &subscription, "events/s");
+    }
 
-    println!("\ndeposit commands, 8 writers on ONE stream");
-    for (label, mode) in [
-        (
-            "optimistic, retry on conflict     ",
-            ConcurrencyMode::Optimistic,
-        ),
-        (
-            "pessimistic (per-stream queue)    ",
-            ConcurrencyMode::Pessimistic,
-        ),
-    ] {
-        let handler = CommandHandler::<Account, _>::new(store.clone())
-            .snapshot_policy(SnapshotPolicy::every(100))
-            .cache_policy(CachePolicy::Trust)
-            .concurrency_mode(mode)
-            .retry_policy(
-                RetryPolicy::attempts(10_000)
-                    .backoff(Duration::from_micros(200), Duration::from_millis(20)),
-            );
-        let rate = deposits(&handler, 8, true, window).await?;
-        println!("  {label} {rate:>10.0} commands/s, no deposit lost (balance checked)");
+    if wanted("contention") {
+        println!("\ndeposit commands, 8 writers on ONE stream");
+        for (label, mode) in [
+            (
+                "optimistic, retry on conflict     ",
+                ConcurrencyMode::Optimistic,
+            ),
+            (
+                "pessimistic (per-stream queue)    ",
+                ConcurrencyMode::Pessimistic,
+            ),
+        ] {
+            let handler = CommandHandler::<Account, _>::new(store.clone())
+                .snapshot_policy(SnapshotPolicy::every(100))
+                .concurrency_mode(mode)
+                .retry_policy(
+                    RetryPolicy::attempts(10_000)
+                        .backoff(Duration::from_micros(200), Duration::from_millis(20)),
+                );
+            let rate = deposits(&handler, 8, true, window).await?;
+            println!("  {label} {rate:>10.0} commands/s, no deposit lost (balance checked)");
+        }
     }
     reset_schema(&pool, SCHEMA).await?;
     Ok(())
+}
+
+/// [`report`] for load times given as rates: prints the median times and the median ratio of
+/// esframe's time to the baseline's.
+fn report_times(label: &str, pairs: &[(f64, f64)]) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratios: Vec<f64> = pairs.iter().map(|(ours, bare)| bare / ours).collect();
+    let (min, max) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    println!(
+        "  {label:<34} {:>8.2} ms   bare {:>8.2} ms   {:.2}x the bare fetch ({min:.2}..{max:.2})",
+        1e3 / median(pairs.iter().map(|p| p.0).collect()),
+        1e3 / median(pairs.iter().map(|p| p.1).collect()),
+        median(ratios),
+    );
 }
 
 /// Prints the median esframe rate, the median raw rate and the median ratio of the pairs.
@@ -387,16 +418,16 @@ async fn batch_appends(store: &PgEventStore, window: Duration) -> Result<f64, Er
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn load_10k(store: &PgEventStore, pool: &PgPool) -> Result<(Duration, Duration), Error> {
+/// A stream of one opening and 10,000 deposits; returns its id.
+async fn long_stream(store: &PgEventStore) -> Result<String, Error> {
     let id = format!("long-{}", uuid::Uuid::now_v7());
     let stream = StreamId::new(&id)?;
-    let mut first = NewEvent::from_event(
+    let first = NewEvent::from_event(
         "account",
         &AccountEvent::AccountOpened {
             owner: "bench".into(),
         },
     )?;
-    first.aggregate_type = "account".into();
     store
         .append(&stream, ExpectedVersion::NoStream, vec![first])
         .await?;
@@ -405,79 +436,124 @@ async fn load_10k(store: &PgEventStore, pool: &PgPool) -> Result<(Duration, Dura
             .append(&stream, ExpectedVersion::Any, deposit_events(100))
             .await?;
     }
+    Ok(id)
+}
+
+fn median_duration(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// The median of 15 loads through the handler, without cache or snapshot.
+async fn handler_load(store: &PgEventStore, id: &str) -> Result<Duration, Error> {
     let handler = CommandHandler::<Account, _>::new(store.clone())
         .without_state_cache()
         .snapshot_policy(SnapshotPolicy::Never);
-    let bare_sql = format!(
-        "SELECT global_position, event_id, stream_id, stream_version, aggregate_type, event_type, schema_version, \
-         payload, correlation_id, causation_id, metadata, recorded_at FROM {SCHEMA}.events \
-         WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
-    );
-    let (mut ours, mut bare_all, mut bare_stream) = (Vec::new(), Vec::new(), Vec::new());
+    let mut times = Vec::new();
     for _ in 0..15 {
         let started = Instant::now();
-        let loaded = handler.load(&id).await?;
-        ours.push(started.elapsed());
+        let loaded = handler.load(id).await?;
+        times.push(started.elapsed());
         assert_eq!(loaded.version, 10_001);
         assert_eq!(loaded.state.balance, 10_000);
-
-        // The bare query, both ways sqlx offers: all rows at once, and as a stream.
-        let started = Instant::now();
-        let rows = sqlx::query(AssertSqlSafe(bare_sql.clone()))
-            .bind(&id)
-            .bind(1i64)
-            .fetch_all(pool)
-            .await?;
-        let sum: i64 = rows
-            .iter()
-            .map(bare_row)
-            .sum::<Result<i64, sqlx::Error>>()?;
-        bare_all.push(started.elapsed());
-        assert_eq!(sum, 10_000);
-
-        let started = Instant::now();
-        let mut stream = sqlx::query(AssertSqlSafe(bare_sql.clone()))
-            .bind(&id)
-            .bind(1i64)
-            .fetch(pool);
-        let mut sum = 0;
-        while let Some(row) = stream.try_next().await? {
-            sum += bare_row(&row)?;
-        }
-        bare_stream.push(started.elapsed());
-        assert_eq!(sum, 10_000);
     }
-    let median = |mut v: Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
-    };
-    Ok((median(ours), median(bare_all).min(median(bare_stream))))
+    Ok(median_duration(times))
 }
 
-/// Reads every column of a row the way a hand-written loader would; returns the amount.
-fn bare_row(row: &sqlx::postgres::PgRow) -> Result<i64, sqlx::Error> {
-    let _: (i64, uuid::Uuid, String, i64, String, String, i32) = (
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
-        row.try_get(4)?,
-        row.try_get(5)?,
-        row.try_get(6)?,
+/// The median of 15 bare fetches of the stream's payloads, each taken as an owned string.
+async fn bare_stream_fetch(pool: &PgPool, id: &str) -> Result<Duration, Error> {
+    let sql = format!(
+        "SELECT payload FROM {SCHEMA}.events WHERE stream_id = $1 ORDER BY stream_version"
     );
-    let payload: serde_json::Value = row.try_get(7)?;
-    let _: (
-        Option<uuid::Uuid>,
-        Option<uuid::Uuid>,
-        serde_json::Value,
-        chrono::DateTime<chrono::Utc>,
-    ) = (
-        row.try_get(8)?,
-        row.try_get(9)?,
-        row.try_get(10)?,
-        row.try_get(11)?,
+    let mut times = Vec::new();
+    for _ in 0..15 {
+        let started = Instant::now();
+        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+        let payloads: Vec<String> = rows.iter().map(payload_text).collect::<Result<_, _>>()?;
+        times.push(started.elapsed());
+        assert_eq!(payloads.len(), 10_001);
+    }
+    Ok(median_duration(times))
+}
+
+/// A `jsonb` column as an owned string: its binary form is a version byte and the JSON text.
+fn payload_text(row: &sqlx::postgres::PgRow) -> Result<String, Error> {
+    let raw = row.try_get_raw(0)?;
+    let bytes = raw.as_bytes().map_err(|e| e.to_string())?;
+    Ok(String::from_utf8(bytes.get(1..).unwrap_or_default().to_vec())?)
+}
+
+/// Appends `events` deposits over 100 accounts, 100 per append.
+async fn fill_log(store: &PgEventStore, events: usize) -> Result<(), Error> {
+    for i in 0..events / 100 {
+        let stream = StreamId::new(format!("global-{}", i % 100))?;
+        store
+            .append(&stream, ExpectedVersion::Any, deposit_events(100))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Events/s of the bare query over the global order, in batches, payloads as owned strings.
+async fn bare_global_read(pool: &PgPool) -> Result<f64, Error> {
+    let sql = format!(
+        "SELECT global_position, payload FROM {SCHEMA}.events WHERE global_position > $1 \
+         ORDER BY global_position LIMIT $2"
     );
-    Ok(payload["amount"].as_i64().unwrap_or(0))
+    let started = Instant::now();
+    let (mut after, mut count) = (0i64, 0usize);
+    loop {
+        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(after)
+            .bind(GLOBAL_BATCH as i64)
+            .fetch_all(pool)
+            .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.try_get(0)?;
+        for row in &rows {
+            let raw = row.try_get_raw(1)?;
+            let bytes = raw.as_bytes().map_err(|e| e.to_string())?;
+            std::hint::black_box(String::from_utf8(bytes.get(1..).unwrap_or_default().to_vec())?);
+        }
+        count += rows.len();
+    }
+    assert!(count >= GLOBAL_EVENTS);
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Events/s of `read_all` over the whole log, in batches.
+async fn read_all_rate(store: &PgEventStore) -> Result<f64, Error> {
+    let started = Instant::now();
+    let (mut after, mut count) = (Position::START, 0usize);
+    loop {
+        let events = store.read_all(after, GLOBAL_BATCH).await?;
+        let Some(last) = events.last() else { break };
+        after = last.global_position;
+        count += events.len();
+    }
+    assert!(count >= GLOBAL_EVENTS);
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Events/s of a subscription caught up to the head, to a handler that counts deposits.
+async fn subscription_rate(store: &PgEventStore) -> Result<f64, Error> {
+    let started = Instant::now();
+    let mut events = store
+        .subscribe(Position::START)
+        .batch_size(GLOBAL_BATCH)
+        .until_head();
+    let mut count = 0usize;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        if event.event_type == "MoneyDeposited" {
+            count += 1;
+        }
+    }
+    assert!(count >= GLOBAL_EVENTS);
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Loads a 10,000-deposit account stored at the current version, then one stored as v1 and
