@@ -32,7 +32,9 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Handle a command at most `max_attempts` times (at least once).
+    /// Retry a command after at most `max_attempts - 1` conflicts with other writers (it is
+    /// handled at least once). A decision on a stale cached state, taken again on the stored
+    /// state, does not count.
     pub fn attempts(max_attempts: u32) -> Self {
         Self {
             max_attempts: max_attempts.max(1),
@@ -40,7 +42,7 @@ impl RetryPolicy {
         }
     }
 
-    /// Never retry: a conflict is returned at once.
+    /// Never retry: a conflict with another writer is returned at once.
     pub fn no_retry() -> Self {
         Self::attempts(1)
     }
@@ -153,15 +155,19 @@ mod tests {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum CachePolicy {
-    /// Read the events appended after the cached version before deciding (one extra read per
-    /// command), so the decision always sees the latest state. The default.
+    /// Decide on the cached state and prove it current afterwards, so that no result is ever
+    /// one of a stale state. The default. A decision that appends events is proved by the
+    /// append itself (its expected version is the cached one): one round trip per command.
+    /// If another writer changed the stream meanwhile, the append conflicts and the command
+    /// is decided again at once on the stored state (this does not count as a retry). A
+    /// rejection, or a command that emits nothing, is returned only after a read of the
+    /// stream's version confirms it (decided again on the stored state if the stream moved).
     #[default]
     Verify,
-    /// Decide on the cached state without reading the store: one round trip per command instead
-    /// of two. A decision that stores events is still checked by the append's version check, so
-    /// if another writer changed the stream meanwhile it is retried on a freshly loaded state.
-    /// But a rejection, or a command that emits nothing, decided on a stale state is returned as
-    /// is. Choose it only when this process is the only writer of its aggregates.
+    /// Like `Verify`, except that a rejection or a command that emits nothing is returned as
+    /// decided on the cached state, without the read that confirms it: such commands cost no
+    /// round trip at all, but may answer from a stale state when another process wrote the
+    /// stream. Choose it only when this process is the only writer of its aggregates.
     Trust,
 }
 

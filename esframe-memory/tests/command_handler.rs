@@ -63,6 +63,12 @@ enum CounterCommand {
     Reject {
         id: String,
     },
+    /// Adds `n` if the total is at least `min`; rejected otherwise.
+    AddIfAtLeast {
+        id: String,
+        n: u64,
+        min: u64,
+    },
     /// Emits an event, then rejects: the state it leaves is unusable.
     EmitThenReject {
         id: String,
@@ -75,6 +81,7 @@ impl Command for CounterCommand {
             Self::Add { id, .. }
             | Self::AddTwiceBelow { id, .. }
             | Self::Reject { id }
+            | Self::AddIfAtLeast { id, .. }
             | Self::EmitThenReject { id } => id.clone(),
         }
     }
@@ -133,6 +140,12 @@ impl Aggregate for Counter {
                 }
             }
             CounterCommand::Reject { .. } => return Err(Rejected),
+            CounterCommand::AddIfAtLeast { n, min, .. } => {
+                if decision.total < *min {
+                    return Err(Rejected);
+                }
+                decision.emit(CounterEvent::Added { n: *n });
+            }
             CounterCommand::EmitThenReject { .. } => {
                 decision.emit(CounterEvent::Added { n: 1_000_000 });
                 return Err(Rejected);
@@ -510,7 +523,8 @@ async fn a_snapshot_ahead_of_its_stream_is_ignored_deleted_and_replaced() {
 #[tokio::test]
 async fn cached_state_catches_up_with_other_writers() {
     let store = MemoryStore::new();
-    let first = CommandHandler::<Counter, _>::new(store.clone());
+    let first =
+        CommandHandler::<Counter, _>::new(store.clone()).retry_policy(RetryPolicy::no_retry());
     let second = CommandHandler::<Counter, _>::new(store.clone());
     first.execute(add("shared", 1)).await.unwrap();
     second.execute(add("shared", 10)).await.unwrap();
@@ -518,10 +532,51 @@ async fn cached_state_catches_up_with_other_writers() {
     let outcome = first.execute(add("shared", 1000)).await.unwrap();
     assert_eq!(outcome.version, 4);
     assert_eq!(
-        outcome.attempts, 1,
-        "the cached state read the newer events before deciding"
+        outcome.attempts, 2,
+        "decided on the stale cache, refused by the append, decided again on the stored state"
     );
     assert_eq!(first.load("shared").await.unwrap().state.total, 1111);
+}
+
+/// A rejection decided on a cached state is returned only once the stream is known not to have
+/// moved (`Verify`, the default); `Trust` returns it as decided.
+#[tokio::test]
+async fn a_rejection_on_a_stale_cached_state_is_decided_again() {
+    let store = MemoryStore::new();
+    let verify = CommandHandler::<Counter, _>::new(store.clone());
+    let trust = CommandHandler::<Counter, _>::new(store.clone())
+        .cache_policy(esframe_core::CachePolicy::Trust);
+    let other = CommandHandler::<Counter, _>::new(store.clone());
+    let at_least = |min| CounterCommand::AddIfAtLeast {
+        id: "gate".into(),
+        n: 1,
+        min,
+    };
+    verify.execute(add("gate", 1)).await.unwrap();
+    trust.execute(add("gate", 1)).await.unwrap();
+    // Both now cache a state (totals 1 and 2) that the other writer makes stale.
+    other.execute(add("gate", 10)).await.unwrap();
+
+    assert!(
+        matches!(
+            trust.execute(at_least(5)).await,
+            Err(CommandError::Rejected(Rejected))
+        ),
+        "Trust answers from its stale cache"
+    );
+    let outcome = verify.execute(at_least(5)).await.unwrap();
+    assert_eq!(
+        outcome.attempts, 2,
+        "rejected on the cache, then accepted on the store"
+    );
+    assert_eq!(verify.load("gate").await.unwrap().state.total, 13);
+
+    // A rejection that stands is returned, and the cache still serves the next command.
+    assert!(matches!(
+        verify.execute(at_least(100)).await,
+        Err(CommandError::Rejected(Rejected))
+    ));
+    assert_eq!(verify.execute(add("gate", 1)).await.unwrap().attempts, 1);
 }
 
 #[tokio::test]

@@ -484,8 +484,9 @@ impl PgEventStore {
             .bind(&ids)
             .fetch(&mut *conn);
         let mut stored: HashMap<Uuid, RecordedEvent> = HashMap::new();
+        let mut decode = rows::EventRows::new();
         while let Some(row) = found.try_next().await? {
-            let event = rows::event(&row, None)?;
+            let event = decode.event(&row)?;
             stored.insert(event.event_id, event);
         }
         if stored.is_empty() {

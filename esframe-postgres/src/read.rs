@@ -28,9 +28,9 @@ impl PgEventStore {
                             .bind(stream.as_str())
                             .bind(to_i64(from_version))
                             .fetch(&mut *conn);
-                    let mut events = Vec::new();
+                    let (mut events, mut decode) = (Vec::new(), rows::EventRows::of(stream));
                     while let Some(row) = rows.try_next().await? {
-                        events.push(rows::event(&row, Some(stream))?);
+                        events.push(decode.event(&row)?);
                     }
                     Ok::<_, Failure>(events)
                 }
@@ -64,8 +64,9 @@ impl PgEventStore {
                     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                     .fetch(&mut *conn);
                 let mut events = Vec::with_capacity(limit.min(4096));
+                let mut decode = rows::EventRows::new();
                 while let Some(row) = rows.try_next().await? {
-                    events.push(rows::event(&row, None)?);
+                    events.push(decode.event(&row)?);
                 }
                 Ok::<_, Failure>(events)
             }

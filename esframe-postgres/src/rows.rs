@@ -1,98 +1,204 @@
 //! Turning rows into envelopes. A row that does not fit (hand-edited, corrupt) becomes a
 //! [`StoreError::Corrupt`] naming its stream, version and type; nothing panics.
+//!
+//! The columns' types are the migrations' own, so values are decoded without sqlx's per-column
+//! type check (`try_get_unchecked`; a value of another type still fails to decode, as a corrupt
+//! row). JSON is parsed straight from the row's bytes, an empty metadata object without
+//! parsing, and consecutive rows of one stream share its id.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use esframe_core::{
     CorruptData, EventMetadata, Position, RecordedEvent, Snapshot, StoreError, StreamId,
 };
-use serde_json::Value;
-use sqlx::{Row, postgres::PgRow};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use sqlx::{Row, ValueRef, postgres::PgRow};
 use uuid::Uuid;
 
-/// Decodes an event row selected with `EVENT_COLUMNS`. `known_stream` skips re-validating the
-/// stream id when the query was for one stream.
-pub(crate) fn event(
-    row: &PgRow,
-    known_stream: Option<&StreamId>,
-) -> Result<RecordedEvent, StoreError> {
-    let stream_id = match known_stream {
-        Some(stream) => stream.clone(),
-        None => {
-            let text: String = row
-                .try_get(2)
-                .map_err(|err| StoreError::unavailable(None, err))?;
-            StreamId::new(&text).map_err(|err| {
-                CorruptData::new(
-                    StreamId::lossy(&text),
-                    0,
-                    format!("stored stream id {text:?} is invalid"),
-                )
-                .source(err)
-            })?
+/// Column indexes of `EVENT_COLUMNS`.
+mod col {
+    pub(super) const GLOBAL_POSITION: usize = 0;
+    pub(super) const EVENT_ID: usize = 1;
+    pub(super) const STREAM_ID: usize = 2;
+    pub(super) const STREAM_VERSION: usize = 3;
+    pub(super) const AGGREGATE_TYPE: usize = 4;
+    pub(super) const EVENT_TYPE: usize = 5;
+    pub(super) const SCHEMA_VERSION: usize = 6;
+    pub(super) const PAYLOAD: usize = 7;
+    pub(super) const CORRELATION_ID: usize = 8;
+    pub(super) const CAUSATION_ID: usize = 9;
+    pub(super) const METADATA: usize = 10;
+    pub(super) const RECORDED_AT: usize = 11;
+}
+
+/// Decodes the event rows of one read. `known_stream` skips re-validating the stream id when
+/// the query was for one stream; otherwise the last stream id is kept, so that a run of rows
+/// of one stream (an append's events) validates and allocates it once.
+pub(crate) struct EventRows {
+    last_stream: Option<StreamId>,
+    known: bool,
+}
+
+impl EventRows {
+    /// Rows of any stream.
+    pub(crate) fn new() -> Self {
+        Self {
+            last_stream: None,
+            known: false,
         }
-    };
-    let raw_version: i64 = row.try_get(3).map_err(|err| {
-        CorruptData::new(
-            stream_id.clone(),
-            0,
-            "column `stream_version` cannot be read",
-        )
-        .source(err)
-    })?;
-    let stream_version = u64::try_from(raw_version).map_err(|_| {
-        CorruptData::new(
-            stream_id.clone(),
-            0,
-            format!("negative stream version {raw_version}"),
-        )
-    })?;
-    // The type first, so that every later error can name it.
-    let event_type: String = row.try_get(5).map_err(|err| {
-        CorruptData::new(
-            stream_id.clone(),
+    }
+
+    /// Rows of `stream` only.
+    pub(crate) fn of(stream: &StreamId) -> Self {
+        Self {
+            last_stream: Some(stream.clone()),
+            known: true,
+        }
+    }
+
+    /// Decodes an event row selected with `EVENT_COLUMNS`.
+    pub(crate) fn event(&mut self, row: &PgRow) -> Result<RecordedEvent, StoreError> {
+        let stream_id = self.stream_id(row)?;
+        let raw_version: i64 = row.try_get_unchecked(col::STREAM_VERSION).map_err(|err| {
+            CorruptData::new(
+                stream_id.clone(),
+                0,
+                "column `stream_version` cannot be read",
+            )
+            .source(err)
+        })?;
+        let stream_version = u64::try_from(raw_version).map_err(|_| {
+            CorruptData::new(
+                stream_id.clone(),
+                0,
+                format!("negative stream version {raw_version}"),
+            )
+        })?;
+        // The type first, so that every later error can name it.
+        let event_type: String = row.try_get_unchecked(col::EVENT_TYPE).map_err(|err| {
+            CorruptData::new(
+                stream_id.clone(),
+                stream_version,
+                "column `event_type` cannot be read",
+            )
+            .source(err)
+        })?;
+        let corrupt = |problem: String| {
+            CorruptData::new(stream_id.clone(), stream_version, problem)
+                .event_type(event_type.clone())
+        };
+        let field = |name: &str, err: sqlx::Error| {
+            StoreError::from(corrupt(format!("column `{name}` cannot be read")).source(err))
+        };
+        let raw_position: i64 = row
+            .try_get_unchecked(col::GLOBAL_POSITION)
+            .map_err(|e| field("global_position", e))?;
+        let raw_schema: i32 = row
+            .try_get_unchecked(col::SCHEMA_VERSION)
+            .map_err(|e| field("schema_version", e))?;
+        let extra = metadata(row, col::METADATA).map_err(|e| field("metadata", e))?;
+        let Some(extra) = extra else {
+            return Err(corrupt("metadata is not a JSON object".to_owned()).into());
+        };
+        let aggregate_type: String = row
+            .try_get_unchecked(col::AGGREGATE_TYPE)
+            .map_err(|e| field("aggregate_type", e))?;
+        Ok(RecordedEvent {
+            event_id: row
+                .try_get_unchecked::<Uuid, _>(col::EVENT_ID)
+                .map_err(|e| field("event_id", e))?,
+            aggregate_type: Cow::Owned(aggregate_type),
+            global_position: Position::new(
+                u64::try_from(raw_position)
+                    .map_err(|_| corrupt(format!("negative global position {raw_position}")))?,
+            ),
+            recorded_at: row
+                .try_get_unchecked::<DateTime<Utc>, _>(col::RECORDED_AT)
+                .map_err(|e| field("recorded_at", e))?,
+            schema_version: u32::try_from(raw_schema)
+                .map_err(|_| corrupt(format!("negative schema version {raw_schema}")))?,
+            payload: json(row, col::PAYLOAD).map_err(|e| field("payload", e))?,
+            metadata: EventMetadata {
+                correlation_id: row
+                    .try_get_unchecked(col::CORRELATION_ID)
+                    .map_err(|e| field("correlation_id", e))?,
+                causation_id: row
+                    .try_get_unchecked(col::CAUSATION_ID)
+                    .map_err(|e| field("causation_id", e))?,
+                extra,
+            },
+            event_type: Cow::Owned(event_type),
             stream_version,
-            "column `event_type` cannot be read",
-        )
-        .source(err)
-    })?;
-    let corrupt = |problem: String| {
-        CorruptData::new(stream_id.clone(), stream_version, problem).event_type(event_type.clone())
-    };
-    let field = |name: &str, err: sqlx::Error| {
-        StoreError::from(corrupt(format!("column `{name}` cannot be read")).source(err))
-    };
-    let raw_position: i64 = row.try_get(0).map_err(|e| field("global_position", e))?;
-    let raw_schema: i32 = row.try_get(6).map_err(|e| field("schema_version", e))?;
-    let extra: Value = row.try_get(10).map_err(|e| field("metadata", e))?;
-    let Value::Object(extra) = extra else {
-        return Err(corrupt(format!("metadata is not a JSON object: {extra}")).into());
-    };
-    Ok(RecordedEvent {
-        event_id: row
-            .try_get::<Uuid, _>(1)
-            .map_err(|e| field("event_id", e))?,
-        aggregate_type: std::borrow::Cow::Owned(
-            row.try_get(4).map_err(|e| field("aggregate_type", e))?,
-        ),
-        global_position: Position::new(
-            u64::try_from(raw_position)
-                .map_err(|_| corrupt(format!("negative global position {raw_position}")))?,
-        ),
-        recorded_at: row
-            .try_get::<DateTime<Utc>, _>(11)
-            .map_err(|e| field("recorded_at", e))?,
-        schema_version: u32::try_from(raw_schema)
-            .map_err(|_| corrupt(format!("negative schema version {raw_schema}")))?,
-        payload: row.try_get(7).map_err(|e| field("payload", e))?,
-        metadata: EventMetadata {
-            correlation_id: row.try_get(8).map_err(|e| field("correlation_id", e))?,
-            causation_id: row.try_get(9).map_err(|e| field("causation_id", e))?,
-            extra,
+            stream_id,
+        })
+    }
+
+    fn stream_id(&mut self, row: &PgRow) -> Result<StreamId, StoreError> {
+        if self.known
+            && let Some(stream) = &self.last_stream
+        {
+            return Ok(stream.clone());
+        }
+        let raw = row
+            .try_get_raw(col::STREAM_ID)
+            .map_err(|err| StoreError::unavailable(None, err))?;
+        let text = raw
+            .as_str()
+            .map_err(|err| StoreError::unavailable(None, sqlx::Error::Decode(err)))?;
+        if let Some(last) = &self.last_stream
+            && last.as_str() == text
+        {
+            return Ok(last.clone());
+        }
+        let stream = StreamId::new(text).map_err(|err| {
+            CorruptData::new(
+                StreamId::lossy(text),
+                0,
+                format!("stored stream id {text:?} is invalid"),
+            )
+            .source(err)
+        })?;
+        self.last_stream = Some(stream.clone());
+        Ok(stream)
+    }
+}
+
+/// The text of a `jsonb` column: its binary form is a format version (1) and the JSON text.
+fn jsonb_text<'r>(row: &'r PgRow, index: usize) -> Result<&'r [u8], sqlx::Error> {
+    let raw = row.try_get_raw(index)?;
+    if raw.is_null() {
+        return Err(sqlx::Error::Decode("unexpected NULL".into()));
+    }
+    let bytes = raw.as_bytes().map_err(sqlx::Error::Decode)?;
+    match raw.format() {
+        sqlx::postgres::PgValueFormat::Binary => match bytes.split_first() {
+            Some((1, text)) => Ok(text),
+            _ => Err(sqlx::Error::Decode(
+                "unsupported jsonb format version".into(),
+            )),
         },
-        event_type: std::borrow::Cow::Owned(event_type),
-        stream_version,
-        stream_id,
-    })
+        sqlx::postgres::PgValueFormat::Text => Ok(bytes),
+    }
+}
+
+/// A `jsonb` column parsed straight from the row's bytes.
+pub(crate) fn json<T: DeserializeOwned>(row: &PgRow, index: usize) -> Result<T, sqlx::Error> {
+    serde_json::from_slice(jsonb_text(row, index)?).map_err(|err| sqlx::Error::Decode(err.into()))
+}
+
+/// The metadata object (`None` if the column holds JSON that is not an object). The usual
+/// empty object costs no parsing.
+fn metadata(row: &PgRow, index: usize) -> Result<Option<Map<String, Value>>, sqlx::Error> {
+    let text = jsonb_text(row, index)?;
+    if text == b"{}" {
+        return Ok(Some(Map::new()));
+    }
+    match serde_json::from_slice(text).map_err(|err| sqlx::Error::Decode(err.into()))? {
+        Value::Object(map) => Ok(Some(map)),
+        _ => Ok(None),
+    }
 }
 
 /// Decodes a snapshot row; `None` (with a warning) if the row itself is unusable, so a bad

@@ -116,7 +116,11 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         for (label, policy, cache) in [
             ("default (CachePolicy::Verify)", CachePolicy::Verify, true),
             ("CachePolicy::Trust", CachePolicy::Trust, true),
-            ("cold: no cache, snapshot every 100", CachePolicy::Verify, false),
+            (
+                "cold: no cache, snapshot every 100",
+                CachePolicy::Verify,
+                false,
+            ),
         ] {
             let mut handler = CommandHandler::<Account, _>::new(store.clone())
                 .snapshot_policy(SnapshotPolicy::every(100))
@@ -462,9 +466,8 @@ async fn handler_load(store: &PgEventStore, id: &str) -> Result<Duration, Error>
 
 /// The median of 15 bare fetches of the stream's payloads, each taken as an owned string.
 async fn bare_stream_fetch(pool: &PgPool, id: &str) -> Result<Duration, Error> {
-    let sql = format!(
-        "SELECT payload FROM {SCHEMA}.events WHERE stream_id = $1 ORDER BY stream_version"
-    );
+    let sql =
+        format!("SELECT payload FROM {SCHEMA}.events WHERE stream_id = $1 ORDER BY stream_version");
     let mut times = Vec::new();
     for _ in 0..15 {
         let started = Instant::now();
@@ -483,7 +486,9 @@ async fn bare_stream_fetch(pool: &PgPool, id: &str) -> Result<Duration, Error> {
 fn payload_text(row: &sqlx::postgres::PgRow) -> Result<String, Error> {
     let raw = row.try_get_raw(0)?;
     let bytes = raw.as_bytes().map_err(|e| e.to_string())?;
-    Ok(String::from_utf8(bytes.get(1..).unwrap_or_default().to_vec())?)
+    Ok(String::from_utf8(
+        bytes.get(1..).unwrap_or_default().to_vec(),
+    )?)
 }
 
 /// Appends `events` deposits over 100 accounts, 100 per append.
@@ -516,7 +521,9 @@ async fn bare_global_read(pool: &PgPool) -> Result<f64, Error> {
         for row in &rows {
             let raw = row.try_get_raw(1)?;
             let bytes = raw.as_bytes().map_err(|e| e.to_string())?;
-            std::hint::black_box(String::from_utf8(bytes.get(1..).unwrap_or_default().to_vec())?);
+            std::hint::black_box(String::from_utf8(
+                bytes.get(1..).unwrap_or_default().to_vec(),
+            )?);
         }
         count += rows.len();
     }

@@ -165,18 +165,21 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     /// every decided command gets the error ([`CommandError::BatchFailed`], or the error itself
     /// for a batch of one).
     async fn run_batch(&self, stream: &StreamId, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
-        let mut attempt = 0;
+        // As in `run_single`: a batch decided on a stale cached state is decided again at once
+        // on the stored state, without counting as a conflict.
+        let (mut attempt, mut conflicts, mut use_cache) = (0, 0, true);
         loop {
             attempt += 1;
-            let loaded = match self.load_state(stream, attempt == 1, true).await {
+            let loaded = match self.load_state(stream, use_cache, true).await {
                 Ok(loaded) => loaded,
                 Err(_) => return self.run_each(stream, jobs).await,
             };
+            use_cache = false;
             let LoadedState {
                 mut state,
                 version,
                 replace_snapshot,
-                trusted,
+                cached,
             } = loaded;
             let mut emitted: Vec<A::Event> = Vec::new();
             let mut new_events = Vec::new();
@@ -209,6 +212,14 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                     break;
                 }
             }
+            // Nothing to append proves the cached state current: with `Verify`, ask.
+            if new_events.is_empty() && cached {
+                match self.cache_confirmed(stream, version).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(_) => return self.run_each(stream, jobs).await,
+                }
+            }
             let event_ids: Vec<uuid::Uuid> = new_events.iter().map(|e| e.event_id).collect();
             let outcome = if new_events.is_empty() {
                 None
@@ -225,9 +236,10 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                     .await
                 {
                     Ok(outcome) => Some(outcome),
+                    Err(StoreError::Conflict(_)) if cached => continue,
                     Err(StoreError::Conflict(conflict)) => {
-                        if let Err(conflict) = self.after_conflict(conflict, attempt, trusted).await
-                        {
+                        conflicts += 1;
+                        if let Err(conflict) = self.after_conflict(conflict, conflicts).await {
                             return self.fail_decided(jobs, decided.len(), |_| {
                                 CommandError::Conflict {
                                     conflict: conflict.clone(),

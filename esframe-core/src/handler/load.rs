@@ -16,8 +16,10 @@ pub(crate) struct LoadedState<A> {
     pub(crate) version: u64,
     /// The stored snapshot could not be used: store a fresh one with the next append.
     pub(crate) replace_snapshot: bool,
-    /// A cached state used as is ([`CachePolicy::Trust`]), without reading the store.
-    pub(crate) trusted: bool,
+    /// The cached state, used without reading the store: a decision on it is confirmed by the
+    /// append's version check, or (with [`CachePolicy::Verify`], when nothing is appended) by
+    /// [`CommandHandler::cache_confirmed`].
+    pub(crate) cached: bool,
 }
 
 /// Where a load starts from before reading the stream's events.
@@ -48,8 +50,8 @@ impl<A: Aggregate> Start<A> {
 }
 
 impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
-    /// The state to decide on: a cached one (used as is with [`CachePolicy::Trust`], else
-    /// brought up to date), or the latest usable snapshot, or nothing, then the events after it.
+    /// The state to decide on: the cached one (used as is: see [`LoadedState::cached`]), or
+    /// the latest usable snapshot, or nothing, then the events after it.
     ///
     /// `for_command`: the state is for deciding a command, whose append will replace an
     /// unusable snapshot; only then is such a snapshot deleted (a plain [`load`] leaves the
@@ -66,25 +68,15 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             (Some(cache), true) => cache.take(stream),
             _ => None,
         };
-        let mut start = match cached {
-            Some((version, state)) if self.cache_policy == CachePolicy::Trust => {
-                return Ok(LoadedState {
-                    state,
-                    version,
-                    replace_snapshot: false,
-                    trusted: true,
-                });
-            }
-            Some((version, state)) => Start {
+        if let Some((version, state)) = cached {
+            return Ok(LoadedState {
                 state,
                 version,
-                read_from: version + 1,
                 replace_snapshot: false,
-                snapshot: None,
-                missing_snapshot: false,
-            },
-            None => self.start_from_snapshot(stream, for_command).await?,
-        };
+                cached: true,
+            });
+        }
+        let mut start = self.start_from_snapshot(stream, for_command).await?;
         // An upcaster may drop stored events: the last one read is then not the stream's
         // version, and neither is the first one read proof that a snapshot's version exists.
         // The stored version, asked before the read, settles both (events appended meanwhile
@@ -156,8 +148,22 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             state,
             version,
             replace_snapshot,
-            trusted: false,
+            cached: false,
         })
+    }
+
+    /// Whether a decision taken on the cached state at `version` that appends nothing (a
+    /// rejection, or no events) stands: always with [`CachePolicy::Trust`]; with
+    /// [`CachePolicy::Verify`], when the stream is still at `version` (one small read).
+    pub(crate) async fn cache_confirmed(
+        &self,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<bool, CommandError<A::Error>> {
+        if self.cache_policy == CachePolicy::Trust {
+            return Ok(true);
+        }
+        Ok(self.store.stream_version(stream).await?.unwrap_or(0) == version)
     }
 
     fn check_type(

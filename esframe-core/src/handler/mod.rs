@@ -310,18 +310,29 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         command: &A::Command,
         provenance: &Provenance,
     ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
-        let mut attempt = 0;
+        // `attempt` counts every decision (reported); `conflicts` only the conflicts with
+        // other writers that count against the retry policy. A decision on a stale cached state
+        // is neither a conflict nor a rejection: it is taken again on the stored state at once.
+        let (mut attempt, mut conflicts, mut use_cache) = (0, 0, true);
         loop {
             attempt += 1;
             let LoadedState {
                 mut state,
                 version,
                 replace_snapshot,
-                trusted,
-            } = self.load_state(stream, attempt == 1, true).await?;
+                cached,
+            } = self.load_state(stream, use_cache, true).await?;
+            use_cache = false;
             let mut decision = Decision::new(&mut state, stream, version);
             let decided = A::handle(&mut decision, command, &self.services).await;
             let emitted = decision.into_emitted();
+            if (decided.is_err() || emitted.is_empty())
+                && cached
+                && !self.cache_confirmed(stream, version).await?
+            {
+                tracing::debug!(stream = %stream, version, "cached state is stale; deciding again on the stored state");
+                continue;
+            }
             if let Err(rejection) = decided {
                 if emitted.is_empty() {
                     self.cache_put(stream, version, state);
@@ -378,8 +389,11 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                         deduplicated: outcome.deduplicated,
                     });
                 }
+                // Decided on a stale cached state: again at once on the stored state.
+                Err(StoreError::Conflict(_)) if cached => {}
                 Err(StoreError::Conflict(conflict)) => {
-                    if let Err(conflict) = self.after_conflict(conflict, attempt, trusted).await {
+                    conflicts += 1;
+                    if let Err(conflict) = self.after_conflict(conflict, conflicts).await {
                         return Err(CommandError::Conflict {
                             conflict,
                             attempts: attempt,
@@ -391,21 +405,14 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         }
     }
 
-    /// Gives up with the conflict once the attempts are used, else waits before the retry.
-    async fn after_conflict(
-        &self,
-        conflict: Conflict,
-        attempt: u32,
-        trusted_cache: bool,
-    ) -> Result<(), Conflict> {
-        if attempt >= self.retry.max_attempts() {
+    /// After the `conflicts`-th conflict with another writer: gives up with it once the
+    /// attempts are used, else waits before the retry.
+    async fn after_conflict(&self, conflict: Conflict, conflicts: u32) -> Result<(), Conflict> {
+        if conflicts >= self.retry.max_attempts() {
             return Err(conflict);
         }
-        tracing::debug!(%conflict, attempt, "conflict; retrying");
-        // A trusted cached state was simply stale: reload at once, no backoff.
-        if !trusted_cache {
-            tokio::time::sleep(self.retry.jittered_backoff(attempt)).await;
-        }
+        tracing::debug!(%conflict, conflicts, "conflict; retrying");
+        tokio::time::sleep(self.retry.jittered_backoff(conflicts)).await;
         Ok(())
     }
 
