@@ -166,7 +166,7 @@ impl EventRows {
 }
 
 /// The text of a `jsonb` column: its binary form is a format version (1) and the JSON text.
-fn jsonb_text<'r>(row: &'r PgRow, index: usize) -> Result<&'r [u8], sqlx::Error> {
+fn jsonb_text(row: &PgRow, index: usize) -> Result<&[u8], sqlx::Error> {
     let raw = row.try_get_raw(index)?;
     if raw.is_null() {
         return Err(sqlx::Error::Decode("unexpected NULL".into()));
