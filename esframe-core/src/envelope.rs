@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::{DecodeErrorKind, Event, Position, StreamId, error::EventDecodeError};
+use crate::{DecodeErrorKind, Event, Payload, Position, StreamId, error::EventDecodeError};
 
 /// Tracing and free-form metadata carried by every event.
 ///
@@ -75,13 +75,13 @@ impl NewEvent {
         *stream == other.stream_id
             && self.event_type == other.event_type
             && self.schema_version == other.schema_version
-            && self.payload == other.payload
+            && other.payload == self.payload
     }
 }
 
 /// An event as stored, with its typed or raw payload and everything the store recorded.
 ///
-/// [`RecordedEvent`] is the raw form (`EventEnvelope<serde_json::Value>`); decode it into the
+/// [`RecordedEvent`] is the raw form (`EventEnvelope<Payload>`); decode it into the
 /// application's event type with [`RecordedEvent::decode`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope<P> {
@@ -107,8 +107,8 @@ pub struct EventEnvelope<P> {
     pub metadata: EventMetadata,
 }
 
-/// An event as stored, with its payload still JSON.
-pub type RecordedEvent = EventEnvelope<Value>;
+/// An event as stored, with its payload still JSON ([`Payload`]: parsed only when needed).
+pub type RecordedEvent = EventEnvelope<Payload>;
 
 impl<P> EventEnvelope<P> {
     /// Keeps the envelope and replaces the payload.

@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use crate::Payload;
+
 /// One event type an [`Event`] enum can hold, with the schema version the code writes today.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EventType {
@@ -45,7 +47,8 @@ pub trait Event: Send + Sync + Sized + 'static {
     fn to_payload(&self) -> Result<Value, serde_json::Error>;
 
     /// Rebuilds an event from its type name and stored JSON, at the current schema version.
-    fn from_payload(event_type: &str, payload: &Value) -> Result<Self, DecodeErrorKind>;
+    /// Read the data with [`Payload::deserialize`], which reads straight from stored text.
+    fn from_payload(event_type: &str, payload: &Payload) -> Result<Self, DecodeErrorKind>;
 
     /// The upcasters `#[derive(Event)]` declares with `#[event(upcast(...))]`; none by default.
     /// [`Upcasters`](crate::Upcasters) collects them with `.current::<Self>()`.

@@ -68,6 +68,7 @@ mod error;
 mod event;
 mod handler;
 pub mod limits;
+mod payload;
 mod policy;
 mod position;
 pub mod projection;
@@ -96,6 +97,7 @@ pub use handler::{
     CommandContext, CommandHandler, CommandOutcome, DEFAULT_STATE_CACHE_CAPACITY, Loaded,
     derived_event_id,
 };
+pub use payload::{Payload, PayloadError};
 pub use policy::{CachePolicy, ConcurrencyMode, RetryPolicy, SnapshotPolicy};
 pub use position::Position;
 pub use store::{

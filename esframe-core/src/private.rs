@@ -32,12 +32,18 @@ pub fn encode_variant<T: Serialize + ?Sized>(event: &T) -> Result<Value, serde_j
 }
 
 /// Deserializes variant number `index` (declaration order) of an enum from its data alone, so
-/// serde renames on the enum do not change what is stored.
+/// serde renames on the enum do not change what is stored. Reads straight from stored JSON text
+/// when the payload came as text.
 pub fn decode_variant<T: DeserializeOwned>(
     index: u32,
-    payload: &Value,
+    payload: &crate::Payload,
 ) -> Result<T, DecodeErrorKind> {
-    T::deserialize(VariantDeserializer { index, payload }).map_err(DecodeErrorKind::Payload)
+    payload
+        .deserialize_with(
+            |value| T::deserialize(VariantDeserializer { index, data: value }),
+            |text| T::deserialize(VariantDeserializer { index, data: text }),
+        )
+        .map_err(DecodeErrorKind::Payload)
 }
 
 /// Serializes an aggregate's state for a snapshot.
@@ -58,12 +64,16 @@ pub fn unknown_event_type<T>() -> Result<T, DecodeErrorKind> {
 /// Compile-time check that a field can name an aggregate.
 pub fn assert_display<T: std::fmt::Display + ?Sized>(_: &T) {}
 
-struct VariantDeserializer<'a> {
+/// An enum of which only variant `index`'s data is stored, read from `data`.
+struct VariantDeserializer<D> {
     index: u32,
-    payload: &'a Value,
+    data: D,
 }
 
-impl<'de> Deserializer<'de> for VariantDeserializer<'de> {
+impl<'de, D> Deserializer<'de> for VariantDeserializer<D>
+where
+    D: Deserializer<'de, Error = serde_json::Error>,
+{
     type Error = serde_json::Error;
 
     fn deserialize_enum<V: Visitor<'de>>(
@@ -88,30 +98,32 @@ impl<'de> Deserializer<'de> for VariantDeserializer<'de> {
     }
 }
 
-impl<'de> EnumAccess<'de> for VariantDeserializer<'de> {
+impl<'de, D> EnumAccess<'de> for VariantDeserializer<D>
+where
+    D: Deserializer<'de, Error = serde_json::Error>,
+{
     type Error = serde_json::Error;
-    type Variant = VariantData<'de>;
+    type Variant = VariantData<D>;
 
     fn variant_seed<V: DeserializeSeed<'de>>(
         self,
         seed: V,
     ) -> Result<(V::Value, Self::Variant), Self::Error> {
         let index: de::value::U32Deserializer<serde_json::Error> = self.index.into_deserializer();
-        Ok((seed.deserialize(index)?, VariantData(self.payload)))
+        Ok((seed.deserialize(index)?, VariantData(self.data)))
     }
 }
 
-struct VariantData<'a>(&'a Value);
+struct VariantData<D>(D);
 
-impl<'de> VariantAccess<'de> for VariantData<'de> {
+impl<'de, D> VariantAccess<'de> for VariantData<D>
+where
+    D: Deserializer<'de, Error = serde_json::Error>,
+{
     type Error = serde_json::Error;
 
     fn unit_variant(self) -> Result<(), Self::Error> {
-        match self.0 {
-            Value::Null => Ok(()),
-            Value::Object(map) if map.is_empty() => Ok(()),
-            other => Err(de::Error::invalid_type(unexpected(other), &"null")),
-        }
+        self.0.deserialize_any(UnitData)
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(
@@ -138,14 +150,25 @@ impl<'de> VariantAccess<'de> for VariantData<'de> {
     }
 }
 
-fn unexpected(value: &Value) -> de::Unexpected<'_> {
-    match value {
-        Value::Null => de::Unexpected::Unit,
-        Value::Bool(b) => de::Unexpected::Bool(*b),
-        Value::Number(_) => de::Unexpected::Other("number"),
-        Value::String(s) => de::Unexpected::Str(s),
-        Value::Array(_) => de::Unexpected::Seq,
-        Value::Object(_) => de::Unexpected::Map,
+/// The data of a unit variant: `null`, or an empty object.
+struct UnitData;
+
+impl<'de> Visitor<'de> for UnitData {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("null")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        match map.next_key::<de::IgnoredAny>()? {
+            None => Ok(()),
+            Some(_) => Err(de::Error::invalid_type(de::Unexpected::Map, &self)),
+        }
     }
 }
 
@@ -155,6 +178,7 @@ pub use uuid::Uuid;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Payload;
     use serde::{Deserialize, Serialize};
     use serde_json::json;
 
@@ -186,21 +210,47 @@ mod tests {
         ];
         for (index, value, stored) in cases {
             assert_eq!(encode_variant(&value).unwrap(), stored);
-            assert_eq!(decode_variant::<Sample>(index, &stored).unwrap(), value);
+            let text = Payload::from_json_text(stored.to_string());
+            assert_eq!(decode_variant::<Sample>(index, &text).unwrap(), value);
+            let parsed = Payload::from(stored);
+            assert_eq!(decode_variant::<Sample>(index, &parsed).unwrap(), value);
         }
-        // serde field defaults still apply
-        assert_eq!(
-            decode_variant::<Sample>(3, &json!({"a": 2})).unwrap(),
-            Sample::Struct { a: 2, b: None }
-        );
+        // An empty object is a unit variant too; serde field defaults still apply.
+        for payload in [Payload::from(json!({})), Payload::from_json_text(" { } ")] {
+            assert_eq!(decode_variant::<Sample>(0, &payload).unwrap(), Sample::Unit);
+        }
+        for payload in [
+            Payload::from(json!({"a": 2})),
+            Payload::from_json_text(r#"{"a":2}"#),
+        ] {
+            assert_eq!(
+                decode_variant::<Sample>(3, &payload).unwrap(),
+                Sample::Struct { a: 2, b: None }
+            );
+        }
     }
 
     #[test]
     fn mismatched_payload_is_a_payload_error() {
-        let err = decode_variant::<Sample>(3, &json!({"a": "not a number"})).unwrap_err();
-        assert!(matches!(err, DecodeErrorKind::Payload(_)), "{err:?}");
-        let err = decode_variant::<Sample>(9, &json!(null)).unwrap_err();
-        assert!(matches!(err, DecodeErrorKind::Payload(_)), "{err:?}");
-        assert!(decode_variant::<Sample>(0, &json!(5)).is_err());
+        let cases = [
+            (3, json!({"a": "not a number"})),
+            (9, json!(null)),
+            (0, json!(5)),
+            (0, json!({"x": 1})),
+        ];
+        for (index, stored) in cases {
+            for payload in [
+                Payload::from_json_text(stored.to_string()),
+                Payload::from(stored.clone()),
+            ] {
+                let err = decode_variant::<Sample>(index, &payload).unwrap_err();
+                assert!(
+                    matches!(err, DecodeErrorKind::Payload(_)),
+                    "{stored}: {err:?}"
+                );
+            }
+        }
+        let trailing = Payload::from_json_text(r#"{"a": 1} 2"#);
+        assert!(decode_variant::<Sample>(3, &trailing).is_err());
     }
 }

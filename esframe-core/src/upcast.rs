@@ -18,7 +18,7 @@
 //! #     fn event_type(&self) -> &'static str { "MoneyDeposited" }
 //! #     fn schema_version(&self) -> u32 { 2 }
 //! #     fn to_payload(&self) -> Result<Value, serde_json::Error> { Ok(Value::Null) }
-//! #     fn from_payload(_: &str, _: &Value) -> Result<Self, DecodeErrorKind> { Ok(AccountEvent) }
+//! #     fn from_payload(_: &str, _: &esframe_core::Payload) -> Result<Self, DecodeErrorKind> { Ok(AccountEvent) }
 //! # }
 //! // v1 deposits had no currency: they were all in euros.
 //! let upcasters = Upcasters::builder()
@@ -36,7 +36,7 @@ use std::{borrow::Cow, collections::HashMap, fmt, sync::Arc};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use crate::{Event, RecordedEvent, StoreError};
+use crate::{CorruptData, Event, RecordedEvent, StoreError};
 
 /// What one upcast step produces from a stored event at version N. Every output is at version
 /// N + 1 of its own type, including a renamed type or the parts of a split; the chain then goes
@@ -465,13 +465,25 @@ impl Upcasters {
             out.push(event);
             return Ok(());
         };
-        let payload = std::mem::take(&mut event.payload);
         let fail = |event: &RecordedEvent, source: UpcastFailure| StoreError::Upcast {
             stream: event.stream_id.clone(),
             version: event.stream_version,
             event_type: event.event_type.to_string(),
             schema_version: event.schema_version,
             source,
+        };
+        let payload = match std::mem::take(&mut event.payload).into_value() {
+            Ok(payload) => payload,
+            Err(unreadable) => {
+                return Err(StoreError::Corrupt(
+                    CorruptData::new(
+                        event.stream_id.clone(),
+                        event.stream_version,
+                        format!("payload: {unreadable}"),
+                    )
+                    .event_type(event.event_type.to_string()),
+                ));
+            }
         };
         let converted = upcaster
             .upcast(payload)
@@ -506,7 +518,7 @@ impl Upcasters {
         event.schema_version = event.schema_version.saturating_add(1);
         match converted {
             Upcast::Next(payload) => {
-                event.payload = payload;
+                event.payload = payload.into();
                 self.apply(event, out)
             }
             Upcast::Renamed {
@@ -514,14 +526,14 @@ impl Upcasters {
                 payload,
             } => {
                 event.event_type = event_type;
-                event.payload = payload;
+                event.payload = payload.into();
                 self.apply(event, out)
             }
             Upcast::Split(parts) => {
                 for (event_type, payload) in parts {
                     let mut part = event.clone();
                     part.event_type = event_type;
-                    part.payload = payload;
+                    part.payload = payload.into();
                     self.apply(part, out)?;
                 }
                 Ok(())
@@ -569,7 +581,7 @@ mod tests {
         fn to_payload(&self) -> Result<Value, serde_json::Error> {
             Ok(Value::Null)
         }
-        fn from_payload(_: &str, _: &Value) -> Result<Self, DecodeErrorKind> {
+        fn from_payload(_: &str, _: &crate::Payload) -> Result<Self, DecodeErrorKind> {
             Ok(Current)
         }
     }
@@ -680,8 +692,28 @@ mod tests {
             recorded_at: chrono::Utc::now(),
             event_type: event_type.into(),
             schema_version,
-            payload,
+            payload: payload.into(),
             metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_unreadable_stored_payload_is_corrupt_data_naming_the_event() {
+        let upcasters = Upcasters::builder()
+            .current::<Current>()
+            .register(next("MoneyDeposited", 1))
+            .register(next("MoneyDeposited", 2))
+            .build()
+            .unwrap();
+        let mut event = stored("MoneyDeposited", 1, Value::Null);
+        event.payload = crate::Payload::from_json_text("[".repeat(200) + &"]".repeat(200));
+        match upcasters.apply_all(vec![event]).unwrap_err() {
+            StoreError::Corrupt(corrupt) => {
+                assert_eq!((corrupt.stream.as_str(), corrupt.version), ("s", 4));
+                assert_eq!(corrupt.event_type.as_deref(), Some("MoneyDeposited"));
+                assert!(corrupt.problem.contains("recursion limit"), "{corrupt}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
         }
     }
 
@@ -724,7 +756,7 @@ mod tests {
             .unwrap();
         let summary: Vec<(&str, u32, &Value)> = read
             .iter()
-            .map(|e| (e.event_type.as_ref(), e.schema_version, &e.payload))
+            .map(|e| (e.event_type.as_ref(), e.schema_version, &*e.payload))
             .collect();
         assert_eq!(
             summary,
@@ -767,7 +799,7 @@ mod tests {
             fn to_payload(&self) -> Result<Value, serde_json::Error> {
                 Ok(Value::Null)
             }
-            fn from_payload(_: &str, _: &Value) -> Result<Self, DecodeErrorKind> {
+            fn from_payload(_: &str, _: &crate::Payload) -> Result<Self, DecodeErrorKind> {
                 Ok(Older)
             }
         }

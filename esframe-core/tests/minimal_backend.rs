@@ -54,7 +54,7 @@ impl EventStore for VecStore {
                 recorded_at,
                 event_type: event.event_type,
                 schema_version: event.schema_version,
-                payload: event.payload,
+                payload: event.payload.into(),
                 metadata: event.metadata,
             });
         }

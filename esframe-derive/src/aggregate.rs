@@ -398,7 +398,7 @@ fn fallback(input: &DeriveInput, attrs: &AggregateAttrs) -> TokenStream {
                 }
                 fn from_payload(
                     _: &::core::primitive::str,
-                    _: &#json::Value,
+                    _: &::esframe_core::Payload,
                 ) -> ::core::result::Result<Self, ::esframe_core::DecodeErrorKind> {
                     ::esframe_core::__private::unknown_event_type()
                 }

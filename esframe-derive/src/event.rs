@@ -237,7 +237,7 @@ impl<'a> EventEnum<'a> {
 
                     fn from_payload(
                         event_type: &::core::primitive::str,
-                        payload: &#json::Value,
+                        payload: &::esframe_core::Payload,
                     ) -> ::core::result::Result<Self, ::esframe_core::DecodeErrorKind> {
                         match event_type {
                             #(#decode_arms)*
@@ -423,7 +423,7 @@ fn fallback(input: &DeriveInput) -> TokenStream {
                 }
                 fn from_payload(
                     _: &::core::primitive::str,
-                    _: &#json::Value,
+                    _: &::esframe_core::Payload,
                 ) -> ::core::result::Result<Self, ::esframe_core::DecodeErrorKind> {
                     #unreachable
                 }

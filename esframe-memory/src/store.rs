@@ -208,7 +208,7 @@ impl Data {
                 recorded_at,
                 event_type: event.event_type,
                 schema_version: event.schema_version,
-                payload: event.payload,
+                payload: event.payload.into(),
                 metadata: event.metadata,
             });
             positions.push(position);

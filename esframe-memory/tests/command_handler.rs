@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use esframe_core::{
     Aggregate, Command, CommandContext, CommandError, CommandHandler, Decision, DecodeErrorKind,
-    Event, EventMetadata, EventStore, EventType, ExpectedVersion, NewEvent, RetryPolicy, Snapshot,
-    SnapshotPolicy, SnapshotStore, StoreError, StreamId,
+    Event, EventMetadata, EventStore, EventType, ExpectedVersion, NewEvent, Payload, RetryPolicy,
+    Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
 };
 use esframe_memory::MemoryStore;
 use serde::{Deserialize, Serialize};
@@ -33,14 +33,14 @@ impl Event for CounterEvent {
         let Self::Added { n } = self;
         Ok(json!({ "n": n }))
     }
-    fn from_payload(event_type: &str, payload: &Value) -> Result<Self, DecodeErrorKind> {
+    fn from_payload(event_type: &str, payload: &Payload) -> Result<Self, DecodeErrorKind> {
         match event_type {
             "Added" => {
                 #[derive(Deserialize)]
                 struct Added {
                     n: u64,
                 }
-                let added = Added::deserialize(payload).map_err(DecodeErrorKind::Payload)?;
+                let added: Added = payload.deserialize().map_err(DecodeErrorKind::Payload)?;
                 Ok(Self::Added { n: added.n })
             }
             _ => Err(DecodeErrorKind::UnknownType),

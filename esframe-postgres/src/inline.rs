@@ -162,7 +162,7 @@ fn recorded_events(batch: &AppendBatch, outcome: &AppendOutcome) -> Vec<Recorded
             recorded_at: outcome.recorded_at,
             event_type: event.event_type.clone(),
             schema_version: event.schema_version,
-            payload: event.payload.clone(),
+            payload: event.payload.clone().into(),
             metadata: event.metadata.clone(),
         })
         .collect()

@@ -10,9 +10,8 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use esframe_core::{
-    CorruptData, EventMetadata, Position, RecordedEvent, Snapshot, StoreError, StreamId,
+    CorruptData, EventMetadata, Payload, Position, RecordedEvent, Snapshot, StoreError, StreamId,
 };
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sqlx::{Row, ValueRef, postgres::PgRow};
 use uuid::Uuid;
@@ -119,7 +118,7 @@ impl EventRows {
                 .map_err(|e| field("recorded_at", e))?,
             schema_version: u32::try_from(raw_schema)
                 .map_err(|_| corrupt(format!("negative schema version {raw_schema}")))?,
-            payload: json(row, col::PAYLOAD).map_err(|e| field("payload", e))?,
+            payload: payload(row, col::PAYLOAD).map_err(|e| field("payload", e))?,
             metadata: EventMetadata {
                 correlation_id: row
                     .try_get_unchecked(col::CORRELATION_ID)
@@ -183,9 +182,11 @@ fn jsonb_text(row: &PgRow, index: usize) -> Result<&[u8], sqlx::Error> {
     }
 }
 
-/// A `jsonb` column parsed straight from the row's bytes.
-pub(crate) fn json<T: DeserializeOwned>(row: &PgRow, index: usize) -> Result<T, sqlx::Error> {
-    serde_json::from_slice(jsonb_text(row, index)?).map_err(|err| sqlx::Error::Decode(err.into()))
+/// A `jsonb` column as a [`Payload`] of its JSON text, parsed only when needed.
+fn payload(row: &PgRow, index: usize) -> Result<Payload, sqlx::Error> {
+    let text = std::str::from_utf8(jsonb_text(row, index)?)
+        .map_err(|err| sqlx::Error::Decode(err.into()))?;
+    Ok(Payload::from_json_text(text))
 }
 
 /// The metadata object (`None` if the column holds JSON that is not an object). The usual

@@ -312,31 +312,40 @@ async fn a_snapshot_ahead_of_its_stream_is_ignored_and_replaced() {
 #[tokio::test]
 async fn json_nested_deeper_than_can_be_read_is_a_typed_error() {
     // Written behind esframe's back (esframe refuses to store it): 1,000 nested arrays, which
-    // PostgreSQL accepts and serde_json refuses to read past 128 levels.
+    // PostgreSQL accepts and serde_json refuses to read past 128 levels. Reads hand the payload
+    // over unparsed, so they succeed; whatever looks inside gets a typed error naming the event.
     let store = common::store("deep_row").await;
-    store
-        .append(&sid("deep"), ExpectedVersion::NoStream, vec![new_event()])
-        .await
-        .unwrap();
-    sqlx::query(AssertSqlSafe(format!(
-        "UPDATE \"{}\".events SET payload = (repeat('[', 1000) || repeat(']', 1000))::jsonb",
-        store.schema()
-    )))
-    .execute(store.pool())
-    .await
-    .unwrap();
+    let accounts = CommandHandler::<Account, _>::new(store.clone()).without_state_cache();
+    accounts.execute(open("deep")).await.unwrap();
+    accounts.execute(deposit("deep", 10)).await.unwrap();
+    tamper(
+        &store,
+        "payload = (repeat('[', 1000) || repeat(']', 1000))::jsonb",
+        "deep",
+        2,
+    )
+    .await;
     let before = table_dump(&store).await;
+    let streamed = store.read_stream(&sid("deep"), 1).await.unwrap();
+    let global = read_all_settled(&store).await.unwrap();
+    for event in [&streamed[1], &global[1]] {
+        assert_eq!(event.stream_version, 2);
+        let err = event.payload.value().unwrap_err();
+        assert!(err.to_string().contains("recursion limit"), "{err}");
+        assert!(
+            event.payload.is_null(),
+            "an unreadable payload reads as null"
+        );
+    }
     for err in [
-        store.read_stream(&sid("deep"), 1).await.unwrap_err(),
-        read_all_settled(&store).await.unwrap_err(),
+        accounts.execute(deposit("deep", 1)).await.unwrap_err(),
+        accounts.load("deep").await.unwrap_err(),
     ] {
-        match &err {
-            StoreError::Corrupt(corrupt) => {
-                assert_eq!((corrupt.stream.as_str(), corrupt.version), ("deep", 1));
-                assert!(corrupt.problem.contains("payload"), "{err}");
-            }
-            other => panic!("expected Corrupt, got {other:?}"),
-        }
+        let CommandError::Decode(decode) = &err else {
+            panic!("expected a decode error, got {err:?}")
+        };
+        assert_eq!((decode.stream.as_str(), decode.stream_version), ("deep", 2));
+        assert!(matches!(decode.kind, DecodeErrorKind::Payload(_)), "{err}");
     }
     assert_eq!(table_dump(&store).await, before);
 }

@@ -209,7 +209,7 @@ fn content(
         event.aggregate_type.to_string(),
         event.event_type.to_string(),
         event.schema_version,
-        event.payload.clone(),
+        (*event.payload).clone(),
         event.metadata.clone(),
     )
 }

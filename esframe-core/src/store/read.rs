@@ -76,7 +76,7 @@ mod tests {
             recorded_at: chrono::Utc::now(),
             event_type: "E".into(),
             schema_version: 1,
-            payload: serde_json::Value::Null,
+            payload: crate::Payload::default(),
             metadata: Default::default(),
         }
     }

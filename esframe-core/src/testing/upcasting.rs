@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 
 use crate::{
     Aggregate, Command, CommandHandler, Decision, DecodeErrorKind, Event, EventMetadata, EventType,
-    ExpectedVersion, GlobalLog, NewEvent, Position, RecordedEvent, StoreError, StreamId,
+    ExpectedVersion, GlobalLog, NewEvent, Payload, Position, RecordedEvent, StoreError, StreamId,
     upcast::{Upcast, Upcasters, upcaster},
 };
 
@@ -37,7 +37,7 @@ impl Event for Sampled {
     fn to_payload(&self) -> Result<Value, serde_json::Error> {
         Ok(json!({ "amount": self.amount, "currency": self.currency }))
     }
-    fn from_payload(event_type: &str, payload: &Value) -> Result<Self, DecodeErrorKind> {
+    fn from_payload(event_type: &str, payload: &Payload) -> Result<Self, DecodeErrorKind> {
         let parsed = (event_type == "Sampled")
             .then(|| {
                 Some((

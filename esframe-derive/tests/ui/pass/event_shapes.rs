@@ -23,6 +23,22 @@ enum AccountEvent {
     Empty(),
 }
 
+/// Decodes from both forms a store hands over, parsed and as text; they must agree.
+fn decode(name: &str, payload: &serde_json::Value) -> Result<AccountEvent, esframe_core::DecodeErrorKind> {
+    let parsed = AccountEvent::from_payload(name, &esframe_core::Payload::from(payload.clone()));
+    let text = AccountEvent::from_payload(
+        name,
+        &esframe_core::Payload::from_json_text(payload.to_string()),
+    );
+    assert_eq!(parsed.as_ref().ok(), text.as_ref().ok(), "{name}: {payload}");
+    assert_eq!(
+        parsed.as_ref().err().map(std::mem::discriminant),
+        text.as_ref().err().map(std::mem::discriminant),
+        "{name}: {payload}"
+    );
+    parsed
+}
+
 fn main() {
     assert_eq!(
         AccountEvent::event_types(),
@@ -74,14 +90,14 @@ fn main() {
         assert_eq!(event.event_type(), name);
         assert_eq!(event.schema_version(), version);
         assert_eq!(event.to_payload().unwrap(), payload);
-        assert_eq!(AccountEvent::from_payload(name, &payload).unwrap(), event);
+        assert_eq!(decode(name, &payload).unwrap(), event);
     }
     assert!(matches!(
-        AccountEvent::from_payload("Opened", &json!({"owner": "ada"})),
+        decode("Opened", &json!({"owner": "ada"})),
         Err(esframe_core::DecodeErrorKind::UnknownType)
     ));
     assert!(matches!(
-        AccountEvent::from_payload("MoneyDeposited", &json!({"amount": "many"})),
+        decode("MoneyDeposited", &json!({"amount": "many"})),
         Err(esframe_core::DecodeErrorKind::Payload(_))
     ));
 }

@@ -57,7 +57,7 @@ fn stored(event_type: &'static str, schema_version: u32, payload: Value) -> Reco
         recorded_at: Default::default(),
         event_type: Cow::Borrowed(event_type),
         schema_version,
-        payload,
+        payload: payload.into(),
         metadata: EventMetadata::default(),
     }
 }
@@ -90,7 +90,7 @@ fn main() {
 
     let current: Vec<(&str, u32, &Value)> = read
         .iter()
-        .map(|event| (event.event_type.as_ref(), event.schema_version, &event.payload))
+        .map(|event| (event.event_type.as_ref(), event.schema_version, &*event.payload))
         .collect();
     assert_eq!(
         current,

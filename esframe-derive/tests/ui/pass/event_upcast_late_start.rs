@@ -33,7 +33,7 @@ fn main() {
         recorded_at: Default::default(),
         event_type: Cow::Borrowed("LimitChanged"),
         schema_version: 2,
-        payload: json!({ "limit": 100 }),
+        payload: json!({ "limit": 100 }).into(),
         metadata: EventMetadata::default(),
     };
     let read = upcasters.apply_all(vec![v2]).unwrap();

@@ -95,8 +95,10 @@ impl<C: Currency> Wallet<C> {
 
 fn round_trip<E: Event + PartialEq + Debug>(event: E) {
     let payload = event.to_payload().unwrap();
+    let text = esframe_core::Payload::from_json_text(payload.to_string());
+    assert_eq!(E::from_payload(event.event_type(), &text).unwrap(), event);
     assert_eq!(
-        E::from_payload(event.event_type(), &payload).unwrap(),
+        E::from_payload(event.event_type(), &payload.into()).unwrap(),
         event
     );
 }
