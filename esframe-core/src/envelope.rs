@@ -133,29 +133,15 @@ impl RecordedEvent {
     ///
     /// Errors name the stream, version, type and schema version of the event.
     pub fn decode<E: Event>(&self) -> Result<E, EventDecodeError> {
-        let fail = |kind| EventDecodeError {
-            stream: self.stream_id.clone(),
-            stream_version: self.stream_version,
-            event_type: self.event_type.to_string(),
-            schema_version: self.schema_version,
-            kind,
-        };
-        let Some(current) = E::current_version(&self.event_type) else {
-            return Err(fail(DecodeErrorKind::UnknownType));
-        };
-        if self.schema_version > current {
-            return Err(fail(DecodeErrorKind::VersionTooNew {
-                stored: self.schema_version,
-                current,
-            }));
-        }
-        if self.schema_version < current {
-            return Err(fail(DecodeErrorKind::VersionTooOld {
-                stored: self.schema_version,
-                current,
-            }));
-        }
-        E::from_payload(&self.event_type, &self.payload).map_err(fail)
+        decode_payload(&self.event_type, self.schema_version, &self.payload).map_err(|kind| {
+            EventDecodeError {
+                stream: self.stream_id.clone(),
+                stream_version: self.stream_version,
+                event_type: self.event_type.to_string(),
+                schema_version: self.schema_version,
+                kind,
+            }
+        })
     }
 
     /// Decodes into a typed envelope; see [`RecordedEvent::decode`].
@@ -163,4 +149,29 @@ impl RecordedEvent {
         let event = self.decode::<E>()?;
         Ok(self.map(|_| event))
     }
+}
+
+/// Decodes a stored payload of `event_type` at `schema_version` into `E`, refusing types and
+/// versions `E` does not know.
+pub(crate) fn decode_payload<E: Event>(
+    event_type: &str,
+    schema_version: u32,
+    payload: &Payload,
+) -> Result<E, DecodeErrorKind> {
+    let Some(current) = E::current_version(event_type) else {
+        return Err(DecodeErrorKind::UnknownType);
+    };
+    if schema_version > current {
+        return Err(DecodeErrorKind::VersionTooNew {
+            stored: schema_version,
+            current,
+        });
+    }
+    if schema_version < current {
+        return Err(DecodeErrorKind::VersionTooOld {
+            stored: schema_version,
+            current,
+        });
+    }
+    E::from_payload(event_type, payload)
 }

@@ -101,8 +101,8 @@ pub use payload::{Payload, PayloadError};
 pub use policy::{CachePolicy, ConcurrencyMode, RetryPolicy, SnapshotPolicy};
 pub use position::Position;
 pub use store::{
-    AppendBatch, AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, GlobalLog, Snapshot,
-    SnapshotStore, resolve_stored_ids,
+    AppendBatch, AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, GlobalLog, LoadedEvent,
+    LoadedStream, Snapshot, SnapshotStore, resolve_stored_ids,
 };
 pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId};
 pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};

@@ -446,6 +446,14 @@ impl Upcasters {
         self.steps.is_empty()
     }
 
+    /// Whether an upcaster converts `event_type` at `schema_version` (the first step of
+    /// [`Upcasters::apply`]).
+    pub fn applies_to(&self, event_type: &str, schema_version: u32) -> bool {
+        self.steps
+            .get(event_type)
+            .is_some_and(|versions| versions.contains_key(&schema_version))
+    }
+
     /// Brings `event` to its current version, pushing the result(s) onto `out`: usually one
     /// event, none for a retired one, several for a split. Events no upcaster reads pass through
     /// unchanged (decoding then reports an unknown type or version).

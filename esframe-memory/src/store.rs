@@ -9,8 +9,8 @@ use chrono::Utc;
 // foldhash instead of SipHash: hashing event ids and stream ids was the largest cost of an
 // append. Its per-map random seed still spreads ids a caller chooses.
 use esframe_core::{
-    AppendBatch, AppendOutcome, Conflict, EventStore, GlobalLog, Position, RecordedEvent, Snapshot,
-    SnapshotStore, StoreError, StreamId, Upcasters, resolve_stored_ids,
+    AppendBatch, AppendOutcome, Conflict, EventStore, GlobalLog, LoadedEvent, Position,
+    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, Upcasters, resolve_stored_ids,
 };
 use foldhash::HashMap;
 use tokio::sync::Notify;
@@ -250,6 +250,44 @@ impl EventStore for MemoryStore {
             .iter()
             .skip(skip)
             .map(|&i| data.log[i].clone())
+            .collect())
+    }
+
+    /// Copies only what a load reads; each type name is allocated once per read.
+    async fn load_stream_for_state(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> Result<Vec<LoadedEvent>, StoreError> {
+        let data = self.read();
+        let Some(indices) = data.streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
+        let mut names: Vec<Arc<str>> = Vec::new();
+        let mut name = |text: &str| match names.iter().find(|name| ***name == *text) {
+            Some(name) => Arc::clone(name),
+            None => {
+                let name: Arc<str> = Arc::from(text);
+                if names.len() < 64 {
+                    names.push(Arc::clone(&name));
+                }
+                name
+            }
+        };
+        Ok(indices
+            .iter()
+            .skip(skip)
+            .map(|&i| {
+                let event = &data.log[i];
+                LoadedEvent {
+                    stream_version: event.stream_version,
+                    aggregate_type: name(&event.aggregate_type),
+                    event_type: name(&event.event_type),
+                    schema_version: event.schema_version,
+                    payload: event.payload.clone(),
+                }
+            })
             .collect())
     }
 

@@ -5,7 +5,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use esframe_core::{Position, RecordedEvent, Snapshot, StoreError, StreamId};
+use esframe_core::{
+    LoadedEvent, LoadedStream, Position, RecordedEvent, Snapshot, StoreError, StreamId,
+};
 use futures_util::TryStreamExt;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
@@ -42,6 +44,81 @@ impl PgEventStore {
         .map_err(|failure| failure.unavailable(Some(stream)))?;
         span.record("events", events.len());
         Ok(events)
+    }
+
+    /// The columns of a stream a state load reads (`sql.read_stream_for_state`).
+    pub(crate) async fn load_state_rows(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> Result<Vec<LoadedEvent>, StoreError> {
+        async {
+            on_connection!(self, |conn| {
+                async {
+                    let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(
+                        &self.inner.sql.read_stream_for_state,
+                    )))
+                    .bind(stream.as_str())
+                    .bind(to_i64(from_version))
+                    .fetch(&mut *conn);
+                    let (mut events, mut decode) = (Vec::new(), rows::StateRows::new(stream, 0));
+                    while let Some(row) = rows.try_next().await? {
+                        events.push(decode.event(&row)?);
+                    }
+                    Ok::<_, Failure>(events)
+                }
+                .await
+            })
+        }
+        .instrument(
+            tracing::debug_span!("esframe.read_stream_for_state", stream = %stream, from_version),
+        )
+        .await
+        .map_err(|failure| failure.unavailable(Some(stream)))
+    }
+
+    /// A cold load in one statement (`sql.load_snapshot_and_stream`): the snapshot row first,
+    /// then the events from its version on. An unreadable snapshot row is ignored, and the
+    /// stream read again from its start.
+    pub(crate) async fn load_snapshot_and_state_rows(
+        &self,
+        stream: &StreamId,
+    ) -> Result<LoadedStream, StoreError> {
+        let (loaded, unreadable_snapshot) = async {
+            on_connection!(self, |conn| {
+                async {
+                    let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(
+                        &self.inner.sql.load_snapshot_and_stream,
+                    )))
+                    .bind(stream.as_str())
+                    .fetch(&mut *conn);
+                    let mut loaded = LoadedStream::default();
+                    let mut unreadable_snapshot = false;
+                    let mut decode = rows::StateRows::new(stream, 1);
+                    while let Some(row) = rows.try_next().await? {
+                        if row.try_get_unchecked::<i32, _>(0)? == 0 {
+                            loaded.snapshot = rows::snapshot(&row, stream, [2, 1, 4, 5, 6]);
+                            unreadable_snapshot = loaded.snapshot.is_none();
+                        } else {
+                            loaded.events.push(decode.event(&row)?);
+                        }
+                    }
+                    Ok::<_, Failure>((loaded, unreadable_snapshot))
+                }
+                .await
+            })
+        }
+        .instrument(tracing::debug_span!("esframe.load_snapshot_and_stream", stream = %stream))
+        .await
+        .map_err(|failure| failure.unavailable(Some(stream)))?;
+        if unreadable_snapshot {
+            let events = self.load_state_rows(stream, 1).await?;
+            return Ok(LoadedStream {
+                snapshot: None,
+                events,
+            });
+        }
+        Ok(loaded)
     }
 
     pub(crate) async fn read_stream_version(
@@ -184,7 +261,7 @@ impl PgEventStore {
             .await
         })
         .map_err(|failure| failure.unavailable(Some(stream)))?;
-        Ok(row.and_then(|row| rows::snapshot(&row, stream)))
+        Ok(row.and_then(|row| rows::snapshot(&row, stream, rows::SNAPSHOT_COLUMNS)))
     }
 
     pub(crate) async fn remove_snapshot(

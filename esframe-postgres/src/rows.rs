@@ -6,11 +6,12 @@
 //! row). JSON is parsed straight from the row's bytes, an empty metadata object without
 //! parsing, and consecutive rows of one stream share its id.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use esframe_core::{
-    CorruptData, EventMetadata, Payload, Position, RecordedEvent, Snapshot, StoreError, StreamId,
+    CorruptData, EventMetadata, LoadedEvent, Payload, Position, RecordedEvent, Snapshot,
+    StoreError, StreamId,
 };
 use serde_json::{Map, Value};
 use sqlx::{Row, ValueRef, postgres::PgRow};
@@ -164,6 +165,95 @@ impl EventRows {
     }
 }
 
+/// Decodes the rows of a load of one stream's state: `stream_version, aggregate_type,
+/// event_type, schema_version, payload` from column `first` on. Type names are shared between
+/// rows: a stream has few, so each is allocated once per read.
+pub(crate) struct StateRows<'a> {
+    stream: &'a StreamId,
+    first: usize,
+    names: Vec<Arc<str>>,
+}
+
+impl<'a> StateRows<'a> {
+    pub(crate) fn new(stream: &'a StreamId, first: usize) -> Self {
+        Self {
+            stream,
+            first,
+            names: Vec::new(),
+        }
+    }
+
+    pub(crate) fn event(&mut self, row: &PgRow) -> Result<LoadedEvent, StoreError> {
+        let at = self.first;
+        let raw_version: i64 = row.try_get_unchecked(at).map_err(|err| {
+            CorruptData::new(
+                self.stream.clone(),
+                0,
+                "column `stream_version` cannot be read",
+            )
+            .source(err)
+        })?;
+        let stream_version = u64::try_from(raw_version).map_err(|_| {
+            CorruptData::new(
+                self.stream.clone(),
+                0,
+                format!("negative stream version {raw_version}"),
+            )
+        })?;
+        let corrupt = |problem: String, event_type: Option<&str>| {
+            let corrupt = CorruptData::new(self.stream.clone(), stream_version, problem);
+            match event_type {
+                Some(event_type) => corrupt.event_type(event_type),
+                None => corrupt,
+            }
+        };
+        let event_type = self.name(row, at + 2).map_err(|err| {
+            corrupt("column `event_type` cannot be read".to_owned(), None).source(err)
+        })?;
+        let field = |name: &str, err: sqlx::Error| {
+            StoreError::from(
+                corrupt(format!("column `{name}` cannot be read"), Some(&event_type)).source(err),
+            )
+        };
+        let aggregate_type = self
+            .name(row, at + 1)
+            .map_err(|e| field("aggregate_type", e))?;
+        let raw_schema: i32 = row
+            .try_get_unchecked(at + 3)
+            .map_err(|e| field("schema_version", e))?;
+        Ok(LoadedEvent {
+            stream_version,
+            schema_version: u32::try_from(raw_schema).map_err(|_| {
+                corrupt(
+                    format!("negative schema version {raw_schema}"),
+                    Some(&event_type),
+                )
+            })?,
+            payload: payload(row, at + 4).map_err(|e| field("payload", e))?,
+            aggregate_type,
+            event_type,
+        })
+    }
+
+    /// A text column as a shared name: the one already seen, or a new one kept for the next
+    /// rows.
+    fn name(&mut self, row: &PgRow, index: usize) -> Result<Arc<str>, sqlx::Error> {
+        let raw = row.try_get_raw(index)?;
+        if raw.is_null() {
+            return Err(sqlx::Error::Decode("unexpected NULL".into()));
+        }
+        let text = raw.as_str().map_err(sqlx::Error::Decode)?;
+        if let Some(name) = self.names.iter().find(|name| ***name == *text) {
+            return Ok(Arc::clone(name));
+        }
+        let name: Arc<str> = Arc::from(text);
+        if self.names.len() < 64 {
+            self.names.push(Arc::clone(&name));
+        }
+        Ok(name)
+    }
+}
+
 /// The text of a `jsonb` column: its binary form is a format version (1) and the JSON text.
 fn jsonb_text(row: &PgRow, index: usize) -> Result<&[u8], sqlx::Error> {
     let raw = row.try_get_raw(index)?;
@@ -202,20 +292,28 @@ fn metadata(row: &PgRow, index: usize) -> Result<Option<Map<String, Value>>, sql
     }
 }
 
+/// Where a snapshot's columns are in a row: aggregate type, version, schema version, state,
+/// taken at.
+pub(crate) type SnapshotColumns = [usize; 5];
+
+/// The columns of the `load_snapshot` statement.
+pub(crate) const SNAPSHOT_COLUMNS: SnapshotColumns = [0, 1, 2, 3, 4];
+
 /// Decodes a snapshot row; `None` (with a warning) if the row itself is unusable, so a bad
 /// snapshot only costs a rebuild from events.
-pub(crate) fn snapshot(row: &PgRow, stream: &StreamId) -> Option<Snapshot> {
+pub(crate) fn snapshot(row: &PgRow, stream: &StreamId, cols: SnapshotColumns) -> Option<Snapshot> {
+    let [aggregate_type, version, schema_version, state, taken_at] = cols;
     let decoded = (|| -> Result<Snapshot, sqlx::Error> {
-        let version: i64 = row.try_get(1)?;
-        let schema_version: i32 = row.try_get(2)?;
+        let version: i64 = row.try_get(version)?;
+        let schema_version: i32 = row.try_get(schema_version)?;
         Ok(Snapshot {
             stream_id: stream.clone(),
-            aggregate_type: row.try_get(0)?,
+            aggregate_type: row.try_get(aggregate_type)?,
             version: u64::try_from(version).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             schema_version: u32::try_from(schema_version)
                 .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-            state: row.try_get(3)?,
-            taken_at: row.try_get(4)?,
+            state: row.try_get(state)?,
+            taken_at: row.try_get(taken_at)?,
         })
     })();
     match decoded {

@@ -36,6 +36,11 @@ pub(crate) struct Queries {
     pub(crate) append_notify: Arc<str>,
     pub(crate) find_event_ids: Arc<str>,
     pub(crate) read_stream: Arc<str>,
+    /// The columns of a stream a state load reads (`rows::StateRows` from column 0).
+    pub(crate) read_stream_for_state: Arc<str>,
+    /// A snapshot row (part 0) and the state columns of the events from its version on
+    /// (part 1, `rows::StateRows` from column 1), in one statement.
+    pub(crate) load_snapshot_and_stream: Arc<str>,
     pub(crate) stream_version: Arc<str>,
     pub(crate) read_all: Arc<str>,
     pub(crate) readiness: Arc<str>,
@@ -104,6 +109,29 @@ impl Queries {
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events
                  WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
+            )
+            .into(),
+            read_stream_for_state: format!(
+                "SELECT stream_version, aggregate_type, event_type, schema_version, payload
+                 FROM {s}.events
+                 WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
+            )
+            .into(),
+            load_snapshot_and_stream: format!(
+                "WITH snap AS (
+                     SELECT aggregate_type, version, schema_version, state, taken_at
+                     FROM {s}.snapshots WHERE stream_id = $1
+                 )
+                 SELECT 0 AS part, version, aggregate_type, NULL::text, schema_version, state,
+                        taken_at
+                 FROM snap
+                 UNION ALL
+                 SELECT 1, stream_version, aggregate_type, event_type, schema_version, payload,
+                        NULL::timestamptz
+                 FROM {s}.events
+                 WHERE stream_id = $1
+                   AND stream_version >= coalesce((SELECT version FROM snap), 1)
+                 ORDER BY 1, 2"
             )
             .into(),
             stream_version: format!("SELECT max(stream_version) FROM {s}.events WHERE stream_id = $1")

@@ -4,8 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use esframe_core::{
-    AppendBatch, AppendOutcome, EventStore, GlobalLog, Position, RecordedEvent, Snapshot,
-    SnapshotStore, StoreError, StreamId, Upcasters,
+    AppendBatch, AppendOutcome, EventStore, GlobalLog, LoadedEvent, LoadedStream, Position,
+    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, Upcasters,
 };
 use sqlx::{PgPool, Postgres, pool::PoolConnection, postgres::PgPoolOptions};
 use tokio::sync::watch;
@@ -173,6 +173,15 @@ impl EventStore for PgEventStore {
         self.read_stream_version(stream).await
     }
 
+    /// Fetches only the columns a load reads.
+    async fn load_stream_for_state(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> Result<Vec<LoadedEvent>, StoreError> {
+        self.load_state_rows(stream, from_version).await
+    }
+
     fn upcasters(&self) -> &Upcasters {
         &self.inner.upcasters
     }
@@ -211,6 +220,14 @@ impl SnapshotStore for PgEventStore {
 
     async fn delete_snapshot(&self, stream: &StreamId, version: u64) -> Result<bool, StoreError> {
         self.remove_snapshot(stream, version).await
+    }
+
+    /// One statement: the snapshot row, then the events from its version on.
+    async fn load_snapshot_and_stream(
+        &self,
+        stream: &StreamId,
+    ) -> Result<LoadedStream, StoreError> {
+        self.load_snapshot_and_state_rows(stream).await
     }
 
     /// Appends and stores the snapshot in the same statement, hence the same transaction.

@@ -1,7 +1,7 @@
 //! Loading an aggregate's state: cached state, or a snapshot it can trust, plus the events after.
 
 use crate::{
-    Aggregate, CachePolicy, CommandError, DecodeErrorKind, EventStore, RecordedEvent, Snapshot,
+    Aggregate, CachePolicy, CommandError, DecodeErrorKind, EventStore, LoadedEvent, Snapshot,
     StreamId,
 };
 
@@ -76,7 +76,6 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                 cached: true,
             });
         }
-        let mut start = self.start_from_snapshot(stream, for_command).await?;
         // An upcaster may drop stored events: the last one read is then not the stream's
         // version, and neither is the first one read proof that a snapshot's version exists.
         // The stored version, asked before the read, settles both (events appended meanwhile
@@ -86,10 +85,37 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         } else {
             Some(self.store.stream_version(stream).await?.unwrap_or(0))
         };
-        let mut events = self.store.read_stream(stream, start.read_from).await?;
+        let (mut start, mut events) = match &self.snapshots {
+            // The snapshot and the events from its version on, in one read.
+            Some(ops) => {
+                let loaded = (ops.load)(&self.store, stream).await?;
+                let read_from = loaded.read_from();
+                let start = self
+                    .start_from_snapshot(stream, loaded.snapshot, for_command)
+                    .await;
+                if start.read_from < read_from {
+                    // An unusable snapshot: the events before it are needed after all.
+                    let events = self
+                        .store
+                        .read_stream_for_state(stream, start.read_from)
+                        .await?;
+                    (start, events)
+                } else {
+                    (start, loaded.events)
+                }
+            }
+            None => (
+                Start::empty(false),
+                self.store.read_stream_for_state(stream, 1).await?,
+            ),
+        };
         if let Some(snapshot_version) = start.snapshot
             && match stored {
-                Some(stored) => stored < snapshot_version,
+                // A snapshot taken since the version was asked is not ahead: ask again.
+                Some(stored) => {
+                    stored < snapshot_version
+                        && self.store.stream_version(stream).await?.unwrap_or(0) < snapshot_version
+                }
                 None => events.first().map(|e| e.stream_version) != Some(snapshot_version),
             }
         {
@@ -99,7 +125,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                 self.drop_snapshot(stream, snapshot_version).await;
             }
             start = Start::empty(true);
-            events = self.store.read_stream(stream, 1).await?;
+            events = self.store.read_stream_for_state(stream, 1).await?;
         }
         self.apply_events(stream, start, events, stored.unwrap_or(0))
     }
@@ -111,7 +137,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         &self,
         stream: &StreamId,
         start: Start<A>,
-        events: Vec<RecordedEvent>,
+        events: Vec<LoadedEvent>,
         stored: u64,
     ) -> Result<LoadedState<A>, CommandError<A::Error>> {
         let Start {
@@ -122,19 +148,19 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             ..
         } = start;
         let mut version = start_version.max(stored);
-        for recorded in events {
-            self.check_type(stream, &recorded)?;
-            if recorded.stream_version <= start_version {
+        for loaded in events {
+            self.check_type(stream, &loaded)?;
+            if loaded.stream_version <= start_version {
                 continue;
             }
-            version = version.max(recorded.stream_version);
-            match recorded.decode::<A::Event>() {
+            version = version.max(loaded.stream_version);
+            match loaded.decode::<A::Event>(stream) {
                 Ok(event) => state.apply(&event),
                 Err(err)
                     if self.skip_unknown_types
                         && matches!(err.kind, DecodeErrorKind::UnknownType) =>
                 {
-                    tracing::debug!(stream = %stream, version = recorded.stream_version, event_type = %recorded.event_type, "skipping an event type this code does not know");
+                    tracing::debug!(stream = %stream, version = loaded.stream_version, event_type = %loaded.event_type, "skipping an event type this code does not know");
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -169,16 +195,16 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     fn check_type(
         &self,
         stream: &StreamId,
-        recorded: &RecordedEvent,
+        loaded: &LoadedEvent,
     ) -> Result<(), CommandError<A::Error>> {
-        if recorded.aggregate_type == A::TYPE {
+        if *loaded.aggregate_type == *A::TYPE {
             return Ok(());
         }
         Err(CommandError::WrongAggregateType {
             stream: stream.clone(),
             expected: A::TYPE,
-            found: recorded.aggregate_type.to_string(),
-            version: recorded.stream_version,
+            found: loaded.aggregate_type.to_string(),
+            version: loaded.stream_version,
         })
     }
 
@@ -188,34 +214,32 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     async fn start_from_snapshot(
         &self,
         stream: &StreamId,
+        snapshot: Option<Snapshot>,
         for_command: bool,
-    ) -> Result<Start<A>, CommandError<A::Error>> {
-        let Some(ops) = &self.snapshots else {
-            return Ok(Start::empty(false));
-        };
-        let Some(snapshot) = (ops.load)(&self.store, stream).await? else {
+    ) -> Start<A> {
+        let Some(snapshot) = snapshot else {
             // None yet: a stream that is already long gets one with its next append.
-            return Ok(Start {
+            return Start {
                 missing_snapshot: true,
                 ..Start::empty(false)
-            });
+            };
         };
         match self.usable(stream, &snapshot) {
-            Ok(state) => Ok(Start {
+            Ok(state) => Start {
                 state,
                 version: snapshot.version,
                 read_from: snapshot.version,
                 replace_snapshot: false,
                 snapshot: Some(snapshot.version),
                 missing_snapshot: false,
-            }),
+            },
             Err(why) => {
                 tracing::info!(stream = %stream, version = snapshot.version, "ignoring a snapshot ({why}); rebuilding from events and replacing it");
                 // Deleted, so that the replacement is stored even at a lower version.
                 if for_command {
                     self.drop_snapshot(stream, snapshot.version).await;
                 }
-                Ok(Start::empty(true))
+                Start::empty(true)
             }
         }
     }

@@ -14,8 +14,9 @@ pub use context::{CommandContext, derived_event_id};
 
 use crate::{
     Aggregate, AppendOutcome, CachePolicy, Command, CommandError, ConcurrencyMode, Conflict,
-    Decision, EventEnvelope, EventMetadata, EventStore, ExpectedVersion, NewEvent, Position,
-    RetryPolicy, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId, cache::StateCache,
+    Decision, EventEnvelope, EventMetadata, EventStore, ExpectedVersion, LoadedStream, NewEvent,
+    Position, RetryPolicy, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
+    cache::StateCache,
 };
 
 use context::Provenance;
@@ -59,7 +60,7 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Sen
 /// snapshot taken, so boxing their futures costs nothing measurable.
 struct SnapshotOps<S> {
     policy: SnapshotPolicy,
-    load: for<'a> fn(&'a S, &'a StreamId) -> BoxFuture<'a, Option<Snapshot>>,
+    load: for<'a> fn(&'a S, &'a StreamId) -> BoxFuture<'a, LoadedStream>,
     delete: for<'a> fn(&'a S, &'a StreamId, u64) -> BoxFuture<'a, bool>,
     append: for<'a> fn(
         &'a S,
@@ -92,8 +93,8 @@ impl<S: SnapshotStore> SnapshotOps<S> {
 fn load_snapshot<'a, S: SnapshotStore>(
     store: &'a S,
     stream: &'a StreamId,
-) -> BoxFuture<'a, Option<Snapshot>> {
-    Box::pin(store.load_snapshot(stream))
+) -> BoxFuture<'a, LoadedStream> {
+    Box::pin(store.read_snapshot_and_stream(stream))
 }
 
 fn delete_snapshot<'a, S: SnapshotStore>(

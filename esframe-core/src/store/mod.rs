@@ -15,6 +15,7 @@
 
 mod append;
 mod idempotency;
+mod loaded;
 mod read;
 mod types;
 
@@ -22,6 +23,7 @@ use std::future::Future;
 
 pub use append::AppendBatch;
 pub use idempotency::resolve_stored_ids;
+pub use loaded::{LoadedEvent, LoadedStream};
 pub use types::{AppendOutcome, ExpectedVersion, GlobalBatch, Snapshot};
 
 use crate::{NewEvent, Position, RecordedEvent, StoreError, StreamId, Subscription, Upcasters};
@@ -69,6 +71,37 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// **Backend.** The upcasters the store was given: the read methods apply them to every
     /// event read. `Upcasters::none()` for a store without any.
     fn upcasters(&self) -> &Upcasters;
+
+    /// **Backend, optional.** What [`load_stream`](EventStore::load_stream) returns, with only
+    /// the fields loading an aggregate's state reads (a [`LoadedEvent`] each), exactly as
+    /// stored. A backend that can fetch fewer columns overrides it; the default calls
+    /// `load_stream`.
+    fn load_stream_for_state(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> impl Future<Output = Result<Vec<LoadedEvent>, StoreError>> + Send {
+        async move {
+            let stored = self.load_stream(stream, from_version).await?;
+            read::check_stream(stream, from_version, &stored)?;
+            Ok(stored.into_iter().map(LoadedEvent::from_recorded).collect())
+        }
+    }
+
+    /// Reads `stream` from `from_version` on for loading an aggregate's state: the events of
+    /// [`read_stream`](EventStore::read_stream) (checked and at current versions), with only the
+    /// fields a load reads. Only events an upcaster applies to are converted.
+    fn read_stream_for_state(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> impl Future<Output = Result<Vec<LoadedEvent>, StoreError>> + Send {
+        async move {
+            let stored = self.load_stream_for_state(stream, from_version).await?;
+            read::check_loaded(stream, from_version, &stored)?;
+            loaded::upcast_loaded(self.upcasters(), stream, stored)
+        }
+    }
 
     /// Appends `events` to `stream` if it is at `expected`.
     ///
@@ -208,6 +241,42 @@ pub trait SnapshotStore: EventStore {
         stream: &StreamId,
         version: u64,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// **Backend, optional.** The stream's snapshot, exactly as stored, and its events from
+    /// the snapshot's version on (from 1 without one) as [`load_stream_for_state`] gives them:
+    /// a cold load in one read where the backend can do it. The default makes two calls.
+    ///
+    /// [`load_stream_for_state`]: EventStore::load_stream_for_state
+    fn load_snapshot_and_stream(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<LoadedStream, StoreError>> + Send {
+        async move {
+            let snapshot = self.load_snapshot(stream).await?;
+            let from = snapshot.as_ref().map_or(1, |s| s.version.max(1));
+            let events = self.load_stream_for_state(stream, from).await?;
+            Ok(LoadedStream { snapshot, events })
+        }
+    }
+
+    /// The stream's snapshot, if any, and its events from the snapshot's version on, checked
+    /// and at current versions (see [`EventStore::read_stream_for_state`]). The snapshot is
+    /// returned as stored: whether it can be used is the caller's decision.
+    fn read_snapshot_and_stream(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<LoadedStream, StoreError>> + Send {
+        async move {
+            let mut loaded = self.load_snapshot_and_stream(stream).await?;
+            read::check_loaded(stream, loaded.read_from(), &loaded.events)?;
+            loaded.events = loaded::upcast_loaded(
+                self.upcasters(),
+                stream,
+                std::mem::take(&mut loaded.events),
+            )?;
+            Ok(loaded)
+        }
+    }
 
     /// **Backend, optional.** Appends a checked batch and, if the append lands at
     /// `snapshot.version`, stores the checked snapshot.

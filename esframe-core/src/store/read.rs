@@ -41,6 +41,39 @@ pub(crate) fn check_stream(
     Ok(())
 }
 
+/// Checks the versions of a load of `stream` from `from_version`, as [`check_stream`] does.
+pub(crate) fn check_loaded(
+    stream: &StreamId,
+    from_version: u64,
+    events: &[crate::LoadedEvent],
+) -> Result<(), StoreError> {
+    let mut expected = from_version.max(1);
+    for event in events {
+        if event.stream_version == expected {
+            expected += 1;
+            continue;
+        }
+        let problem = if event.stream_version > expected {
+            format!(
+                "the stream's versions are not consecutive: version {expected} is missing before version {}",
+                event.stream_version
+            )
+        } else {
+            format!(
+                "the stream's versions are not consecutive: version {} comes again or out of order after version {}",
+                event.stream_version,
+                expected - 1
+            )
+        };
+        return Err(
+            CorruptData::new(stream.clone(), event.stream_version, problem)
+                .event_type(event.event_type.as_ref())
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Checks a read of the global log after `after`: positions strictly increase from above it.
 pub(crate) fn check_log(after: Position, events: &[RecordedEvent]) -> Result<(), StoreError> {
     let mut last = after;

@@ -60,6 +60,7 @@ macro_rules! __conformance_capability {
             reused_ids_are_reported_in_the_batch_order,
             partial_duplicate_batch_is_refused,
             read_stream_from_version,
+            state_reads_match_full_reads,
             hostile_stream_ids_round_trip,
             concurrent_writers_one_stream_exactly_one_winner_per_version,
             concurrent_writers_one_stream_lose_nothing,
@@ -88,7 +89,8 @@ macro_rules! __conformance_capability {
             snapshots_keep_the_latest,
             append_with_snapshot_stores_both_or_neither,
             delete_snapshot_only_removes_that_version,
-            invalid_snapshots_are_refused
+            invalid_snapshots_are_refused,
+            cold_loads_read_the_snapshot_and_the_events_from_its_version
         }
     };
 }

@@ -89,3 +89,50 @@ pub async fn delete_snapshot_only_removes_that_version<S: SnapshotStore>(store: 
         Some(2)
     );
 }
+
+/// A cold load reads the snapshot and the events from its own version on; without a snapshot,
+/// every event.
+pub async fn cold_loads_read_the_snapshot_and_the_events_from_its_version<S: SnapshotStore>(
+    store: S,
+) {
+    let s = stream("snap-cold");
+    let empty = store.read_snapshot_and_stream(&s).await.unwrap();
+    assert_eq!((empty.snapshot, empty.events.len()), (None, 0));
+    store
+        .append(&s, ExpectedVersion::NoStream, events(1..=5))
+        .await
+        .unwrap();
+    let whole = store.read_snapshot_and_stream(&s).await.unwrap();
+    assert_eq!(whole.snapshot, None);
+    assert_eq!(
+        whole.events,
+        store.read_stream_for_state(&s, 1).await.unwrap()
+    );
+    store.save_snapshot(snapshot(&s, 3, 30)).await.unwrap();
+    let cold = store.read_snapshot_and_stream(&s).await.unwrap();
+    let taken = cold.snapshot.expect("the snapshot");
+    assert_eq!((taken.version, &taken.state), (3, &json!({ "value": 30 })));
+    assert_eq!(taken.stream_id, s);
+    assert_eq!(
+        cold.events
+            .iter()
+            .map(|e| e.stream_version)
+            .collect::<Vec<_>>(),
+        vec![3, 4, 5],
+        "from the snapshot's own version"
+    );
+    assert_eq!(
+        cold.events,
+        store.read_stream_for_state(&s, 3).await.unwrap()
+    );
+    // A snapshot beyond the stream reads with no events: the caller sees it is ahead.
+    let ahead = stream("snap-cold-ahead");
+    store
+        .append(&ahead, ExpectedVersion::NoStream, events(1..=2))
+        .await
+        .unwrap();
+    store.save_snapshot(snapshot(&ahead, 9, 90)).await.unwrap();
+    let read = store.read_snapshot_and_stream(&ahead).await.unwrap();
+    assert_eq!(read.snapshot.map(|x| x.version), Some(9));
+    assert!(read.events.is_empty());
+}

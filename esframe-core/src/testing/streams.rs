@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::{EventStore, ExpectedVersion, StoreError};
 
-use super::fixtures::{event, events, expect_conflict, payload_n, stream, versions};
+use super::fixtures::{AGGREGATE, event, events, expect_conflict, payload_n, stream, versions};
 
 /// The first append creates the stream at version 1 and the global log at position > 0.
 pub async fn append_to_new_stream_starts_at_version_one<S: EventStore>(store: S) {
@@ -300,6 +300,58 @@ pub async fn read_stream_from_version<S: EventStore>(store: S) {
         store.read_stream(&a, 0).await.unwrap().len(),
         5,
         "version 0 reads from the start"
+    );
+}
+
+/// `read_stream_for_state` returns what `read_stream` does, with only the fields a load reads,
+/// from every version.
+pub async fn state_reads_match_full_reads<S: EventStore>(store: S) {
+    let s = stream("state-read");
+    let mut batch = events(1..=4);
+    batch[1].event_type = "Other".into();
+    batch[2].schema_version = 2;
+    store
+        .append(&s, ExpectedVersion::NoStream, batch)
+        .await
+        .unwrap();
+    store
+        .append(
+            &stream("state-read-other"),
+            ExpectedVersion::NoStream,
+            events(1..=2),
+        )
+        .await
+        .unwrap();
+    for from in 0..=5 {
+        let full = store.read_stream(&s, from).await.unwrap();
+        let state = store.read_stream_for_state(&s, from).await.unwrap();
+        assert_eq!(
+            state,
+            full.into_iter()
+                .map(crate::LoadedEvent::from_recorded)
+                .collect::<Vec<_>>(),
+            "from version {from}"
+        );
+    }
+    let all = store.read_stream_for_state(&s, 1).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|e| (e.stream_version, &*e.event_type, e.schema_version))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, "Happened", 1),
+            (2, "Other", 1),
+            (3, "Happened", 2),
+            (4, "Happened", 1)
+        ]
+    );
+    assert!(all.iter().all(|e| &*e.aggregate_type == AGGREGATE));
+    assert!(
+        store
+            .read_stream_for_state(&stream("state-read-none"), 1)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

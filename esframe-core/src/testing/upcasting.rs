@@ -222,6 +222,19 @@ pub async fn old_events_are_read_at_their_current_version<S: GlobalLog>(store: S
 
     let by_stream = store.read_stream(&stream, 1).await.expect("read_stream");
     assert_eq!(decoded(&by_stream), expected, "read_stream upcasts");
+    let for_state = store
+        .read_stream_for_state(&stream, 1)
+        .await
+        .expect("read_stream_for_state");
+    assert_eq!(
+        for_state,
+        by_stream
+            .iter()
+            .cloned()
+            .map(crate::LoadedEvent::from_recorded)
+            .collect::<Vec<_>>(),
+        "read_stream_for_state upcasts, and only the events that need it"
+    );
     assert!(
         by_stream
             .iter()
