@@ -103,6 +103,9 @@ impl PgEventStore {
                             loaded.events.push(decode.event(&row)?);
                         }
                     }
+                    if !loaded.events.is_sorted_by_key(|event| event.stream_version) {
+                        loaded.events.sort_by_key(|event| event.stream_version);
+                    }
                     Ok::<_, Failure>((loaded, unreadable_snapshot))
                 }
                 .await

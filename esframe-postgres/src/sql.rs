@@ -39,7 +39,9 @@ pub(crate) struct Queries {
     /// The columns of a stream a state load reads (`rows::StateRows` from column 0).
     pub(crate) read_stream_for_state: Arc<str>,
     /// A snapshot row (part 0) and the state columns of the events from its version on
-    /// (part 1, `rows::StateRows` from column 1), in one statement.
+    /// (part 1, `rows::StateRows` from column 1), in one statement. No outer `ORDER BY`, which
+    /// would sort every row: the reader tells the parts apart by the first column and puts the
+    /// events in version order if they do not arrive in it.
     pub(crate) load_snapshot_and_stream: Arc<str>,
     pub(crate) stream_version: Arc<str>,
     pub(crate) read_all: Arc<str>,
@@ -126,12 +128,12 @@ impl Queries {
                         taken_at
                  FROM snap
                  UNION ALL
-                 SELECT 1, stream_version, aggregate_type, event_type, schema_version, payload,
-                        NULL::timestamptz
-                 FROM {s}.events
-                 WHERE stream_id = $1
-                   AND stream_version >= coalesce((SELECT version FROM snap), 1)
-                 ORDER BY 1, 2"
+                 (SELECT 1, stream_version, aggregate_type, event_type, schema_version, payload,
+                         NULL::timestamptz
+                  FROM {s}.events
+                  WHERE stream_id = $1
+                    AND stream_version >= coalesce((SELECT version FROM snap), 1)
+                  ORDER BY stream_version)"
             )
             .into(),
             stream_version: format!("SELECT max(stream_version) FROM {s}.events WHERE stream_id = $1")
