@@ -329,15 +329,31 @@ async fn run_history(history: &[Append], pg: &PgEventStore) -> Result<(), TestCa
         .iter()
         .map(|e| e.event_id)
         .collect();
-    let pg_log: Vec<Uuid> = pg
-        .read_all(Position::START, usize::MAX)
-        .await
-        .expect("PostgreSQL log")
-        .iter()
-        .map(|e| e.event_id)
-        .collect();
+    let pg_log: Vec<Uuid> = settled_log(pg).await.iter().map(|e| e.event_id).collect();
     prop_assert_eq!(model_log, pg_log, "the global logs differ");
     Ok(())
+}
+
+/// The whole PostgreSQL log once it is readable up to its head. The horizon is database-wide:
+/// a transaction of another test running at the same time holds back events committed after
+/// it started, for as long as it runs.
+async fn settled_log(pg: &PgEventStore) -> Vec<RecordedEvent> {
+    let head = pg.head_position().await.expect("PostgreSQL head");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let log = pg
+            .read_all(Position::START, usize::MAX)
+            .await
+            .expect("PostgreSQL log");
+        if log.last().map_or(Position::START, |e| e.global_position) >= head {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the PostgreSQL log stayed behind its head {head} for 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 #[test]
