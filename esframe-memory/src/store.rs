@@ -253,7 +253,7 @@ impl EventStore for MemoryStore {
             .collect())
     }
 
-    /// Copies only what a load reads; each type name is allocated once per read.
+    /// Copies only what a load reads.
     async fn load_stream_for_state(
         &self,
         stream: &StreamId,
@@ -264,17 +264,6 @@ impl EventStore for MemoryStore {
             return Ok(Vec::new());
         };
         let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
-        let mut names: Vec<Arc<str>> = Vec::new();
-        let mut name = |text: &str| match names.iter().find(|name| ***name == *text) {
-            Some(name) => Arc::clone(name),
-            None => {
-                let name: Arc<str> = Arc::from(text);
-                if names.len() < 64 {
-                    names.push(Arc::clone(&name));
-                }
-                name
-            }
-        };
         Ok(indices
             .iter()
             .skip(skip)
@@ -282,8 +271,8 @@ impl EventStore for MemoryStore {
                 let event = &data.log[i];
                 LoadedEvent {
                     stream_version: event.stream_version,
-                    aggregate_type: name(&event.aggregate_type),
-                    event_type: name(&event.event_type),
+                    aggregate_type: event.aggregate_type.clone(),
+                    event_type: event.event_type.clone(),
                     schema_version: event.schema_version,
                     payload: event.payload.clone(),
                 }

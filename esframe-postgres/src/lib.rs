@@ -44,6 +44,7 @@ mod error;
 mod horizon;
 mod inline;
 mod listener;
+mod names;
 mod read;
 mod rows;
 mod schema;

@@ -6,7 +6,7 @@
 //! row). JSON is parsed straight from the row's bytes, an empty metadata object without
 //! parsing, and consecutive rows of one stream share its id.
 
-use std::{borrow::Cow, sync::Arc};
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use esframe_core::{
@@ -16,6 +16,8 @@ use esframe_core::{
 use serde_json::{Map, Value};
 use sqlx::{Row, ValueRef, postgres::PgRow};
 use uuid::Uuid;
+
+use crate::names::Names;
 
 /// Column indexes of `EVENT_COLUMNS`.
 mod col {
@@ -39,6 +41,7 @@ mod col {
 pub(crate) struct EventRows {
     last_stream: Option<StreamId>,
     known: bool,
+    names: Names,
 }
 
 impl EventRows {
@@ -47,6 +50,7 @@ impl EventRows {
         Self {
             last_stream: None,
             known: false,
+            names: Names::default(),
         }
     }
 
@@ -55,6 +59,7 @@ impl EventRows {
         Self {
             last_stream: Some(stream.clone()),
             known: true,
+            names: Names::default(),
         }
     }
 
@@ -77,14 +82,16 @@ impl EventRows {
             )
         })?;
         // The type first, so that every later error can name it.
-        let event_type: String = row.try_get_unchecked(col::EVENT_TYPE).map_err(|err| {
-            CorruptData::new(
-                stream_id.clone(),
-                stream_version,
-                "column `event_type` cannot be read",
-            )
-            .source(err)
-        })?;
+        let event_type = name(row, col::EVENT_TYPE)
+            .map(|text| self.names.get(text))
+            .map_err(|err| {
+                CorruptData::new(
+                    stream_id.clone(),
+                    stream_version,
+                    "column `event_type` cannot be read",
+                )
+                .source(err)
+            })?;
         let corrupt = |problem: String| {
             CorruptData::new(stream_id.clone(), stream_version, problem)
                 .event_type(event_type.clone())
@@ -102,14 +109,14 @@ impl EventRows {
         let Some(extra) = extra else {
             return Err(corrupt("metadata is not a JSON object".to_owned()).into());
         };
-        let aggregate_type: String = row
-            .try_get_unchecked(col::AGGREGATE_TYPE)
+        let aggregate_type = name(row, col::AGGREGATE_TYPE)
+            .map(|text| self.names.get(text))
             .map_err(|e| field("aggregate_type", e))?;
         Ok(RecordedEvent {
             event_id: row
                 .try_get_unchecked::<Uuid, _>(col::EVENT_ID)
                 .map_err(|e| field("event_id", e))?,
-            aggregate_type: Cow::Owned(aggregate_type),
+            aggregate_type,
             global_position: Position::new(
                 u64::try_from(raw_position)
                     .map_err(|_| corrupt(format!("negative global position {raw_position}")))?,
@@ -129,7 +136,7 @@ impl EventRows {
                     .map_err(|e| field("causation_id", e))?,
                 extra,
             },
-            event_type: Cow::Owned(event_type),
+            event_type,
             stream_version,
             stream_id,
         })
@@ -166,12 +173,11 @@ impl EventRows {
 }
 
 /// Decodes the rows of a load of one stream's state: `stream_version, aggregate_type,
-/// event_type, schema_version, payload` from column `first` on. Type names are shared between
-/// rows: a stream has few, so each is allocated once per read.
+/// event_type, schema_version, payload` from column `first` on.
 pub(crate) struct StateRows<'a> {
     stream: &'a StreamId,
     first: usize,
-    names: Vec<Arc<str>>,
+    names: Names,
 }
 
 impl<'a> StateRows<'a> {
@@ -179,7 +185,7 @@ impl<'a> StateRows<'a> {
         Self {
             stream,
             first,
-            names: Vec::new(),
+            names: Names::default(),
         }
     }
 
@@ -235,23 +241,18 @@ impl<'a> StateRows<'a> {
         })
     }
 
-    /// A text column as a shared name: the one already seen, or a new one kept for the next
-    /// rows.
-    fn name(&mut self, row: &PgRow, index: usize) -> Result<Arc<str>, sqlx::Error> {
-        let raw = row.try_get_raw(index)?;
-        if raw.is_null() {
-            return Err(sqlx::Error::Decode("unexpected NULL".into()));
-        }
-        let text = raw.as_str().map_err(sqlx::Error::Decode)?;
-        if let Some(name) = self.names.iter().find(|name| ***name == *text) {
-            return Ok(Arc::clone(name));
-        }
-        let name: Arc<str> = Arc::from(text);
-        if self.names.len() < 64 {
-            self.names.push(Arc::clone(&name));
-        }
-        Ok(name)
+    fn name(&mut self, row: &PgRow, index: usize) -> Result<Cow<'static, str>, sqlx::Error> {
+        Ok(self.names.get(name(row, index)?))
     }
+}
+
+/// A non-null text column, borrowed from the row.
+fn name(row: &PgRow, index: usize) -> Result<&str, sqlx::Error> {
+    let raw = row.try_get_raw(index)?;
+    if raw.is_null() {
+        return Err(sqlx::Error::Decode("unexpected NULL".into()));
+    }
+    raw.as_str().map_err(sqlx::Error::Decode)
 }
 
 /// The text of a `jsonb` column: its binary form is a format version (1) and the JSON text.

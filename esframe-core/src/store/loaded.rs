@@ -1,7 +1,7 @@
 //! What loading an aggregate's state reads: each event with only the fields folding it into the
 //! state needs, and, for a cold load, the snapshot in the same read.
 
-use std::{borrow::Cow, sync::Arc};
+use std::borrow::Cow;
 
 use crate::{
     Event, EventMetadata, Payload, Position, RecordedEvent, Snapshot, StoreError, StreamId,
@@ -12,17 +12,15 @@ use crate::{
 /// without the ids, position, time and metadata that folding events into state never looks at.
 ///
 /// A backend can fetch just these columns
-/// ([`EventStore::load_stream_for_state`](crate::EventStore::load_stream_for_state)); type
-/// names are shared `Arc<str>`s, so a backend can hand out one allocation for all the rows of
-/// a type.
+/// ([`EventStore::load_stream_for_state`](crate::EventStore::load_stream_for_state)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadedEvent {
     /// Position in the stream (1-based).
     pub stream_version: u64,
     /// The aggregate type that owns the stream.
-    pub aggregate_type: Arc<str>,
+    pub aggregate_type: Cow<'static, str>,
     /// The event type name.
-    pub event_type: Arc<str>,
+    pub event_type: Cow<'static, str>,
     /// The schema version of the payload.
     pub schema_version: u32,
     /// The payload.
@@ -48,8 +46,8 @@ impl LoadedEvent {
     pub fn from_recorded(event: RecordedEvent) -> Self {
         Self {
             stream_version: event.stream_version,
-            aggregate_type: Arc::from(event.aggregate_type.as_ref()),
-            event_type: Arc::from(event.event_type.as_ref()),
+            aggregate_type: event.aggregate_type,
+            event_type: event.event_type,
             schema_version: event.schema_version,
             payload: event.payload,
         }
@@ -61,11 +59,11 @@ impl LoadedEvent {
         RecordedEvent {
             event_id: uuid::Uuid::nil(),
             stream_id: stream.clone(),
-            aggregate_type: Cow::Owned(self.aggregate_type.to_string()),
+            aggregate_type: self.aggregate_type,
             stream_version: self.stream_version,
             global_position: Position::START,
             recorded_at: chrono::DateTime::UNIX_EPOCH,
-            event_type: Cow::Owned(self.event_type.to_string()),
+            event_type: self.event_type,
             schema_version: self.schema_version,
             payload: self.payload,
             metadata: EventMetadata::default(),
