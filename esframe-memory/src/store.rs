@@ -91,6 +91,22 @@ struct Data {
     snapshots: HashMap<StreamId, Snapshot>,
 }
 
+impl Data {
+    /// The events of `stream` from `from_version` (1-based) on, in version order.
+    fn stream_events(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> impl Iterator<Item = &RecordedEvent> {
+        let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.streams
+            .get(stream)
+            .into_iter()
+            .flat_map(move |indices| indices.iter().skip(skip))
+            .map(|&i| &self.log[i])
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -241,15 +257,10 @@ impl EventStore for MemoryStore {
         stream: &StreamId,
         from_version: u64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let data = self.read();
-        let Some(indices) = data.streams.get(stream) else {
-            return Ok(Vec::new());
-        };
-        let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
-        Ok(indices
-            .iter()
-            .skip(skip)
-            .map(|&i| data.log[i].clone())
+        Ok(self
+            .read()
+            .stream_events(stream, from_version)
+            .cloned()
             .collect())
     }
 
@@ -259,23 +270,15 @@ impl EventStore for MemoryStore {
         stream: &StreamId,
         from_version: u64,
     ) -> Result<Vec<LoadedEvent>, StoreError> {
-        let data = self.read();
-        let Some(indices) = data.streams.get(stream) else {
-            return Ok(Vec::new());
-        };
-        let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
-        Ok(indices
-            .iter()
-            .skip(skip)
-            .map(|&i| {
-                let event = &data.log[i];
-                LoadedEvent {
-                    stream_version: event.stream_version,
-                    aggregate_type: event.aggregate_type.clone(),
-                    event_type: event.event_type.clone(),
-                    schema_version: event.schema_version,
-                    payload: event.payload.clone(),
-                }
+        Ok(self
+            .read()
+            .stream_events(stream, from_version)
+            .map(|event| LoadedEvent {
+                stream_version: event.stream_version,
+                aggregate_type: event.aggregate_type.clone(),
+                event_type: event.event_type.clone(),
+                schema_version: event.schema_version,
+                payload: event.payload.clone(),
             })
             .collect())
     }
