@@ -160,6 +160,7 @@ macro_rules! projection_suite {
             a_dead_letter_with_nothing_left_to_handle_says_so,
             on_failure_stop_halts_before_the_event_and_a_restart_tries_it_again,
             a_failing_batch_commits_the_events_before_the_failure_and_goes_on_after_it,
+            batches_read_ahead_apply_every_event_once_in_order,
             only_one_runner_processes_and_the_other_takes_over_when_it_dies,
             a_rebuild_reaches_the_live_read_model_and_reports_progress,
             a_newer_projection_version_resets_and_replays_and_an_older_one_is_refused,

@@ -2,14 +2,17 @@
 
 use std::time::Instant;
 
-use crate::Position;
+use crate::{GlobalBatch, Position};
 
 use super::super::Checkpoint;
 
-/// What a session knows: the checkpoint (which says whether it replays history).
+/// What a session knows: the checkpoint (which says whether it replays history), and the
+/// next batch if it was read while the previous one was applied.
 pub(super) struct Cursor {
     pub(super) checkpoint: Option<Checkpoint>,
     pub(super) version: u32,
+    /// The batch after a position, read ahead; used only if the checkpoint is still there.
+    pub(super) ahead: Option<(Position, GlobalBatch)>,
 }
 
 impl Cursor {

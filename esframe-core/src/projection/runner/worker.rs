@@ -281,6 +281,7 @@ where
         let mut cursor = Cursor {
             checkpoint: stored,
             version,
+            ahead: None,
         };
         let reset_to = match (stored, rebuild_from) {
             (Some(stored), _) if stored.version > version => {
@@ -374,16 +375,24 @@ where
             return Err(StepError::LeaseLost);
         }
         let from = cursor.position();
-        let batch = self
-            .store()
-            .read_all_batch(from, self.runner.batch_size)
-            .await
-            .map_err(|err| self.store_error(err))?;
+        let batch = match cursor.ahead.take() {
+            Some((after, batch)) if after == from => batch,
+            _ => self
+                .store()
+                .read_all_batch(from, self.runner.batch_size)
+                .await
+                .map_err(|err| self.store_error(err))?,
+        };
         if batch.scanned_to <= from && batch.events.is_empty() {
             return Ok(false);
         }
         let read = batch.events.len() as u64;
         let to = batch.scanned_to.max(from);
+        // A full batch means more is likely stored: read the next one while this one is
+        // applied, so that the read and the read model's commit overlap. Reading early skips
+        // nothing: a read returns every event below the horizon at its time, and whatever
+        // commits later lands above it. The batch is used only if the checkpoint reaches `to`.
+        let read_ahead = batch.events.len() >= self.runner.batch_size;
         let span = tracing::debug_span!(
             "esframe.projection.batch",
             projection = %self.key,
@@ -391,9 +400,23 @@ where
             to = to.get(),
             events = read
         );
-        self.apply(cursor, batch.events, to, stop)
-            .instrument(span)
-            .await?;
+        let applying = self.apply(cursor, batch.events, to, stop).instrument(span);
+        if read_ahead {
+            let (applied, ahead) = tokio::join!(
+                applying,
+                self.store().read_all_batch(to, self.runner.batch_size)
+            );
+            applied?;
+            // A failed read ahead is only read again by the next step.
+            if let Ok(ahead) = ahead
+                && !ahead.events.is_empty()
+                && cursor.position() == to
+            {
+                cursor.ahead = Some((to, ahead));
+            }
+        } else {
+            applying.await?;
+        }
         if let Some(replay) = replay {
             replay.done += read;
             if let Some(progress) = &self.runner.progress {

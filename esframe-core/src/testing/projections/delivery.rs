@@ -101,6 +101,60 @@ pub async fn a_failing_batch_commits_the_events_before_the_failure_and_goes_on_a
     );
 }
 
+/// Full batches are read ahead while the previous one is applied: through small batches, a
+/// parked event and writers appending during the catch-up, every other event is applied once,
+/// in log order, and the checkpoint ends at the last event.
+pub async fn batches_read_ahead_apply_every_event_once_in_order<S, C, R>(
+    store: S,
+    checkpoints: C,
+    recorder: R,
+) where
+    S: GlobalLog,
+    C: ProjectionStore,
+    R: Recorder<C::Tx>,
+{
+    let tally = Tally::new("ahead", &recorder);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.extend(append(&store, &format!("ahead-{}", i % 3), &[1]).await);
+    }
+    tally.poison([ids[7]]);
+    stored(&store, 20).await;
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), tally)
+        .retry(fast_retry(1))
+        .batch_size(3);
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..20 {
+                ids.extend(append(&store, &format!("ahead-{}", i % 3), &[1]).await);
+            }
+            ids
+        })
+    };
+    runner.catch_up().await.expect("catch up");
+    ids.extend(writer.await.expect("writer"));
+    let all = stored(&store, 40).await;
+    runner.catch_up().await.expect("catch up again");
+    let expected: Vec<Uuid> = all
+        .iter()
+        .map(|e| e.event_id)
+        .filter(|id| *id != ids[7])
+        .collect();
+    assert_eq!(
+        recorder.recorded("ahead").await.ids(),
+        expected,
+        "every other event once, in log order"
+    );
+    assert_eq!(
+        checkpoint_of(&checkpoints, "ahead")
+            .await
+            .map(|c| c.position),
+        all.last().map(|e| e.global_position)
+    );
+}
+
 /// Of two runners only the lease holder processes; when it dies the other takes over from the
 /// checkpoint.
 pub async fn only_one_runner_processes_and_the_other_takes_over_when_it_dies<S, C, R>(
