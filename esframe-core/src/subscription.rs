@@ -52,6 +52,15 @@ pub struct Subscription<S> {
     /// `Some(None)`: stop at the head, not yet known; `Some(Some(head))`: stop there.
     until: Option<Option<Position>>,
     step: Step,
+    /// The batch after a full one, read while the full one is handed out: from where, and the
+    /// read, running or done.
+    ahead: Option<(Position, Ahead)>,
+}
+
+/// A batch read ahead: still running, or done.
+enum Ahead {
+    Running(Pending<GlobalBatch>),
+    Done(Result<GlobalBatch, StoreError>),
 }
 
 // The store is never pinned structurally: only cloned into the boxed futures.
@@ -79,6 +88,7 @@ impl<S: GlobalLog> Subscription<S> {
             scanned_to: after,
             until: None,
             step: Step::Idle,
+            ahead: None,
         }
     }
 
@@ -105,11 +115,59 @@ impl<S: GlobalLog> Subscription<S> {
         self.position
     }
 
-    fn start_read(&mut self) {
-        let (store, after, limit) = (self.store.clone(), self.position, self.batch_size);
-        self.step = Step::Read(Box::pin(
-            async move { store.read_all_batch(after, limit).await },
-        ));
+    fn read(&self, after: Position) -> Pending<GlobalBatch> {
+        let (store, limit) = (self.store.clone(), self.batch_size);
+        Box::pin(async move { store.read_all_batch(after, limit).await })
+    }
+
+    /// Reads the next batch, or takes the one read ahead from here.
+    fn start_read(&mut self) -> Option<Result<GlobalBatch, StoreError>> {
+        match self.ahead.take() {
+            Some((after, Ahead::Done(batch))) if after == self.position => return Some(batch),
+            Some((after, Ahead::Running(pending))) if after == self.position => {
+                self.step = Step::Read(pending);
+            }
+            _ => self.step = Step::Read(self.read(self.position)),
+        }
+        None
+    }
+
+    /// Lets a batch read ahead make progress while buffered events are handed out.
+    fn poll_ahead(&mut self, cx: &mut Context<'_>) {
+        if let Some((_, Ahead::Running(pending))) = &mut self.ahead
+            && let Poll::Ready(batch) = poll_step(pending, cx)
+            && let Some((_, ahead)) = &mut self.ahead
+        {
+            *ahead = Ahead::Done(batch);
+        }
+    }
+
+    /// Takes a read batch in: buffers its events, or says what to do when it has none.
+    /// `Some(None)` ends the stream; `Some(Some(err))` reports an error.
+    fn take_batch(&mut self, batch: Result<GlobalBatch, StoreError>) -> Option<Option<StoreError>> {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(err) => return Some(Some(err)),
+        };
+        if !batch.events.is_empty() {
+            let full = batch.events.len() >= self.batch_size;
+            self.scanned_to = batch.scanned_to;
+            self.buffer.extend(batch.events);
+            // More is likely stored: read it while these are handed out. Reading early skips
+            // nothing (a read returns every event below the horizon at its time); the batch is
+            // used only if the subscription then stands where it was read from.
+            if full && !matches!(self.until, Some(Some(head)) if self.scanned_to >= head) {
+                self.ahead = Some((self.scanned_to, Ahead::Running(self.read(self.scanned_to))));
+            }
+        } else if batch.scanned_to > self.position {
+            // Everything read was retired by upcasters: move past it.
+            self.position = batch.scanned_to;
+        } else if matches!(self.until, Some(Some(head)) if self.position >= head) {
+            return Some(None);
+        } else {
+            self.start_wait();
+        }
+        None
     }
 
     fn start_wait(&mut self) {
@@ -146,6 +204,7 @@ impl<S: GlobalLog> Stream for Subscription<S> {
         let this = self.get_mut();
         loop {
             if let Some(event) = this.pop() {
+                this.poll_ahead(cx);
                 return Poll::Ready(Some(Ok(event)));
             }
             match &mut this.step {
@@ -156,7 +215,15 @@ impl<S: GlobalLog> Stream for Subscription<S> {
                             Step::Head(Box::pin(async move { store.head_position().await }));
                     }
                     Some(Some(head)) if this.position >= head => return Poll::Ready(None),
-                    _ => this.start_read(),
+                    _ => {
+                        if let Some(batch) = this.start_read() {
+                            match this.take_batch(batch) {
+                                Some(None) => return Poll::Ready(None),
+                                Some(Some(err)) => return Poll::Ready(Some(Err(err))),
+                                None => {}
+                            }
+                        }
+                    }
                 },
                 Step::Head(pending) => {
                     let head = match poll_step(pending, cx) {
@@ -175,20 +242,10 @@ impl<S: GlobalLog> Stream for Subscription<S> {
                         Poll::Ready(result) => result,
                     };
                     this.step = Step::Idle;
-                    let batch = match batch {
-                        Ok(batch) => batch,
-                        Err(err) => return Poll::Ready(Some(Err(err))),
-                    };
-                    if !batch.events.is_empty() {
-                        this.scanned_to = batch.scanned_to;
-                        this.buffer.extend(batch.events);
-                    } else if batch.scanned_to > this.position {
-                        // Everything read was retired by upcasters: move past it.
-                        this.position = batch.scanned_to;
-                    } else if matches!(this.until, Some(Some(head)) if this.position >= head) {
-                        return Poll::Ready(None);
-                    } else {
-                        this.start_wait();
+                    match this.take_batch(batch) {
+                        Some(None) => return Poll::Ready(None),
+                        Some(Some(err)) => return Poll::Ready(Some(Err(err))),
+                        None => {}
                     }
                 }
                 Step::Wait(pending) => {

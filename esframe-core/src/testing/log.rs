@@ -183,6 +183,71 @@ pub async fn subscription_delivers_stored_then_live_events<S: GlobalLog>(store: 
     assert!(quiet.is_err(), "no event is delivered twice");
 }
 
+/// A subscription reading ahead (full batches of 4) while writers append to several streams
+/// delivers every event once, in log order, with its position following each event.
+pub async fn subscriptions_reading_ahead_deliver_every_event_once<S: GlobalLog>(store: S) {
+    for n in 1..=30 {
+        store
+            .append(
+                &stream(&format!("ahead-{}", n % 3)),
+                ExpectedVersion::Any,
+                vec![event(n)],
+            )
+            .await
+            .unwrap();
+    }
+    let mut sub = store.subscribe(Position::START).batch_size(4);
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in 0..10 {
+                    store
+                        .append(
+                            &stream(&format!("ahead-{w}")),
+                            ExpectedVersion::Any,
+                            vec![event(100 + w * 10 + n)],
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    while seen.len() < 60 {
+        let next = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("a following subscription never ends")
+            .unwrap();
+        assert_eq!(sub.position(), next.global_position);
+        seen.push(next.event_id);
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let log: Vec<Uuid> = settled_log(&store, 60)
+        .await
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(seen, log, "every event once, in log order");
+    let quiet = tokio::time::timeout(Duration::from_millis(50), sub.next()).await;
+    assert!(quiet.is_err(), "no event is delivered twice");
+    let caught_up: Vec<Uuid> = store
+        .subscribe(Position::START)
+        .batch_size(7)
+        .until_head()
+        .map(|e| e.unwrap().event_id)
+        .collect()
+        .await;
+    assert_eq!(
+        caught_up, log,
+        "until_head with read-ahead ends after the last event"
+    );
+}
+
 /// A subscription made with `until_head` delivers what is stored, then ends.
 pub async fn subscription_until_head_ends_after_the_stored_events<S: GlobalLog>(store: S) {
     let s = stream("sub-head");

@@ -79,6 +79,7 @@ macro_rules! __conformance_capability {
             envelope_fields_round_trip,
             concurrent_writers_many_streams,
             subscription_delivers_stored_then_live_events,
+            subscriptions_reading_ahead_deliver_every_event_once,
             subscription_until_head_ends_after_the_stored_events,
             head_position_is_the_last_stored_event
         }
