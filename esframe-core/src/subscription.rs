@@ -59,8 +59,30 @@ pub struct Subscription<S> {
 
 /// A batch read ahead: still running, or done.
 enum Ahead {
-    Running(Pending<GlobalBatch>),
+    Running(AheadTask),
     Done(Result<GlobalBatch, StoreError>),
+}
+
+/// A read ahead on a task of its own, so that it runs to its end (and hands its connection
+/// back to the pool) whether or not the subscription is being polled. Aborted when dropped.
+struct AheadTask(tokio::task::JoinHandle<Result<GlobalBatch, StoreError>>);
+
+impl Drop for AheadTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Future for AheadTask {
+    type Output = Result<GlobalBatch, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|joined| {
+            // The task is only ever aborted by dropping this, so a join error is a panic in
+            // the store's read: reported as a failed read, which the next poll tries again.
+            joined.unwrap_or_else(|err| Err(StoreError::unavailable(None, err)))
+        })
+    }
 }
 
 // The store is never pinned structurally: only cloned into the boxed futures.
@@ -124,8 +146,8 @@ impl<S: GlobalLog> Subscription<S> {
     fn start_read(&mut self) -> Option<Result<GlobalBatch, StoreError>> {
         match self.ahead.take() {
             Some((after, Ahead::Done(batch))) if after == self.position => return Some(batch),
-            Some((after, Ahead::Running(pending))) if after == self.position => {
-                self.step = Step::Read(pending);
+            Some((after, Ahead::Running(task))) if after == self.position => {
+                self.step = Step::Read(Box::pin(task));
             }
             _ => self.step = Step::Read(self.read(self.position)),
         }
@@ -134,8 +156,8 @@ impl<S: GlobalLog> Subscription<S> {
 
     /// Lets a batch read ahead make progress while buffered events are handed out.
     fn poll_ahead(&mut self, cx: &mut Context<'_>) {
-        if let Some((_, Ahead::Running(pending))) = &mut self.ahead
-            && let Poll::Ready(batch) = poll_step(pending, cx)
+        if let Some((_, Ahead::Running(task))) = &mut self.ahead
+            && let Poll::Ready(batch) = Pin::new(task).poll(cx)
             && let Some((_, ahead)) = &mut self.ahead
         {
             *ahead = Ahead::Done(batch);
@@ -156,8 +178,13 @@ impl<S: GlobalLog> Subscription<S> {
             // More is likely stored: read it while these are handed out. Reading early skips
             // nothing (a read returns every event below the horizon at its time); the batch is
             // used only if the subscription then stands where it was read from.
-            if full && !matches!(self.until, Some(Some(head)) if self.scanned_to >= head) {
-                self.ahead = Some((self.scanned_to, Ahead::Running(self.read(self.scanned_to))));
+            // Only inside a Tokio runtime, which runs the read on its own task.
+            if full
+                && !matches!(self.until, Some(Some(head)) if self.scanned_to >= head)
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                let task = AheadTask(runtime.spawn(self.read(self.scanned_to)));
+                self.ahead = Some((self.scanned_to, Ahead::Running(task)));
             }
         } else if batch.scanned_to > self.position {
             // Everything read was retired by upcasters: move past it.

@@ -196,16 +196,26 @@ fn assert_round_trip<E: Event>(event: &E) {
     let payload = event
         .to_payload()
         .unwrap_or_else(|err| panic!("event `{event_type}` cannot be serialized: {err}"));
-    // Read back from JSON text, as a store that keeps text (PostgreSQL) hands it over.
-    let stored = crate::Payload::from_json_text(payload.to_string());
-    let back = E::from_payload(event_type, &stored).unwrap_or_else(|err| {
-        panic!("event `{event_type}` cannot be read back from its stored form {payload}: {err}")
-    });
-    let again = back.to_payload().unwrap_or_else(|err| {
-        panic!("event `{event_type}` read back from {payload} cannot be serialized: {err}")
-    });
-    assert_eq!(
-        again, payload,
-        "event `{event_type}` changes when stored and read back"
-    );
+    // Read back both ways a store hands payloads over: as JSON text (PostgreSQL) and parsed
+    // (memory).
+    for (form, stored) in [
+        (
+            "JSON text",
+            crate::Payload::from_json_text(payload.to_string()),
+        ),
+        ("parsed JSON", crate::Payload::from(payload.clone())),
+    ] {
+        let back = E::from_payload(event_type, &stored).unwrap_or_else(|err| {
+            panic!("event `{event_type}` cannot be read back from its stored form {payload} ({form}): {err}")
+        });
+        let again = back.to_payload().unwrap_or_else(|err| {
+            panic!(
+                "event `{event_type}` read back from {payload} ({form}) cannot be serialized: {err}"
+            )
+        });
+        assert_eq!(
+            again, payload,
+            "event `{event_type}` changes when stored and read back from {form}"
+        );
+    }
 }

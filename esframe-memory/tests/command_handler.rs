@@ -425,6 +425,55 @@ async fn takes_snapshots_by_policy_and_loads_from_them() {
 }
 
 #[tokio::test]
+async fn past_states_use_a_snapshot_only_at_or_below_their_target() {
+    let store = MemoryStore::new();
+    let handler =
+        CommandHandler::<Counter, _>::new(store.clone()).snapshot_policy(SnapshotPolicy::every(10));
+    for n in 1..=25 {
+        handler.execute(add("past", n)).await.unwrap();
+    }
+    // Plant a marker state in the v20 snapshot: a load that starts from it shows the marker.
+    let snapshot = store.load_snapshot(&sid("past")).await.unwrap().unwrap();
+    assert_eq!(snapshot.version, 20);
+    store
+        .save_snapshot(Snapshot {
+            state: json!({ "total": 1_000_000, "applied": 20 }),
+            ..snapshot
+        })
+        .await
+        .unwrap();
+    let sum = |upto: u64| (1..=upto).sum::<u64>();
+    for (target, total) in [(19, sum(19)), (20, 1_000_000), (22, 1_000_000 + 21 + 22)] {
+        let past = handler.load_at("past", target).await.unwrap();
+        assert_eq!(
+            (past.version, past.state.total, past.state.applied),
+            (target, total, target),
+            "at version {target}: a snapshot above it is never used"
+        );
+    }
+    assert_eq!(
+        handler.load_at("past", 0).await.unwrap().state,
+        Counter::default()
+    );
+    let before = chrono::Utc::now() - chrono::TimeDelta::seconds(60);
+    assert_eq!(handler.load_as_of("past", before).await.unwrap().version, 0);
+    let now = handler
+        .load_as_of("past", chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (now.version, now.state.total),
+        (25, sum(25)),
+        "load_as_of replays events, never the snapshot"
+    );
+    // The current state still comes from the snapshot.
+    assert_eq!(
+        handler.load("past").await.unwrap().state.total,
+        1_000_000 + (21..=25).sum::<u64>()
+    );
+}
+
+#[tokio::test]
 async fn unusable_snapshots_are_ignored_and_replaced() {
     let store = MemoryStore::new();
     let handler = CommandHandler::<Counter, _>::new(store.clone())

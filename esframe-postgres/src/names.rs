@@ -1,8 +1,8 @@
 //! Type names read back from rows, shared. An application has few event and aggregate types,
 //! so each distinct name is allocated once per process and then handed out as a borrowed
 //! `&'static str`, instead of one allocation per row. The set is bounded: past
-//! [`MAX_SHARED`] names (only rows written around esframe get there), names are allocated per
-//! row as before.
+//! [`MAX_SHARED`] names, or for a name longer than the contract allows (only rows written
+//! around esframe have those), names are allocated per row as before.
 
 use std::{
     borrow::Cow,
@@ -12,6 +12,9 @@ use std::{
 
 /// How many distinct names are kept for the life of the process.
 const MAX_SHARED: usize = 4096;
+
+/// Longer names (only rows written around esframe have them) are never shared.
+const MAX_SHARED_LEN: usize = esframe_core::limits::MAX_NAME_LEN;
 
 /// How many names one reader remembers without asking the shared set.
 const PER_READER: usize = 16;
@@ -44,6 +47,9 @@ impl Names {
 }
 
 fn shared(text: &str) -> Option<&'static str> {
+    if text.len() > MAX_SHARED_LEN {
+        return None;
+    }
     let mut set = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
     let set = set.get_or_insert_with(HashSet::new);
     if let Some(name) = set.get(text) {

@@ -391,3 +391,45 @@ async fn notifications_are_sent_only_while_another_store_listens() {
         .expect("the raw listener hears the NOTIFY now")
         .unwrap();
 }
+
+/// A subscription reading ahead holds no connection while its consumer handles an event: with
+/// a pool of one connection, a consumer that appends for every event it gets never waits for
+/// the subscription's read (it used to hold the connection until polled again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_reading_ahead_leaves_a_one_connection_pool_to_its_consumer() {
+    let pool = PgEventStore::pool_options()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(&common::database_url())
+        .await
+        .expect("PostgreSQL at DATABASE_URL");
+    let schema = common::fresh_schema(&pool, "one_conn").await;
+    // No NOTIFY: the notifier keeps a connection of its own.
+    let store = PgEventStore::builder(pool)
+        .schema(schema)
+        .unwrap()
+        .notify(false)
+        .build()
+        .await
+        .unwrap();
+    let events: Vec<_> = (1..=12).map(common::event).collect();
+    store
+        .append(&common::sid("source"), ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+    let mut subscription = store.subscribe(Position::START).batch_size(4).until_head();
+    let mut handled = 0;
+    while let Some(event) = subscription.next().await {
+        let event = event.expect("the subscription reads");
+        store
+            .append(
+                &common::sid(&format!("sink-{handled}")),
+                ExpectedVersion::NoStream,
+                vec![common::event(event.stream_version)],
+            )
+            .await
+            .expect("the consumer gets the connection while the subscription reads ahead");
+        handled += 1;
+    }
+    assert!(handled >= 12, "every stored event handled ({handled})");
+}

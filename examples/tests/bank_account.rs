@@ -139,6 +139,11 @@ async fn the_demo_replays_deposits_to_the_live_balance() {
     assert_eq!(report.read_model_balance, 9_434);
     assert_eq!(report.rebuilt_read_model_balance, 9_434);
     assert_eq!(report.rebuild_events, 9);
+    // Ada at version 4 (+7.00 +100.00 -50.00), by version and by time.
+    assert_eq!(
+        (report.balance_at_version_4, report.balance_as_of_version_4),
+        (5_700, 5_700)
+    );
     let printed_v1 = String::from_utf8_lossy(&out);
     assert!(printed_v1.contains("deposit 7.00 EUR"), "{printed_v1}");
     let printed = String::from_utf8(out).unwrap();

@@ -13,7 +13,11 @@ use tracing::Instrument;
 
 use crate::{Aggregate, CommandError, CommandOutcome, Decision, EventStore, StoreError, StreamId};
 
-use super::{CommandHandler, context::Provenance, load::LoadedState};
+use super::{
+    CommandHandler,
+    context::Provenance,
+    load::{CURRENT, LoadedState},
+};
 
 /// The largest number of commands decided together and stored in one append.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -170,7 +174,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         let (mut attempt, mut conflicts, mut use_cache) = (0, 0, true);
         loop {
             attempt += 1;
-            let loaded = match self.load_state(stream, use_cache, true).await {
+            let loaded = match self.load_state(stream, use_cache, true, CURRENT).await {
                 Ok(loaded) => loaded,
                 Err(_) => return self.run_each(stream, jobs).await,
             };

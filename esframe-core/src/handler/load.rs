@@ -22,8 +22,11 @@ pub(crate) struct LoadedState<A> {
     pub(crate) cached: bool,
 }
 
+/// `until` for the current state: every event.
+pub(crate) const CURRENT: u64 = u64::MAX;
+
 /// Where a load starts from before reading the stream's events.
-struct Start<A> {
+pub(super) struct Start<A> {
     state: A,
     /// The version the state includes.
     version: u64,
@@ -37,7 +40,7 @@ struct Start<A> {
 }
 
 impl<A: Aggregate> Start<A> {
-    fn empty(replace_snapshot: bool) -> Self {
+    pub(super) fn empty(replace_snapshot: bool) -> Self {
         Self {
             state: A::default(),
             version: 0,
@@ -58,13 +61,17 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     /// store as it is).
     ///
     /// [`load`]: CommandHandler::load
+    ///
+    /// `until`: the state as it was at that version ([`CURRENT`] for the current state); the
+    /// cache and snapshots above it are not used.
     pub(crate) async fn load_state(
         &self,
         stream: &StreamId,
         use_cache: bool,
         for_command: bool,
+        until: u64,
     ) -> Result<LoadedState<A>, CommandError<A::Error>> {
-        let cached = match (&self.cache, use_cache) {
+        let cached = match (&self.cache, use_cache && until == CURRENT) {
             (Some(cache), true) => cache.take(stream),
             _ => None,
         };
@@ -90,8 +97,10 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             Some(ops) => {
                 let loaded = (ops.load)(&self.store, stream).await?;
                 let read_from = loaded.read_from();
+                // A snapshot newer than the target is not the target's past.
+                let snapshot = loaded.snapshot.filter(|s| s.version <= until);
                 let start = self
-                    .start_from_snapshot(stream, loaded.snapshot, for_command)
+                    .start_from_snapshot(stream, snapshot, for_command)
                     .await;
                 if start.read_from < read_from {
                     // An unusable snapshot: the events before it are needed after all.
@@ -127,18 +136,20 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             start = Start::empty(true);
             events = self.store.read_stream_for_state(stream, 1).await?;
         }
-        self.apply_events(stream, start, events, stored.unwrap_or(0))
+        self.apply_events(stream, start, events, stored.unwrap_or(0).min(until), until)
     }
 
     /// Applies `events` to the start state; those at or below its version are only checked.
     /// The parts an upcaster split one stored event into share its version: all are applied.
-    /// The version is at least `stored` (events an upcaster dropped still count).
-    fn apply_events(
+    /// The version is at least `stored` (events an upcaster dropped still count). Events after
+    /// `until` are not applied.
+    pub(super) fn apply_events(
         &self,
         stream: &StreamId,
         start: Start<A>,
         events: Vec<LoadedEvent>,
         stored: u64,
+        until: u64,
     ) -> Result<LoadedState<A>, CommandError<A::Error>> {
         let Start {
             mut state,
@@ -149,6 +160,9 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         } = start;
         let mut version = start_version.max(stored);
         for loaded in events {
+            if loaded.stream_version > until {
+                break;
+            }
             self.check_type(stream, &loaded)?;
             if loaded.stream_version <= start_version {
                 continue;

@@ -3,6 +3,7 @@
 mod context;
 mod group_commit;
 mod load;
+mod time_travel;
 
 use std::{borrow::Cow, future::Future, pin::Pin, sync::Arc};
 
@@ -21,7 +22,7 @@ use crate::{
 
 use context::Provenance;
 use group_commit::StreamQueues;
-use load::LoadedState;
+use load::{CURRENT, LoadedState};
 
 /// Default number of aggregate states the handler keeps in memory.
 pub const DEFAULT_STATE_CACHE_CAPACITY: usize = 10_000;
@@ -297,7 +298,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     /// Rebuilds the current state of aggregate `aggregate_id` from its snapshot and events.
     pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
         let stream = StreamId::new(aggregate_id)?;
-        let loaded = self.load_state(&stream, false, false).await?;
+        let loaded = self.load_state(&stream, false, false, CURRENT).await?;
         Ok(Loaded {
             state: loaded.state,
             version: loaded.version,
@@ -322,7 +323,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                 version,
                 replace_snapshot,
                 cached,
-            } = self.load_state(stream, use_cache, true).await?;
+            } = self.load_state(stream, use_cache, true, CURRENT).await?;
             use_cache = false;
             let mut decision = Decision::new(&mut state, stream, version);
             let decided = A::handle(&mut decision, command, &self.services).await;

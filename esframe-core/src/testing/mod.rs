@@ -120,6 +120,7 @@ macro_rules! upcasting_suite {
             $make_store;
             old_events_are_read_at_their_current_version,
             the_handler_applies_split_and_dropped_events,
+            past_states_are_rebuilt_through_upcasters,
             failing_upcasters_are_typed_errors
         }
     };

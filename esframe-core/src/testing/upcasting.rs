@@ -317,6 +317,76 @@ pub async fn the_handler_applies_split_and_dropped_events<S: GlobalLog>(store: S
     assert_eq!((loaded.state.total, loaded.state.events), (15, 5));
 }
 
+/// Past states (`load_at`, `load_as_of`) are rebuilt through the same upcasters: a split
+/// event's parts share its version, a dropped one applies nothing.
+pub async fn past_states_are_rebuilt_through_upcasters<S: GlobalLog>(store: S) {
+    let stream = StreamId::new("upcast-past").expect("valid id");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![
+                raw("Sampled", 1, json!({ "amt": 1 })),
+                raw("Pair", 2, json!({ "a": 2, "b": 3 })),
+            ],
+        )
+        .await
+        .expect("append");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(2),
+            vec![
+                raw("Noise", 1, json!({ "loud": true })),
+                raw("Sampled", 3, json!({ "amount": 10, "currency": "EUR" })),
+            ],
+        )
+        .await
+        .expect("append");
+    let handler = CommandHandler::<SampledTotal, _>::new(store.clone());
+    let at = |version: u64| {
+        let handler = handler.clone();
+        async move {
+            let loaded = handler
+                .load_at("upcast-past", version)
+                .await
+                .expect("load_at");
+            (loaded.version, loaded.state.total, loaded.state.events)
+        }
+    };
+    assert_eq!(at(0).await, (0, 0, 0), "before the first event");
+    assert_eq!(at(1).await, (1, 1, 1));
+    assert_eq!(
+        at(2).await,
+        (2, 6, 3),
+        "both parts of the split, at its version"
+    );
+    assert_eq!(at(3).await, (3, 6, 3), "the dropped event applies nothing");
+    assert_eq!(at(4).await, (4, 16, 4));
+    assert_eq!(at(99).await, (4, 16, 4), "past the end: the current state");
+
+    let stored = store.load_stream(&stream, 1).await.expect("stored rows");
+    let first_append = stored[1].recorded_at;
+    let as_of = |moment| {
+        let handler = handler.clone();
+        async move {
+            let loaded = handler
+                .load_as_of("upcast-past", moment)
+                .await
+                .expect("load_as_of");
+            (loaded.version, loaded.state.total)
+        }
+    };
+    assert_eq!(as_of(first_append).await, (2, 6), "the first append only");
+    assert_eq!(
+        as_of(stored[0].recorded_at - chrono::TimeDelta::milliseconds(1)).await,
+        (0, 0),
+        "before anything was recorded"
+    );
+    assert_eq!(as_of(chrono::Utc::now()).await, (4, 16));
+}
+
 /// A payload an upcaster cannot convert is a typed error naming the event; nothing changes.
 pub async fn failing_upcasters_are_typed_errors<S: GlobalLog>(store: S) {
     let stream = StreamId::new("upcast-broken").expect("valid id");

@@ -402,13 +402,17 @@ where
         );
         let applying = self.apply(cursor, batch.events, to, stop).instrument(span);
         if read_ahead {
-            let (applied, ahead) = tokio::join!(
-                applying,
-                self.store().read_all_batch(to, self.runner.batch_size)
-            );
-            applied?;
-            // A failed read ahead is only read again by the next step.
-            if let Ok(ahead) = ahead
+            // A failed read ahead is only read again by the next step; a failed apply drops the
+            // read at once.
+            let ahead = async {
+                Ok(self
+                    .store()
+                    .read_all_batch(to, self.runner.batch_size)
+                    .await
+                    .ok())
+            };
+            let ((), ahead) = futures_util::future::try_join(applying, ahead).await?;
+            if let Some(ahead) = ahead
                 && !ahead.events.is_empty()
                 && cursor.position() == to
             {
