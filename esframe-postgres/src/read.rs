@@ -97,15 +97,16 @@ impl PgEventStore {
                     let mut decode = rows::StateRows::new(stream, 1);
                     while let Some(row) = rows.try_next().await? {
                         if row.try_get_unchecked::<i32, _>(0)? == 0 {
-                            loaded.snapshot = rows::snapshot(&row, stream, [2, 1, 4, 5, 6]);
+                            loaded.snapshot =
+                                rows::snapshot(&row, stream, rows::COLD_LOAD_SNAPSHOT_COLUMNS);
                             unreadable_snapshot = loaded.snapshot.is_none();
                         } else {
                             loaded.events.push(decode.event(&row)?);
                         }
                     }
-                    if !loaded.events.is_sorted_by_key(|event| event.stream_version) {
-                        loaded.events.sort_by_key(|event| event.stream_version);
-                    }
+                    // No outer ORDER BY in the statement; a stable sort of rows already in
+                    // order is one pass.
+                    loaded.events.sort_by_key(|event| event.stream_version);
                     Ok::<_, Failure>((loaded, unreadable_snapshot))
                 }
                 .await

@@ -300,6 +300,9 @@ pub(crate) type SnapshotColumns = [usize; 5];
 /// The columns of the `load_snapshot` statement.
 pub(crate) const SNAPSHOT_COLUMNS: SnapshotColumns = [0, 1, 2, 3, 4];
 
+/// The columns of the snapshot row (part 0) of the `load_snapshot_and_stream` statement.
+pub(crate) const COLD_LOAD_SNAPSHOT_COLUMNS: SnapshotColumns = [2, 1, 4, 5, 6];
+
 /// Decodes a snapshot row; `None` (with a warning) if the row itself is unusable, so a bad
 /// snapshot only costs a rebuild from events.
 pub(crate) fn snapshot(row: &PgRow, stream: &StreamId, cols: SnapshotColumns) -> Option<Snapshot> {

@@ -60,10 +60,10 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     /// unusable snapshot; only then is such a snapshot deleted (a plain [`load`] leaves the
     /// store as it is).
     ///
-    /// [`load`]: CommandHandler::load
-    ///
     /// `until`: the state as it was at that version ([`CURRENT`] for the current state); the
     /// cache and snapshots above it are not used.
+    ///
+    /// [`load`]: CommandHandler::load
     pub(crate) async fn load_state(
         &self,
         stream: &StreamId,

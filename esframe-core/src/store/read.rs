@@ -10,35 +10,19 @@ pub(crate) fn check_stream(
     from_version: u64,
     events: &[RecordedEvent],
 ) -> Result<(), StoreError> {
-    let mut expected = from_version.max(1);
-    for event in events {
-        let problem = if event.stream_id != *stream {
-            format!(
-                "a read of this stream returned an event of stream `{}`",
-                event.stream_id
-            )
-        } else if event.stream_version > expected {
-            format!(
-                "the stream's versions are not consecutive: version {expected} is missing before version {}",
-                event.stream_version
-            )
-        } else if event.stream_version < expected {
-            format!(
-                "the stream's versions are not consecutive: version {} comes again or out of order after version {}",
-                event.stream_version,
-                expected - 1
-            )
-        } else {
-            expected += 1;
-            continue;
-        };
-        return Err(
-            CorruptData::new(stream.clone(), event.stream_version, problem)
-                .event_type(event.event_type.as_ref())
-                .into(),
-        );
-    }
-    Ok(())
+    check_versions(
+        stream,
+        from_version,
+        events.iter().map(|e| {
+            let other = (e.stream_id != *stream).then(|| {
+                format!(
+                    "a read of this stream returned an event of stream `{}`",
+                    e.stream_id
+                )
+            });
+            (e.stream_version, e.event_type.as_ref(), other)
+        }),
+    )
 }
 
 /// Checks the versions of a load of `stream` from `from_version`, as [`check_stream`] does.
@@ -47,29 +31,41 @@ pub(crate) fn check_loaded(
     from_version: u64,
     events: &[crate::LoadedEvent],
 ) -> Result<(), StoreError> {
+    check_versions(
+        stream,
+        from_version,
+        events
+            .iter()
+            .map(|e| (e.stream_version, e.event_type.as_ref(), None)),
+    )
+}
+
+/// Versions must run `from_version, from_version + 1, ...`. Each item is an event's version,
+/// its type (to name it) and a problem already found with it, reported first.
+fn check_versions<'a>(
+    stream: &StreamId,
+    from_version: u64,
+    events: impl Iterator<Item = (u64, &'a str, Option<String>)>,
+) -> Result<(), StoreError> {
     let mut expected = from_version.max(1);
-    for event in events {
-        if event.stream_version == expected {
-            expected += 1;
-            continue;
-        }
-        let problem = if event.stream_version > expected {
-            format!(
-                "the stream's versions are not consecutive: version {expected} is missing before version {}",
-                event.stream_version
-            )
-        } else {
-            format!(
-                "the stream's versions are not consecutive: version {} comes again or out of order after version {}",
-                event.stream_version,
+    for (version, event_type, problem) in events {
+        let problem = match problem {
+            Some(problem) => problem,
+            None if version == expected => {
+                expected += 1;
+                continue;
+            }
+            None if version > expected => format!(
+                "the stream's versions are not consecutive: version {expected} is missing before version {version}"
+            ),
+            None => format!(
+                "the stream's versions are not consecutive: version {version} comes again or out of order after version {}",
                 expected - 1
-            )
+            ),
         };
-        return Err(
-            CorruptData::new(stream.clone(), event.stream_version, problem)
-                .event_type(event.event_type.as_ref())
-                .into(),
-        );
+        return Err(CorruptData::new(stream.clone(), version, problem)
+            .event_type(event_type)
+            .into());
     }
     Ok(())
 }
