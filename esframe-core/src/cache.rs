@@ -63,9 +63,9 @@ mod tests {
     #[test]
     fn keeps_newest_and_evicts_when_full() {
         let cache = StateCache::new(2);
-        let a = StreamId::new("a").unwrap();
-        let b = StreamId::new("b").unwrap();
-        let c = StreamId::new("c").unwrap();
+        let a = StreamId::new("t", "a").unwrap();
+        let b = StreamId::new("t", "b").unwrap();
+        let c = StreamId::new("t", "c").unwrap();
         cache.put(&a, 5, "a5");
         cache.put(&a, 3, "a3");
         assert_eq!(cache.take(&a), Some((5, "a5")));

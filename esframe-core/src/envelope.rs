@@ -33,8 +33,6 @@ pub struct NewEvent {
     /// one ([`derived_event_id`](crate::derived_event_id)). Appending the same id twice is
     /// idempotent.
     pub event_id: Uuid,
-    /// Type of the aggregate that owns the stream.
-    pub aggregate_type: Cow<'static, str>,
     /// Stable event type name.
     pub event_type: Cow<'static, str>,
     /// Schema version of the payload.
@@ -46,14 +44,11 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    /// Encodes a typed event with a fresh UUIDv7 id and empty metadata.
-    pub fn from_event<E: Event>(
-        aggregate_type: &'static str,
-        event: &E,
-    ) -> Result<Self, serde_json::Error> {
+    /// Encodes a typed event with a fresh UUIDv7 id and empty metadata. The stream it is
+    /// appended to (and so its aggregate type) is given to the append.
+    pub fn from_event<E: Event>(event: &E) -> Result<Self, serde_json::Error> {
         Ok(Self {
             event_id: Uuid::now_v7(),
-            aggregate_type: Cow::Borrowed(aggregate_type),
             event_type: Cow::Borrowed(event.event_type()),
             schema_version: event.schema_version(),
             payload: event.to_payload()?,
@@ -87,10 +82,8 @@ impl NewEvent {
 pub struct EventEnvelope<P> {
     /// Unique id of the event.
     pub event_id: Uuid,
-    /// Stream (aggregate instance) the event belongs to.
+    /// Stream (aggregate instance) the event belongs to: its aggregate type and id.
     pub stream_id: StreamId,
-    /// Type of the aggregate that owns the stream (borrowed from the code when possible).
-    pub aggregate_type: Cow<'static, str>,
     /// Position within the stream, starting at 1, without gaps.
     pub stream_version: u64,
     /// Position in the global log of all streams: unique, strictly increasing.
@@ -116,7 +109,6 @@ impl<P> EventEnvelope<P> {
         EventEnvelope {
             event_id: self.event_id,
             stream_id: self.stream_id,
-            aggregate_type: self.aggregate_type,
             stream_version: self.stream_version,
             global_position: self.global_position,
             recorded_at: self.recorded_at,
@@ -125,6 +117,18 @@ impl<P> EventEnvelope<P> {
             payload: f(self.payload),
             metadata: self.metadata,
         }
+    }
+}
+
+impl<P> EventEnvelope<P> {
+    /// The aggregate type that owns the event's stream (`stream_id.aggregate_type()`).
+    pub fn aggregate_type(&self) -> &str {
+        self.stream_id.aggregate_type()
+    }
+
+    /// The id of the aggregate within its type (`stream_id.id()`).
+    pub fn aggregate_id(&self) -> &str {
+        self.stream_id.id()
     }
 }
 

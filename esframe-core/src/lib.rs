@@ -104,7 +104,7 @@ pub use store::{
     AppendBatch, AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, GlobalLog, LoadedEvent,
     LoadedStream, Snapshot, SnapshotStore, resolve_stored_ids,
 };
-pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId};
+pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId, StreamIdPart};
 pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};
 pub use upcast::{Upcaster, Upcasters};
 

@@ -46,7 +46,7 @@ impl<A: Aggregate> AggregateTest<A> {
     pub fn with_services(services: A::Services) -> Self {
         Self {
             services,
-            stream: StreamId::new(TEST_STREAM_ID).expect("the test stream id is valid"),
+            stream: StreamId::new(A::TYPE, TEST_STREAM_ID).expect("the test stream id is valid"),
             given: Vec::new(),
         }
     }

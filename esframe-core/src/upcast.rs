@@ -693,8 +693,7 @@ mod tests {
     fn stored(event_type: &'static str, schema_version: u32, payload: Value) -> RecordedEvent {
         RecordedEvent {
             event_id: uuid::Uuid::now_v7(),
-            stream_id: StreamId::new("s").unwrap(),
-            aggregate_type: "account".into(),
+            stream_id: StreamId::new("account", "s").unwrap(),
             stream_version: 4,
             global_position: crate::Position::new(9),
             recorded_at: chrono::Utc::now(),
@@ -717,7 +716,7 @@ mod tests {
         event.payload = crate::Payload::from_json_text("[".repeat(200) + &"]".repeat(200));
         match upcasters.apply_all(vec![event]).unwrap_err() {
             StoreError::Corrupt(corrupt) => {
-                assert_eq!((corrupt.stream.as_str(), corrupt.version), ("s", 4));
+                assert_eq!((corrupt.stream.id(), corrupt.version), ("s", 4));
                 assert_eq!(corrupt.event_type.as_deref(), Some("MoneyDeposited"));
                 assert!(corrupt.problem.contains("recursion limit"), "{corrupt}");
             }
@@ -897,19 +896,15 @@ mod tests {
                 ..
             } => {
                 assert_eq!(
-                    (
-                        stream.as_str(),
-                        *version,
-                        event_type.as_str(),
-                        *schema_version
-                    ),
+                    (stream.id(), *version, event_type.as_str(), *schema_version),
                     ("s", 4, "MoneyDeposited", 1)
                 );
             }
             other => panic!("expected Upcast, got {other:?}"),
         }
         assert!(
-            err.to_string().contains("at version 4 of stream `s`"),
+            err.to_string()
+                .contains("at version 4 of stream `account/s`"),
             "{err}"
         );
     }

@@ -48,7 +48,6 @@ impl EventStore for VecStore {
             log.push(RecordedEvent {
                 event_id: event.event_id,
                 stream_id: stream.clone(),
-                aggregate_type: event.aggregate_type,
                 stream_version: current + positions.len() as u64,
                 global_position,
                 recorded_at,

@@ -11,10 +11,9 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let store = MemoryStore::new();
-//! let stream = StreamId::new("account-1").unwrap();
+//! let stream = StreamId::new("account", "1").unwrap();
 //! let event = NewEvent {
 //!     event_id: uuid::Uuid::now_v7(),
-//!     aggregate_type: "account".into(),
 //!     event_type: "AccountOpened".into(),
 //!     schema_version: 1,
 //!     payload: serde_json::json!({ "owner": "ada" }),

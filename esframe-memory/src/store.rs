@@ -218,7 +218,6 @@ impl Data {
             self.log.push(RecordedEvent {
                 event_id: event.event_id,
                 stream_id: stream.clone(),
-                aggregate_type: event.aggregate_type,
                 stream_version: indices.len() as u64,
                 global_position: position,
                 recorded_at,
@@ -275,7 +274,6 @@ impl EventStore for MemoryStore {
             .stream_events(stream, from_version)
             .map(|event| LoadedEvent {
                 stream_version: event.stream_version,
-                aggregate_type: event.aggregate_type.clone(),
                 event_type: event.event_type.clone(),
                 schema_version: event.schema_version,
                 payload: event.payload.clone(),

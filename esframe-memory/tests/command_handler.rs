@@ -123,7 +123,7 @@ impl Aggregate for Counter {
             tokio::time::sleep(pause).await;
         }
         if let Some(store) = &services.0 {
-            let sneaky = NewEvent::from_event(Self::TYPE, &CounterEvent::Added { n: 0 }).unwrap();
+            let sneaky = NewEvent::from_event(&CounterEvent::Added { n: 0 }).unwrap();
             store
                 .append(decision.stream_id(), ExpectedVersion::Any, vec![sneaky])
                 .await
@@ -174,7 +174,7 @@ fn add(id: &str, n: u64) -> CounterCommand {
 }
 
 fn sid(id: &str) -> StreamId {
-    StreamId::new(id).unwrap()
+    StreamId::new(Counter::TYPE, id).unwrap()
 }
 
 #[tokio::test]
@@ -203,7 +203,7 @@ async fn stores_events_with_envelopes_and_propagates_ids() {
     let stored = store.read_stream(&sid("c1"), 1).await.unwrap();
     assert_eq!(stored[0].event_id, envelope.event_id);
     assert_eq!(stored[0].global_position, envelope.global_position);
-    assert_eq!(stored[0].aggregate_type, "counter");
+    assert_eq!(stored[0].aggregate_type(), "counter");
     assert_eq!(stored[0].metadata.correlation_id, Some(correlation));
     assert_eq!(stored[0].metadata.causation_id, Some(command_id));
     assert_eq!(stored[0].metadata.extra["user"], json!("ada"));
@@ -484,7 +484,6 @@ async fn unusable_snapshots_are_ignored_and_replaced() {
     }
     let planted = |schema_version, state| Snapshot {
         stream_id: sid("u"),
-        aggregate_type: "counter".into(),
         version: 3,
         schema_version,
         state,
@@ -525,7 +524,6 @@ async fn a_snapshot_ahead_of_its_stream_is_ignored_deleted_and_replaced() {
     // database, say): trusting it would decide on events that do not exist.
     let ahead = || Snapshot {
         stream_id: sid("ahead"),
-        aggregate_type: "counter".into(),
         version: 50,
         schema_version: Counter::SNAPSHOT_VERSION,
         state: json!({ "total": 1000, "applied": 50 }),
@@ -634,7 +632,6 @@ async fn undecodable_stored_events_are_typed_errors() {
     let handler = CommandHandler::<Counter, _>::new(store.clone()).without_state_cache();
     let raw = |event_type: &str, schema_version, payload: Value| NewEvent {
         event_id: Uuid::now_v7(),
-        aggregate_type: "counter".into(),
         event_type: event_type.to_owned().into(),
         schema_version,
         payload,
@@ -668,7 +665,10 @@ async fn undecodable_stored_events_are_typed_errors() {
             | ("corrupt", DecodeErrorKind::Payload(_)) => {}
             _ => panic!("{id}: wrong kind {:?}", decode.kind),
         }
-        assert!(err.to_string().contains(&format!("stream `{id}`")), "{err}");
+        assert!(
+            err.to_string().contains(&format!("stream `counter/{id}`")),
+            "{err}"
+        );
         assert_eq!(
             store.read_stream(&sid(id), 1).await.unwrap().len(),
             1,
@@ -678,19 +678,23 @@ async fn undecodable_stored_events_are_typed_errors() {
 }
 
 #[tokio::test]
-async fn streams_of_another_aggregate_type_are_refused() {
+async fn the_same_id_under_another_aggregate_type_is_another_stream() {
     let store = MemoryStore::new();
-    let mut foreign = NewEvent::from_event("order", &CounterEvent::Added { n: 1 }).unwrap();
-    foreign.aggregate_type = "order".into();
+    let order = StreamId::new("order", "o-1").unwrap();
+    let foreign = NewEvent::from_event(&CounterEvent::Added { n: 1_000 }).unwrap();
     store
-        .append(&sid("o-1"), ExpectedVersion::Any, vec![foreign])
+        .append(&order, ExpectedVersion::Any, vec![foreign])
         .await
         .unwrap();
-    let handler = CommandHandler::<Counter, _>::new(store);
-    let err = handler.execute(add("o-1", 1)).await.unwrap_err();
-    assert!(
-        matches!(&err, CommandError::WrongAggregateType { found, .. } if found == "order"),
-        "{err:?}"
+    let handler = CommandHandler::<Counter, _>::new(store.clone());
+    let outcome = handler.execute(add("o-1", 1)).await.unwrap();
+    assert_eq!(outcome.version, 1, "the counter `o-1` is a new stream");
+    assert_eq!(outcome.events[0].stream_id, sid("o-1"));
+    assert_eq!(handler.load("o-1").await.unwrap().state.total, 1);
+    assert_eq!(
+        store.read_stream(&order, 1).await.unwrap().len(),
+        1,
+        "the order is untouched"
     );
 }
 
@@ -954,7 +958,7 @@ mod snapshots_change_nothing {
 #[tokio::test]
 async fn unknown_event_types_are_skipped_only_when_asked() {
     let store = MemoryStore::new();
-    let mut foreign = NewEvent::from_event("counter", &CounterEvent::Added { n: 1 }).unwrap();
+    let mut foreign = NewEvent::from_event(&CounterEvent::Added { n: 1 }).unwrap();
     foreign.event_type = "Annotated".into();
     store
         .append(&sid("mixed"), ExpectedVersion::Any, vec![foreign])

@@ -36,7 +36,6 @@ async fn resuming_between_split_parts_loses_nothing() {
     let store = esframe_memory::MemoryStore::with_upcasters(upcasters);
     let pair = NewEvent {
         event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "sample".into(),
         event_type: "Pair".into(),
         schema_version: 2,
         payload: json!({ "a": 1, "b": 2 }),
@@ -44,7 +43,7 @@ async fn resuming_between_split_parts_loses_nothing() {
     };
     store
         .append(
-            &StreamId::new("split").unwrap(),
+            &StreamId::new("sample", "split").unwrap(),
             ExpectedVersion::NoStream,
             vec![pair],
         )
@@ -89,10 +88,9 @@ async fn a_snapshot_at_a_dropped_event_is_trusted() {
     };
     use serde_json::json;
     let store = esframe_memory::MemoryStore::with_upcasters(sample_upcasters());
-    let stream = StreamId::new("snapshot-at-drop").unwrap();
+    let stream = StreamId::new("sample", "snapshot-at-drop").unwrap();
     let raw = |event_type: &'static str, schema_version, payload| NewEvent {
         event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "sample".into(),
         event_type: event_type.into(),
         schema_version,
         payload,
@@ -113,7 +111,6 @@ async fn a_snapshot_at_a_dropped_event_is_trusted() {
     store
         .save_snapshot(Snapshot {
             stream_id: stream.clone(),
-            aggregate_type: "sample".into(),
             version: 2,
             schema_version: 1,
             state: json!({ "total": 7, "events": 1 }),
@@ -126,13 +123,13 @@ async fn a_snapshot_at_a_dropped_event_is_trusted() {
         .snapshot_policy(SnapshotPolicy::every(100));
     let outcome = handler
         .execute(AddSample {
-            id: stream.as_str().into(),
+            id: stream.id().into(),
             amount: 2,
         })
         .await
         .unwrap();
     assert_eq!(outcome.version, 3);
-    let loaded = handler.load(stream.as_str()).await.unwrap();
+    let loaded = handler.load(stream.id()).await.unwrap();
     assert_eq!(
         (loaded.state.total, loaded.version),
         (9, 3),

@@ -3,7 +3,7 @@
 //! `inline.rs`.
 //!
 //! The statement checks the expectation and inserts every event; the
-//! `(stream_id, stream_version)` and `event_id` unique constraints settle races. Idempotency is
+//! `(aggregate_type, aggregate_id, stream_version)` and `event_id` unique constraints settle races. Idempotency is
 //! decided by esframe-core's [`resolve_stored_ids`] on the stored rows of the batch's ids, which
 //! are only looked up when the statement did not store the batch.
 
@@ -58,7 +58,6 @@ pub(crate) enum Appended {
 /// The append's parameters as column arrays, borrowed from the batch, bound once per attempt.
 pub(crate) struct Columns<'a> {
     pub(crate) event_ids: Vec<Uuid>,
-    aggregate_types: Vec<&'a str>,
     event_types: Vec<&'a str>,
     schema_versions: Vec<i32>,
     payloads: Vec<&'a Value>,
@@ -73,7 +72,6 @@ impl<'a> Columns<'a> {
         let n = batch.len();
         let mut c = Self {
             event_ids: Vec::with_capacity(n),
-            aggregate_types: Vec::with_capacity(n),
             event_types: Vec::with_capacity(n),
             schema_versions: Vec::with_capacity(n),
             payloads: Vec::with_capacity(n),
@@ -83,7 +81,6 @@ impl<'a> Columns<'a> {
         };
         for e in batch.events() {
             c.event_ids.push(e.event_id);
-            c.aggregate_types.push(&e.aggregate_type);
             c.event_types.push(&e.event_type);
             c.schema_versions
                 .push(i32::try_from(e.schema_version).unwrap_or(i32::MAX));
@@ -406,11 +403,11 @@ impl PgEventStore {
             (None, true) => &sql.append,
             (None, false) => &sql.append_notify,
         };
-        let query = sqlx::query(AssertSqlSafe(Arc::clone(text))).bind(stream.as_str());
+        let query = sqlx::query(AssertSqlSafe(Arc::clone(text))).bind(stream.id());
         let query = if one {
             query
                 .bind(columns.event_ids[0])
-                .bind(columns.aggregate_types[0])
+                .bind(stream.aggregate_type())
                 .bind(columns.event_types[0])
                 .bind(columns.schema_versions[0])
                 .bind(columns.payloads[0])
@@ -420,7 +417,7 @@ impl PgEventStore {
         } else {
             query
                 .bind(&columns.event_ids)
-                .bind(&columns.aggregate_types)
+                .bind(stream.aggregate_type())
                 .bind(&columns.event_types)
                 .bind(&columns.schema_versions)
                 .bind(&columns.payloads)
@@ -434,7 +431,6 @@ impl PgEventStore {
         }
         if let Some(snapshot) = snapshot {
             query = query
-                .bind(&snapshot.aggregate_type)
                 .bind(to_i64(snapshot.version))
                 .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
                 .bind(&snapshot.state)
@@ -466,7 +462,8 @@ impl PgEventStore {
     ) -> Result<Option<u64>, Failure> {
         let version: Option<i64> =
             sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.inner.sql.stream_version)))
-                .bind(stream.as_str())
+                .bind(stream.aggregate_type())
+                .bind(stream.id())
                 .fetch_one(&mut *conn)
                 .await?;
         Ok(version.map(|v| u64::try_from(v).unwrap_or(0)))

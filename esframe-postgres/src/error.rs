@@ -24,7 +24,7 @@ pub(crate) mod sqlstate {
 
 /// Constraint names from the migrations, used to classify unique violations.
 pub(crate) mod constraint {
-    /// `(stream_id, stream_version)`: another writer took this version.
+    /// `(aggregate_type, aggregate_id, stream_version)`: another writer took this version.
     pub(crate) const STREAM_VERSION: &str = "events_stream_version_key";
     /// `event_id`: another writer stored this event id concurrently.
     pub(crate) const EVENT_ID: &str = "events_event_id_key";

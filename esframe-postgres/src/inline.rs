@@ -156,7 +156,6 @@ fn recorded_events(batch: &AppendBatch, outcome: &AppendOutcome) -> Vec<Recorded
         .map(|(i, (event, &global_position))| RecordedEvent {
             event_id: event.event_id,
             stream_id: batch.stream().clone(),
-            aggregate_type: event.aggregate_type.clone(),
             stream_version: first_version + i as u64,
             global_position,
             recorded_at: outcome.recorded_at,

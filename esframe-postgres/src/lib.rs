@@ -18,7 +18,7 @@
 //! - **One round trip per append**, whatever the number of events: the expected version
 //!   (`Any`, `NoStream`, `StreamExists`, `Exact(n)`) and idempotency are checked and every event
 //!   inserted by a single statement (`INSERT ... SELECT FROM unnest(...)`). The
-//!   `(stream_id, stream_version)` unique constraint decides races, so no two writers store the
+//!   `(aggregate_type, aggregate_id, stream_version)` unique constraint decides races, so no two writers store the
 //!   same version; conflicts are recognised by SQLSTATE and constraint name.
 //! - **A global log that never skips.** `global_position` is the writing transaction's id
 //!   shifted left 16 bits plus the event's index in its append; `read_all` returns only rows

@@ -27,7 +27,8 @@ impl PgEventStore {
                 async {
                     let mut rows =
                         sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.read_stream)))
-                            .bind(stream.as_str())
+                            .bind(stream.aggregate_type())
+                            .bind(stream.id())
                             .bind(to_i64(from_version))
                             .fetch(&mut *conn);
                     let (mut events, mut decode) = (Vec::new(), rows::EventRows::of(stream));
@@ -58,7 +59,8 @@ impl PgEventStore {
                     let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(
                         &self.inner.sql.read_stream_for_state,
                     )))
-                    .bind(stream.as_str())
+                    .bind(stream.aggregate_type())
+                    .bind(stream.id())
                     .bind(to_i64(from_version))
                     .fetch(&mut *conn);
                     let (mut events, mut decode) = (Vec::new(), rows::StateRows::new(stream, 0));
@@ -90,7 +92,8 @@ impl PgEventStore {
                     let mut rows = sqlx::query(AssertSqlSafe(Arc::clone(
                         &self.inner.sql.load_snapshot_and_stream,
                     )))
-                    .bind(stream.as_str())
+                    .bind(stream.aggregate_type())
+                    .bind(stream.id())
                     .fetch(&mut *conn);
                     let mut loaded = LoadedStream::default();
                     let mut unreadable_snapshot = false;
@@ -235,8 +238,8 @@ impl PgEventStore {
     pub(crate) async fn write_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
         on_connection!(self, |conn| {
             sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.save_snapshot)))
-                .bind(snapshot.stream_id.as_str())
-                .bind(&snapshot.aggregate_type)
+                .bind(snapshot.stream_id.aggregate_type())
+                .bind(snapshot.stream_id.id())
                 .bind(to_i64(snapshot.version))
                 .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
                 .bind(&snapshot.state)
@@ -257,7 +260,8 @@ impl PgEventStore {
             async {
                 Ok::<_, Failure>(
                     sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.load_snapshot)))
-                        .bind(stream.as_str())
+                        .bind(stream.aggregate_type())
+                        .bind(stream.id())
                         .fetch_optional(&mut *conn)
                         .await?,
                 )
@@ -277,7 +281,8 @@ impl PgEventStore {
             async {
                 Ok::<_, Failure>(
                     sqlx::query(AssertSqlSafe(Arc::clone(&self.inner.sql.delete_snapshot)))
-                        .bind(stream.as_str())
+                        .bind(stream.aggregate_type())
+                        .bind(stream.id())
                         .bind(to_i64(version))
                         .execute(&mut *conn)
                         .await?

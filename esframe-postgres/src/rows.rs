@@ -23,7 +23,7 @@ use crate::names::Names;
 mod col {
     pub(super) const GLOBAL_POSITION: usize = 0;
     pub(super) const EVENT_ID: usize = 1;
-    pub(super) const STREAM_ID: usize = 2;
+    pub(super) const AGGREGATE_ID: usize = 2;
     pub(super) const STREAM_VERSION: usize = 3;
     pub(super) const AGGREGATE_TYPE: usize = 4;
     pub(super) const EVENT_TYPE: usize = 5;
@@ -35,9 +35,9 @@ mod col {
     pub(super) const RECORDED_AT: usize = 11;
 }
 
-/// Decodes the event rows of one read. `known_stream` skips re-validating the stream id when
-/// the query was for one stream; otherwise the last stream id is kept, so that a run of rows
-/// of one stream (an append's events) validates and allocates it once.
+/// Decodes the event rows of one read. A read of one stream takes its id from the query;
+/// otherwise the last stream id is kept, so that a run of rows of one stream (an append's
+/// events) validates and allocates it once.
 pub(crate) struct EventRows {
     last_stream: Option<StreamId>,
     known: bool,
@@ -109,14 +109,10 @@ impl EventRows {
         let Some(extra) = extra else {
             return Err(corrupt("metadata is not a JSON object".to_owned()).into());
         };
-        let aggregate_type = name(row, col::AGGREGATE_TYPE)
-            .map(|text| self.names.get(text))
-            .map_err(|e| field("aggregate_type", e))?;
         Ok(RecordedEvent {
             event_id: row
                 .try_get_unchecked::<Uuid, _>(col::EVENT_ID)
                 .map_err(|e| field("event_id", e))?,
-            aggregate_type,
             global_position: Position::new(
                 u64::try_from(raw_position)
                     .map_err(|_| corrupt(format!("negative global position {raw_position}")))?,
@@ -148,22 +144,24 @@ impl EventRows {
         {
             return Ok(stream.clone());
         }
-        let raw = row
-            .try_get_raw(col::STREAM_ID)
-            .map_err(|err| StoreError::unavailable(None, err))?;
-        let text = raw
-            .as_str()
-            .map_err(|err| StoreError::unavailable(None, sqlx::Error::Decode(err)))?;
+        let text = |index| {
+            let raw = row
+                .try_get_raw(index)
+                .map_err(|err| StoreError::unavailable(None, err))?;
+            raw.as_str()
+                .map_err(|err| StoreError::unavailable(None, sqlx::Error::Decode(err)))
+        };
+        let (aggregate_type, id) = (text(col::AGGREGATE_TYPE)?, text(col::AGGREGATE_ID)?);
         if let Some(last) = &self.last_stream
-            && last.as_str() == text
+            && last.parts() == (aggregate_type, id)
         {
             return Ok(last.clone());
         }
-        let stream = StreamId::new(text).map_err(|err| {
+        let stream = StreamId::new(aggregate_type, id).map_err(|err| {
             CorruptData::new(
-                StreamId::lossy(text),
+                StreamId::lossy(aggregate_type, id),
                 0,
-                format!("stored stream id {text:?} is invalid"),
+                format!("stored stream id {aggregate_type:?}/{id:?} is invalid"),
             )
             .source(err)
         })?;
@@ -172,8 +170,8 @@ impl EventRows {
     }
 }
 
-/// Decodes the rows of a load of one stream's state: `stream_version, aggregate_type,
-/// event_type, schema_version, payload` from column `first` on.
+/// Decodes the rows of a load of one stream's state: `stream_version, event_type,
+/// schema_version, payload` from column `first` on.
 pub(crate) struct StateRows<'a> {
     stream: &'a StreamId,
     first: usize,
@@ -213,7 +211,7 @@ impl<'a> StateRows<'a> {
                 None => corrupt,
             }
         };
-        let event_type = self.name(row, at + 2).map_err(|err| {
+        let event_type = self.name(row, at + 1).map_err(|err| {
             corrupt("column `event_type` cannot be read".to_owned(), None).source(err)
         })?;
         let field = |name: &str, err: sqlx::Error| {
@@ -221,11 +219,8 @@ impl<'a> StateRows<'a> {
                 corrupt(format!("column `{name}` cannot be read"), Some(&event_type)).source(err),
             )
         };
-        let aggregate_type = self
-            .name(row, at + 1)
-            .map_err(|e| field("aggregate_type", e))?;
         let raw_schema: i32 = row
-            .try_get_unchecked(at + 3)
+            .try_get_unchecked(at + 2)
             .map_err(|e| field("schema_version", e))?;
         Ok(LoadedEvent {
             stream_version,
@@ -235,8 +230,7 @@ impl<'a> StateRows<'a> {
                     Some(&event_type),
                 )
             })?,
-            payload: payload(row, at + 4).map_err(|e| field("payload", e))?,
-            aggregate_type,
+            payload: payload(row, at + 3).map_err(|e| field("payload", e))?,
             event_type,
         })
     }
@@ -293,26 +287,24 @@ fn metadata(row: &PgRow, index: usize) -> Result<Option<Map<String, Value>>, sql
     }
 }
 
-/// Where a snapshot's columns are in a row: aggregate type, version, schema version, state,
-/// taken at.
-pub(crate) type SnapshotColumns = [usize; 5];
+/// Where a snapshot's columns are in a row: version, schema version, state, taken at.
+pub(crate) type SnapshotColumns = [usize; 4];
 
 /// The columns of the `load_snapshot` statement.
-pub(crate) const SNAPSHOT_COLUMNS: SnapshotColumns = [0, 1, 2, 3, 4];
+pub(crate) const SNAPSHOT_COLUMNS: SnapshotColumns = [0, 1, 2, 3];
 
 /// The columns of the snapshot row (part 0) of the `load_snapshot_and_stream` statement.
-pub(crate) const COLD_LOAD_SNAPSHOT_COLUMNS: SnapshotColumns = [2, 1, 4, 5, 6];
+pub(crate) const COLD_LOAD_SNAPSHOT_COLUMNS: SnapshotColumns = [1, 3, 4, 5];
 
 /// Decodes a snapshot row; `None` (with a warning) if the row itself is unusable, so a bad
 /// snapshot only costs a rebuild from events.
 pub(crate) fn snapshot(row: &PgRow, stream: &StreamId, cols: SnapshotColumns) -> Option<Snapshot> {
-    let [aggregate_type, version, schema_version, state, taken_at] = cols;
+    let [version, schema_version, state, taken_at] = cols;
     let decoded = (|| -> Result<Snapshot, sqlx::Error> {
         let version: i64 = row.try_get(version)?;
         let schema_version: i32 = row.try_get(schema_version)?;
         Ok(Snapshot {
             stream_id: stream.clone(),
-            aggregate_type: row.try_get(aggregate_type)?,
             version: u64::try_from(version).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             schema_version: u32::try_from(schema_version)
                 .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,

@@ -87,10 +87,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "projection_partitions",
         sql: include_str!("../migrations/0004_projection_partitions.sql"),
     },
+    Migration {
+        version: 5,
+        name: "namespaced_streams",
+        sql: include_str!("../migrations/0005_namespaced_streams.sql"),
+    },
 ];
 
 /// The newest migration version this release knows.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Creates the schema and applies pending migrations.
 ///

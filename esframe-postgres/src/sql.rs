@@ -14,13 +14,15 @@ pub(crate) const POSITION_SHIFT: u32 = 16;
 const _: () = assert!(esframe_core::limits::MAX_EVENTS_PER_APPEND == 1 << POSITION_SHIFT);
 
 /// Columns of a stored event, in the order [`crate::rows`] reads them.
-const EVENT_COLUMNS: &str = "global_position, event_id, stream_id, stream_version, aggregate_type, \
+const EVENT_COLUMNS: &str = "global_position, event_id, aggregate_id, stream_version, aggregate_type, \
      event_type, schema_version, payload, correlation_id, causation_id, metadata, recorded_at";
 
 /// The exclusive upper bound of readable positions: every transaction with a smaller id has
 /// finished, so no row below it can still appear.
 const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)";
 
+/// The statements. Those of one stream name it by `$1 aggregate_type, $2 aggregate_id`; the
+/// appends keep their own order (see [`append_sql`]).
 #[derive(Debug)]
 pub(crate) struct Queries {
     /// The plain append: one `INSERT ... SELECT` returning a row per stored event, none when the
@@ -65,17 +67,17 @@ impl Queries {
         let s = schema.quoted();
         Self {
             append: format!(
-                "INSERT INTO {s}.events (global_position, event_id, stream_id, stream_version,
+                "INSERT INTO {s}.events (global_position, event_id, aggregate_id, stream_version,
                      aggregate_type, event_type, schema_version, payload, correlation_id,
                      causation_id, metadata)
                  SELECT (pg_current_xact_id()::text::bigint << {POSITION_SHIFT}) + e.ord - 1,
-                        e.event_id, $1, cur.v + e.ord, e.aggregate_type, e.event_type,
+                        e.event_id, $1, cur.v + e.ord, $3::text, e.event_type,
                         e.schema_version, e.payload, e.correlation_id, e.causation_id, e.metadata
                  FROM (SELECT coalesce(max(stream_version), 0) AS v
-                       FROM {s}.events WHERE stream_id = $1) cur,
-                      unnest($2::uuid[], $3::text[], $4::text[], $5::int4[], $6::jsonb[],
+                       FROM {s}.events WHERE aggregate_type = $3 AND aggregate_id = $1) cur,
+                      unnest($2::uuid[], $4::text[], $5::int4[], $6::jsonb[],
                              $7::uuid[], $8::uuid[], $9::jsonb[])
-                      WITH ORDINALITY AS e(event_id, aggregate_type, event_type, schema_version,
+                      WITH ORDINALITY AS e(event_id, event_type, schema_version,
                                            payload, correlation_id, causation_id, metadata, ord)
                  WHERE CASE $10::int4
                      WHEN 0 THEN true
@@ -86,14 +88,14 @@ impl Queries {
             )
             .into(),
             append_one: format!(
-                "INSERT INTO {s}.events (global_position, event_id, stream_id, stream_version,
+                "INSERT INTO {s}.events (global_position, event_id, aggregate_id, stream_version,
                      aggregate_type, event_type, schema_version, payload, correlation_id,
                      causation_id, metadata)
                  SELECT pg_current_xact_id()::text::bigint << {POSITION_SHIFT},
                         $2::uuid, $1, cur.v + 1, $3::text, $4::text, $5::int4, $6::jsonb,
                         $7::uuid, $8::uuid, $9::jsonb
                  FROM (SELECT coalesce(max(stream_version), 0) AS v
-                       FROM {s}.events WHERE stream_id = $1) cur
+                       FROM {s}.events WHERE aggregate_type = $3 AND aggregate_id = $1) cur
                  WHERE CASE $10::int4
                      WHEN 0 THEN true
                      WHEN 1 THEN cur.v = 0
@@ -110,34 +112,38 @@ impl Queries {
             .into(),
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events
-                 WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND stream_version >= $3
+                 ORDER BY stream_version"
             )
             .into(),
             read_stream_for_state: format!(
-                "SELECT stream_version, aggregate_type, event_type, schema_version, payload
+                "SELECT stream_version, event_type, schema_version, payload
                  FROM {s}.events
-                 WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND stream_version >= $3
+                 ORDER BY stream_version"
             )
             .into(),
             load_snapshot_and_stream: format!(
                 "WITH snap AS (
-                     SELECT aggregate_type, version, schema_version, state, taken_at
-                     FROM {s}.snapshots WHERE stream_id = $1
+                     SELECT version, schema_version, state, taken_at
+                     FROM {s}.snapshots WHERE aggregate_type = $1 AND aggregate_id = $2
                  )
-                 SELECT 0 AS part, version, aggregate_type, NULL::text, schema_version, state,
-                        taken_at
+                 SELECT 0 AS part, version, NULL::text, schema_version, state, taken_at
                  FROM snap
                  UNION ALL
-                 (SELECT 1, stream_version, aggregate_type, event_type, schema_version, payload,
+                 (SELECT 1, stream_version, event_type, schema_version, payload,
                          NULL::timestamptz
                   FROM {s}.events
-                  WHERE stream_id = $1
+                  WHERE aggregate_type = $1 AND aggregate_id = $2
                     AND stream_version >= coalesce((SELECT version FROM snap), 1)
                   ORDER BY stream_version)"
             )
             .into(),
-            stream_version: format!("SELECT max(stream_version) FROM {s}.events WHERE stream_id = $1")
-                .into(),
+            stream_version: format!(
+                "SELECT max(stream_version) FROM {s}.events
+                 WHERE aggregate_type = $1 AND aggregate_id = $2"
+            )
+            .into(),
             read_all: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events
                  WHERE global_position > $1 AND global_position < {HORIZON}
@@ -176,22 +182,22 @@ impl Queries {
                 .into(),
             save_snapshot: format!(
                 "INSERT INTO {s}.snapshots AS old
-                     (stream_id, aggregate_type, version, schema_version, state, taken_at)
+                     (aggregate_type, aggregate_id, version, schema_version, state, taken_at)
                  VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (stream_id) DO UPDATE SET
-                     aggregate_type = excluded.aggregate_type, version = excluded.version,
-                     schema_version = excluded.schema_version, state = excluded.state,
-                     taken_at = excluded.taken_at
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+                     version = excluded.version, schema_version = excluded.schema_version,
+                     state = excluded.state, taken_at = excluded.taken_at
                  WHERE old.version <= excluded.version"
             )
             .into(),
             load_snapshot: format!(
-                "SELECT aggregate_type, version, schema_version, state, taken_at
-                 FROM {s}.snapshots WHERE stream_id = $1"
+                "SELECT version, schema_version, state, taken_at
+                 FROM {s}.snapshots WHERE aggregate_type = $1 AND aggregate_id = $2"
             )
             .into(),
             delete_snapshot: format!(
-                "DELETE FROM {s}.snapshots WHERE stream_id = $1 AND version = $2"
+                "DELETE FROM {s}.snapshots
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3"
             )
             .into(),
         }
@@ -203,11 +209,11 @@ impl Queries {
 /// at commit. A reused event id fails on the `event_id` unique constraint; the store then looks
 /// the ids up (the idempotency path), so the common case pays no extra lookup.
 ///
-/// Parameters: $1 stream, $2 event ids, $3 aggregate types, $4 event types, $5 schema versions,
-/// $6 payloads, $7 correlation ids, $8 causation ids, $9 metadata, $10 expectation kind
-/// (0 any, 1 no stream, 2 stream exists, 3 exact), $11 exact version, $12 notify channel;
-/// with a snapshot also $13 aggregate type, $14 version, $15 schema version, $16 state,
-/// $17 taken at.
+/// Parameters: $1 aggregate id and $3 aggregate type (the stream), $2 event ids,
+/// $4 event types, $5 schema versions, $6 payloads, $7 correlation ids, $8 causation ids,
+/// $9 metadata, $10 expectation kind (0 any, 1 no stream, 2 stream exists, 3 exact), $11 exact
+/// version, $12 notify channel; with a snapshot also $13 version, $14 schema version, $15 state,
+/// $16 taken at.
 fn append_sql(s: &str, notify: bool, snapshot: bool) -> String {
     let notify_cte = if notify {
         ", notified AS (SELECT pg_notify($12, '') FROM ins LIMIT 1)"
@@ -218,14 +224,13 @@ fn append_sql(s: &str, notify: bool, snapshot: bool) -> String {
         format!(
             ", snap AS (
                  INSERT INTO {s}.snapshots AS old
-                     (stream_id, aggregate_type, version, schema_version, state, taken_at)
-                 SELECT $1, $13, $14, $15, $16, $17
+                     (aggregate_id, aggregate_type, version, schema_version, state, taken_at)
+                 SELECT $1, $3, $13, $14, $15, $16
                  WHERE (SELECT count(*) FROM ins) > 0
-                   AND (SELECT v FROM ok) + cardinality($2::uuid[]) = $14
-                 ON CONFLICT (stream_id) DO UPDATE SET
-                     aggregate_type = excluded.aggregate_type, version = excluded.version,
-                     schema_version = excluded.schema_version, state = excluded.state,
-                     taken_at = excluded.taken_at
+                   AND (SELECT v FROM ok) + cardinality($2::uuid[]) = $13
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+                     version = excluded.version, schema_version = excluded.schema_version,
+                     state = excluded.state, taken_at = excluded.taken_at
                  WHERE old.version <= excluded.version
                  RETURNING 1)"
         )
@@ -234,7 +239,8 @@ fn append_sql(s: &str, notify: bool, snapshot: bool) -> String {
     };
     format!(
         "WITH cur AS (
-             SELECT coalesce(max(stream_version), 0) AS v FROM {s}.events WHERE stream_id = $1
+             SELECT coalesce(max(stream_version), 0) AS v FROM {s}.events
+             WHERE aggregate_type = $3 AND aggregate_id = $1
          ), ok AS (
              SELECT cur.v FROM cur
              WHERE CASE $10::int4
@@ -243,15 +249,15 @@ fn append_sql(s: &str, notify: bool, snapshot: bool) -> String {
                  WHEN 2 THEN cur.v > 0
                  ELSE cur.v = $11::int8 END
          ), ins AS (
-             INSERT INTO {s}.events (global_position, event_id, stream_id, stream_version,
+             INSERT INTO {s}.events (global_position, event_id, aggregate_id, stream_version,
                  aggregate_type, event_type, schema_version, payload, correlation_id, causation_id,
                  metadata)
              SELECT (pg_current_xact_id()::text::bigint << {POSITION_SHIFT}) + e.ord - 1,
-                    e.event_id, $1, ok.v + e.ord, e.aggregate_type, e.event_type,
+                    e.event_id, $1, ok.v + e.ord, $3::text, e.event_type,
                     e.schema_version, e.payload, e.correlation_id, e.causation_id, e.metadata
-             FROM ok, unnest($2::uuid[], $3::text[], $4::text[], $5::int4[], $6::jsonb[],
+             FROM ok, unnest($2::uuid[], $4::text[], $5::int4[], $6::jsonb[],
                              $7::uuid[], $8::uuid[], $9::jsonb[])
-                  WITH ORDINALITY AS e(event_id, aggregate_type, event_type, schema_version,
+                  WITH ORDINALITY AS e(event_id, event_type, schema_version,
                                        payload, correlation_id, causation_id, metadata, ord)
              RETURNING global_position, recorded_at
          ){notify_cte}{snapshot_cte}

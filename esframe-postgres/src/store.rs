@@ -28,7 +28,7 @@ use crate::{
 /// Guarantees, beyond the store contract the conformance suite checks: every append is one
 /// statement (one round trip) that checks the expected version and inserts all events with one
 /// `INSERT ... SELECT`, and, with a snapshot, stores it in the same transaction. Concurrency is
-/// decided by the `(stream_id, stream_version)` unique constraint, so no two writers ever store
+/// decided by the `(aggregate_type, aggregate_id, stream_version)` unique constraint, so no two writers ever store
 /// the same version, and a conflict is recognised by SQLSTATE and constraint name. An operation
 /// whose connection dies runs again on another (see
 /// [`PgEventStoreBuilder::reconnect_within`]).

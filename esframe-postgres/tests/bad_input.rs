@@ -13,7 +13,7 @@ use serde_json::json;
 use sqlx::AssertSqlSafe;
 
 fn sid(s: &str) -> StreamId {
-    StreamId::new(s).unwrap()
+    StreamId::new("account", s).unwrap()
 }
 
 fn open(account_id: &str) -> AccountCommand {
@@ -43,7 +43,7 @@ async fn table_dump(store: &PgEventStore) -> Vec<String> {
 
 async fn tamper(store: &PgEventStore, set: &str, stream: &str, version: i64) {
     sqlx::query(AssertSqlSafe(format!(
-        "UPDATE \"{}\".events SET {set} WHERE stream_id = $1 AND stream_version = $2",
+        "UPDATE \"{}\".events SET {set} WHERE aggregate_id = $1 AND stream_version = $2",
         store.schema()
     )))
     .bind(stream)
@@ -124,7 +124,7 @@ async fn corrupt_unknown_and_too_new_events_are_typed_errors_and_change_nothing(
             assert!(expected_kind(&decode.kind), "{id}: {:?}", decode.kind);
             let message = err.to_string();
             assert!(
-                message.contains(&format!("version 2 of stream `{id}`")),
+                message.contains(&format!("version 2 of stream `account/{id}`")),
                 "{message}"
             );
         }
@@ -168,7 +168,7 @@ async fn corrupt_rows_are_store_errors_naming_stream_and_version() {
 
     // A stream id that could never have been written through esframe.
     sqlx::query(AssertSqlSafe(format!(
-        "UPDATE \"{}\".events SET stream_id = '', metadata = '{{}}'",
+        "UPDATE \"{}\".events SET aggregate_id = '', metadata = '{{}}'",
         store.schema()
     )))
     .execute(store.pool())
@@ -178,7 +178,7 @@ async fn corrupt_rows_are_store_errors_naming_stream_and_version() {
         StoreError::Corrupt(CorruptData {
             stream, problem, ..
         }) => {
-            assert_eq!(stream.as_str(), "(empty)");
+            assert_eq!(stream.id(), "(empty)");
             assert!(problem.contains("stream id"), "{problem}");
         }
         other => panic!("expected Corrupt, got {other:?}"),
@@ -224,7 +224,6 @@ async fn unreadable_snapshots_are_ignored_and_replaced() {
 fn new_event() -> NewEvent {
     NewEvent {
         event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "test".into(),
         event_type: "Happened".into(),
         schema_version: 1,
         payload: json!({}),
@@ -257,7 +256,7 @@ async fn a_stream_with_a_gap_in_its_versions_is_corrupt_not_a_wrong_state() {
     }
     // Version 3 (the deposit of 2) vanishes: replaying would give 4 instead of 6, silently.
     sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM \"{}\".events WHERE stream_id = 'g' AND stream_version = 3",
+        "DELETE FROM \"{}\".events WHERE aggregate_id = 'g' AND stream_version = 3",
         store.schema()
     )))
     .execute(store.pool())
@@ -270,7 +269,7 @@ async fn a_stream_with_a_gap_in_its_versions_is_corrupt_not_a_wrong_state() {
     ] {
         match &err {
             CommandError::Store(StoreError::Corrupt(corrupt)) => {
-                assert_eq!((corrupt.stream.as_str(), corrupt.version), ("g", 4));
+                assert_eq!((corrupt.stream.id(), corrupt.version), ("g", 4));
                 assert_eq!(corrupt.event_type.as_deref(), Some("MoneyDeposited"));
                 assert!(corrupt.problem.contains("version 3 is missing"), "{err}");
             }
@@ -291,7 +290,6 @@ async fn a_snapshot_ahead_of_its_stream_is_ignored_and_replaced() {
     store
         .save_snapshot(Snapshot {
             stream_id: sid("a"),
-            aggregate_type: "account".into(),
             version: 99,
             schema_version: 1,
             state: json!({ "owner": "Mallory", "balance": 1_000_000, "open": true }),
@@ -344,7 +342,7 @@ async fn json_nested_deeper_than_can_be_read_is_a_typed_error() {
         let CommandError::Decode(decode) = &err else {
             panic!("expected a decode error, got {err:?}")
         };
-        assert_eq!((decode.stream.as_str(), decode.stream_version), ("deep", 2));
+        assert_eq!((decode.stream.id(), decode.stream_version), ("deep", 2));
         assert!(matches!(decode.kind, DecodeErrorKind::Payload(_)), "{err}");
     }
     assert_eq!(table_dump(&store).await, before);

@@ -183,7 +183,7 @@ async fn an_append_must_be_the_first_write_of_its_transaction() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, StoreError::AppendNotFirstWrite { stream } if stream.as_str() == "late"),
+        matches!(&err, StoreError::AppendNotFirstWrite { stream } if stream.id() == "late"),
         "{err:?}"
     );
     assert!(

@@ -119,7 +119,7 @@ impl Projection<PgTransaction> for Ledger {
             "INSERT INTO \"{schema}\".ledger_applied VALUES ($1, $2, $3)"
         )))
         .bind(event.event_id)
-        .bind(event.stream_id.as_str())
+        .bind(event.aggregate_id())
         .bind(amount)
         .execute(ctx.tx().as_mut())
         .await?;
@@ -127,7 +127,7 @@ impl Projection<PgTransaction> for Ledger {
             "INSERT INTO \"{schema}\".ledger_totals VALUES ($1, $2)
              ON CONFLICT (stream_id) DO UPDATE SET total = ledger_totals.total + excluded.total"
         )))
-        .bind(event.stream_id.as_str())
+        .bind(event.aggregate_id())
         .bind(amount)
         .execute(ctx.tx().as_mut())
         .await?;
@@ -151,7 +151,6 @@ impl Projection<PgTransaction> for Ledger {
 fn deposit(amount: i64) -> NewEvent {
     NewEvent {
         event_id: Uuid::now_v7(),
-        aggregate_type: "account".into(),
         event_type: "Deposited".into(),
         schema_version: 1,
         payload: json!({ "amount": amount }),
@@ -164,7 +163,7 @@ async fn append(store: &PgEventStore, stream: &str, amounts: &[i64]) -> (Vec<Uui
     let ids = events.iter().map(|e| e.event_id).collect();
     let outcome = store
         .append(
-            &StreamId::new(stream).unwrap(),
+            &StreamId::new("account", stream).unwrap(),
             ExpectedVersion::Any,
             events,
         )
@@ -190,8 +189,8 @@ async fn totals_match_events(store: &PgEventStore) {
     let schema = store.schema();
     let mismatches: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT count(*) FROM (
-             SELECT stream_id, sum((payload->>'amount')::bigint) AS total
-             FROM \"{schema}\".events GROUP BY stream_id) e
+             SELECT aggregate_id AS stream_id, sum((payload->>'amount')::bigint) AS total
+             FROM \"{schema}\".events GROUP BY aggregate_id) e
          FULL JOIN \"{schema}\".ledger_totals t USING (stream_id)
          WHERE e.total IS DISTINCT FROM t.total"
     )))
@@ -400,7 +399,7 @@ async fn an_inline_projection_is_updated_in_the_append_transaction() {
         .collect();
     let outcome = store
         .append(
-            &StreamId::new("i-1").unwrap(),
+            &StreamId::new("account", "i-1").unwrap(),
             ExpectedVersion::NoStream,
             events_again,
         )
@@ -418,7 +417,7 @@ async fn a_failing_inline_projection_rolls_the_append_back() {
     ledger.poison.lock().unwrap().insert(poison.event_id);
     let err = store
         .append(
-            &StreamId::new("f").unwrap(),
+            &StreamId::new("account", "f").unwrap(),
             ExpectedVersion::Exact(1),
             vec![deposit(3), poison],
         )
@@ -435,7 +434,7 @@ async fn a_failing_inline_projection_rolls_the_append_back() {
     );
     assert_eq!(
         store
-            .stream_version(&StreamId::new("f").unwrap())
+            .stream_version(&StreamId::new("account", "f").unwrap())
             .await
             .unwrap(),
         Some(1)
@@ -483,7 +482,7 @@ async fn a_store_with_inline_projections_refuses_the_callers_transaction() {
     let err = store
         .append_in(
             &mut tx,
-            &StreamId::new("t").unwrap(),
+            &StreamId::new("account", "t").unwrap(),
             ExpectedVersion::Any,
             vec![deposit(1)],
         )
@@ -580,7 +579,7 @@ async fn an_inline_append_whose_commit_the_database_refuses_stores_nothing() {
         .unwrap();
     let err = store
         .append(
-            &StreamId::new("refused").unwrap(),
+            &StreamId::new("account", "refused").unwrap(),
             ExpectedVersion::Any,
             vec![deposit(1)],
         )
@@ -628,7 +627,7 @@ async fn an_inline_append_whose_commit_the_database_refuses_stores_nothing() {
         .unwrap();
     let err = store
         .append(
-            &StreamId::new("deferred").unwrap(),
+            &StreamId::new("account", "deferred").unwrap(),
             ExpectedVersion::Any,
             vec![deposit(1), deposit(2)],
         )
@@ -670,7 +669,7 @@ async fn an_inline_append_whose_commit_reply_is_lost_is_found_by_its_ids() {
         async move {
             store
                 .append(
-                    &StreamId::new("lost").unwrap(),
+                    &StreamId::new("account", "lost").unwrap(),
                     ExpectedVersion::Any,
                     vec![event],
                 )
@@ -697,7 +696,7 @@ async fn an_inline_append_whose_commit_reply_is_lost_is_found_by_its_ids() {
     assert_eq!(applied(&plain).await, (2, 2, 8), "applied once");
     let err = store
         .append(
-            &StreamId::new("lost").unwrap(),
+            &StreamId::new("account", "lost").unwrap(),
             ExpectedVersion::Any,
             vec![deposit(1)],
         )
@@ -728,7 +727,7 @@ async fn an_inline_projection_whose_rebuild_was_interrupted_refuses_appends_unti
     );
     let err = store
         .append(
-            &StreamId::new("x").unwrap(),
+            &StreamId::new("account", "x").unwrap(),
             ExpectedVersion::Any,
             vec![deposit(4)],
         )
@@ -1001,7 +1000,7 @@ async fn an_inline_projection_of_a_new_version_refuses_appends_until_rebuilt() {
         .unwrap();
     let err = upgraded
         .append(
-            &StreamId::new("v").unwrap(),
+            &StreamId::new("account", "v").unwrap(),
             ExpectedVersion::Any,
             vec![deposit(3)],
         )
@@ -1030,7 +1029,7 @@ async fn an_inline_projection_of_a_new_version_refuses_appends_until_rebuilt() {
     // The old release, still running somewhere, is refused now: its read model is older.
     let err = store
         .append(
-            &StreamId::new("v").unwrap(),
+            &StreamId::new("account", "v").unwrap(),
             ExpectedVersion::Any,
             vec![deposit(4)],
         )
@@ -1052,7 +1051,7 @@ async fn identical_inline_appends_racing_each_other_are_stored_and_applied_once(
             tokio::spawn(async move {
                 store
                     .append(
-                        &StreamId::new("race").unwrap(),
+                        &StreamId::new("account", "race").unwrap(),
                         ExpectedVersion::Any,
                         events,
                     )
@@ -1121,7 +1120,7 @@ async fn an_inline_projection_gets_events_appended_at_an_old_version_upcast() {
     };
     store
         .append(
-            &StreamId::new("old").unwrap(),
+            &StreamId::new("account", "old").unwrap(),
             ExpectedVersion::Exact(1),
             vec![v1],
         )

@@ -194,7 +194,7 @@ async fn appends_ride_out_a_database_restart_and_are_stored_once() {
         .map(|w| {
             let store = store.clone();
             tokio::spawn(async move {
-                let stream = StreamId::new(format!("writer-{w}")).unwrap();
+                let stream = StreamId::new("writer", format!("writer-{w}")).unwrap();
                 let mut ids = Vec::new();
                 for i in 0..per_writer {
                     let e = event(w * 1000 + i);
@@ -238,7 +238,7 @@ async fn appends_ride_out_a_database_restart_and_are_stored_once() {
     let ids: HashSet<_> = stored.iter().map(|e| e.event_id).collect();
     assert_eq!(ids, expected);
     for w in 0..writers {
-        let stream = StreamId::new(format!("writer-{w}")).unwrap();
+        let stream = StreamId::new("writer", format!("writer-{w}")).unwrap();
         let versions: Vec<u64> = store
             .read_stream(&stream, 1)
             .await
@@ -264,7 +264,7 @@ async fn past_the_reconnect_budget_an_append_fails_with_a_transient_error() {
         .build()
         .await
         .expect("open the store");
-    let stream = StreamId::new("budget").unwrap();
+    let stream = StreamId::new("writer", "budget").unwrap();
     store
         .append(&stream, ExpectedVersion::NoStream, vec![event(1)])
         .await

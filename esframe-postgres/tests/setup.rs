@@ -108,10 +108,9 @@ async fn the_store_recovers_from_its_connections_being_killed() {
         .build()
         .await
         .unwrap();
-    let stream = esframe_core::StreamId::new("r").unwrap();
+    let stream = esframe_core::StreamId::new("account", "r").unwrap();
     let new_event = || esframe_core::NewEvent {
         event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "a".into(),
         event_type: "E".into(),
         schema_version: 1,
         payload: serde_json::json!({}),

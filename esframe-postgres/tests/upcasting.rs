@@ -36,7 +36,7 @@ async fn stored_rows_keep_their_original_version_and_payload() {
         .await
         .unwrap();
     let stored = raw
-        .read_stream(&StreamId::new("upcast-history").unwrap(), 1)
+        .read_stream(&StreamId::new("sample", "upcast-history").unwrap(), 1)
         .await
         .unwrap();
     let summary: Vec<(&str, u32)> = stored

@@ -53,13 +53,10 @@ fn report_window(from: usize, to: usize, ops: usize, started: Instant) {
 }
 
 fn deposit_event() -> NewEvent {
-    NewEvent::from_event(
-        "account",
-        &AccountEvent::MoneyDeposited {
-            amount: 1,
-            currency: "EUR".into(),
-        },
-    )
+    NewEvent::from_event(&AccountEvent::MoneyDeposited {
+        amount: 1,
+        currency: "EUR".into(),
+    })
     .expect("encodes")
 }
 
@@ -72,7 +69,7 @@ async fn appends_one_stream(total: usize, windows: usize, prebuilt: bool) {
         "single-event appends, one stream (building each event, UUIDv7 id included)"
     });
     let store = MemoryStore::new();
-    let stream = StreamId::new("bench-stream").expect("valid id");
+    let stream = StreamId::new("account", "bench-stream").expect("valid id");
     let per_window = total / windows;
     for w in 0..windows {
         let mut ready: Vec<Vec<NewEvent>> = if prebuilt {
@@ -99,7 +96,7 @@ async fn appends_many_streams(total: usize, streams: usize) {
     ));
     let store = MemoryStore::new();
     let ids: Vec<StreamId> = (0..streams)
-        .map(|i| StreamId::new(format!("bench-{i}")).expect("valid id"))
+        .map(|i| StreamId::new("account", format!("bench-{i}")).expect("valid id"))
         .collect();
     let windows = 5;
     let per_window = total / windows;
@@ -174,13 +171,10 @@ async fn upcast_load(n: usize) {
         ("stored as v1, one upcast step each", 1),
     ] {
         let store = MemoryStore::with_upcasters(esframe_examples::bank_account::upcasters());
-        let stream = StreamId::new("upcast").expect("valid id");
-        let opened = NewEvent::from_event(
-            "account",
-            &AccountEvent::AccountOpened {
-                owner: "bench".into(),
-            },
-        )
+        let stream = StreamId::new("account", "upcast").expect("valid id");
+        let opened = NewEvent::from_event(&AccountEvent::AccountOpened {
+            owner: "bench".into(),
+        })
         .expect("encodes");
         store
             .append(&stream, ExpectedVersion::NoStream, vec![opened])

@@ -78,7 +78,7 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         .build()
         .await?;
     let one_row = format!(
-        "INSERT INTO {RAW_SCHEMA}.events (global_position, event_id, stream_id, stream_version, aggregate_type, \
+        "INSERT INTO {RAW_SCHEMA}.events (global_position, event_id, aggregate_id, stream_version, aggregate_type, \
          event_type, schema_version, payload, correlation_id, causation_id, metadata) VALUES \
          ((pg_current_xact_id()::text::bigint << 16), gen_random_uuid(), gen_random_uuid()::text, 1, 'account', \
          'MoneyDeposited', 1, '{{\"amount\": 1}}', gen_random_uuid(), gen_random_uuid(), '{{}}');\n"
@@ -86,7 +86,7 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
     // Ids from the series (md5 of the transaction id and row number): cheap, unlike one
     // gen_random_uuid() per row, so this measures the table's own write cost.
     let hundred_rows = format!(
-        "INSERT INTO {RAW_SCHEMA}.events (global_position, event_id, stream_id, stream_version, aggregate_type, \
+        "INSERT INTO {RAW_SCHEMA}.events (global_position, event_id, aggregate_id, stream_version, aggregate_type, \
          event_type, schema_version, payload, correlation_id, causation_id, metadata) \
          SELECT (x.id << 16) + g, md5(x.id::text || '-' || g)::uuid, x.id::text, g + 1, 'account', \
          'MoneyDeposited', 2, '{{\"amount\": 1, \"currency\": \"EUR\"}}', NULL, NULL, '{{}}' \
@@ -397,20 +397,17 @@ async fn deposits(
 fn deposit_events(n: usize) -> Vec<NewEvent> {
     (0..n)
         .map(|_| {
-            NewEvent::from_event(
-                "account",
-                &AccountEvent::MoneyDeposited {
-                    amount: 1,
-                    currency: "EUR".into(),
-                },
-            )
+            NewEvent::from_event(&AccountEvent::MoneyDeposited {
+                amount: 1,
+                currency: "EUR".into(),
+            })
             .expect("encodes")
         })
         .collect()
 }
 
 async fn batch_appends(store: &PgEventStore, window: Duration) -> Result<f64, Error> {
-    let stream = StreamId::new(format!("batch-{}", uuid::Uuid::now_v7()))?;
+    let stream = StreamId::new("account", format!("batch-{}", uuid::Uuid::now_v7()))?;
     let started = Instant::now();
     let mut events = 0u64;
     while started.elapsed() < window {
@@ -425,13 +422,10 @@ async fn batch_appends(store: &PgEventStore, window: Duration) -> Result<f64, Er
 /// A stream of one opening and 10,000 deposits; returns its id.
 async fn long_stream(store: &PgEventStore) -> Result<String, Error> {
     let id = format!("long-{}", uuid::Uuid::now_v7());
-    let stream = StreamId::new(&id)?;
-    let first = NewEvent::from_event(
-        "account",
-        &AccountEvent::AccountOpened {
-            owner: "bench".into(),
-        },
-    )?;
+    let stream = StreamId::new("account", &id)?;
+    let first = NewEvent::from_event(&AccountEvent::AccountOpened {
+        owner: "bench".into(),
+    })?;
     store
         .append(&stream, ExpectedVersion::NoStream, vec![first])
         .await?;
@@ -466,8 +460,10 @@ async fn handler_load(store: &PgEventStore, id: &str) -> Result<Duration, Error>
 
 /// The median of 15 bare fetches of the stream's payloads, each taken as an owned string.
 async fn bare_stream_fetch(pool: &PgPool, id: &str) -> Result<Duration, Error> {
-    let sql =
-        format!("SELECT payload FROM {SCHEMA}.events WHERE stream_id = $1 ORDER BY stream_version");
+    let sql = format!(
+        "SELECT payload FROM {SCHEMA}.events
+         WHERE aggregate_type = 'account' AND aggregate_id = $1 ORDER BY stream_version"
+    );
     let mut times = Vec::new();
     for _ in 0..15 {
         let started = Instant::now();
@@ -494,7 +490,7 @@ fn payload_text(row: &sqlx::postgres::PgRow) -> Result<String, Error> {
 /// Appends `events` deposits over 100 accounts, 100 per append.
 async fn fill_log(store: &PgEventStore, events: usize) -> Result<(), Error> {
     for i in 0..events / 100 {
-        let stream = StreamId::new(format!("global-{}", i % 100))?;
+        let stream = StreamId::new("account", format!("global-{}", i % 100))?;
         store
             .append(&stream, ExpectedVersion::Any, deposit_events(100))
             .await?;
@@ -580,13 +576,10 @@ async fn upcast_load(pool: &PgPool) -> Result<(), Error> {
         ("stored as v1, one upcast step each", 1),
     ] {
         let id = format!("upcast-{schema_version}-{}", uuid::Uuid::now_v7());
-        let stream = StreamId::new(&id)?;
-        let opened = NewEvent::from_event(
-            "account",
-            &AccountEvent::AccountOpened {
-                owner: "bench".into(),
-            },
-        )?;
+        let stream = StreamId::new("account", &id)?;
+        let opened = NewEvent::from_event(&AccountEvent::AccountOpened {
+            owner: "bench".into(),
+        })?;
         store
             .append(&stream, ExpectedVersion::NoStream, vec![opened])
             .await?;

@@ -121,7 +121,7 @@ async fn fill(store: &PgEventStore, events: u64) -> Result<(), Error> {
     let accounts = 1000;
     let per_account = (events / accounts).max(1);
     for a in 0..accounts {
-        let stream = StreamId::new(format!("bench-{a}"))?;
+        let stream = StreamId::new("account", format!("bench-{a}"))?;
         let mut version = 0;
         let mut written = 0;
         while written < per_account {
@@ -138,7 +138,7 @@ async fn fill(store: &PgEventStore, events: u64) -> Result<(), Error> {
                             currency: "EUR".into(),
                         },
                     };
-                    NewEvent::from_event("account", &event)
+                    NewEvent::from_event(&event)
                 })
                 .collect::<Result<_, _>>()?;
             store

@@ -171,7 +171,6 @@ async fn v1_deposits_stored_earlier_replay_into_the_balance() {
         .unwrap();
     let v1 = |amount: u64| NewEvent {
         event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "account".into(),
         event_type: "MoneyDeposited".into(),
         schema_version: 1,
         payload: serde_json::json!({ "amount": amount }),
@@ -179,7 +178,7 @@ async fn v1_deposits_stored_earlier_replay_into_the_balance() {
     };
     store
         .append(
-            &StreamId::new("old").unwrap(),
+            &StreamId::new("account", "old").unwrap(),
             ExpectedVersion::Exact(1),
             vec![v1(300), v1(200)],
         )
@@ -192,7 +191,7 @@ async fn v1_deposits_stored_earlier_replay_into_the_balance() {
     let unupcast = MemoryStore::new();
     unupcast
         .append(
-            &StreamId::new("old").unwrap(),
+            &StreamId::new("account", "old").unwrap(),
             ExpectedVersion::Any,
             vec![v1(1)],
         )

@@ -31,20 +31,6 @@ pub enum CommandError<E> {
     /// A stored event could not be decoded while loading the aggregate.
     #[error(transparent)]
     Decode(#[from] EventDecodeError),
-    /// The stream holds events of another aggregate type.
-    #[error(
-        "stream `{stream}` belongs to aggregate type `{found}`, not `{expected}` (event at version {version})"
-    )]
-    WrongAggregateType {
-        /// The stream.
-        stream: StreamId,
-        /// The aggregate type handling the command.
-        expected: &'static str,
-        /// The aggregate type recorded on the stream.
-        found: String,
-        /// Version of the first mismatching event.
-        version: u64,
-    },
     /// An emitted event could not be serialized.
     #[error("cannot serialize event `{event_type}` for stream `{stream}`: {source}")]
     Encode {

@@ -163,7 +163,6 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
             if loaded.stream_version > until {
                 break;
             }
-            self.check_type(stream, &loaded)?;
             if loaded.stream_version <= start_version {
                 continue;
             }
@@ -206,22 +205,6 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         Ok(self.store.stream_version(stream).await?.unwrap_or(0) == version)
     }
 
-    fn check_type(
-        &self,
-        stream: &StreamId,
-        loaded: &LoadedEvent,
-    ) -> Result<(), CommandError<A::Error>> {
-        if *loaded.aggregate_type == *A::TYPE {
-            return Ok(());
-        }
-        Err(CommandError::WrongAggregateType {
-            stream: stream.clone(),
-            expected: A::TYPE,
-            found: loaded.aggregate_type.to_string(),
-            version: loaded.stream_version,
-        })
-    }
-
     /// The latest snapshot if it can be used: of this stream, this aggregate type and snapshot
     /// version, and readable. Reading from its own version (not the one after) proves the
     /// stream has that version; see `load_state`.
@@ -261,13 +244,6 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
     fn usable(&self, stream: &StreamId, snapshot: &Snapshot) -> Result<A, String> {
         if snapshot.stream_id != *stream {
             return Err(format!("it belongs to stream `{}`", snapshot.stream_id));
-        }
-        if snapshot.aggregate_type != A::TYPE {
-            return Err(format!(
-                "it is of aggregate type `{}`, not `{}`",
-                snapshot.aggregate_type,
-                A::TYPE
-            ));
         }
         if snapshot.schema_version != A::SNAPSHOT_VERSION {
             return Err(format!(

@@ -281,7 +281,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         command: A::Command,
         context: CommandContext,
     ) -> Result<CommandOutcome<A::Event>, CommandError<A::Error>> {
-        let stream = StreamId::new(command.aggregate_id())?;
+        let stream = StreamId::new(A::TYPE, command.aggregate_id())?;
         let provenance = Provenance::of(&command, context);
         match &self.queues {
             None => {
@@ -297,7 +297,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
 
     /// Rebuilds the current state of aggregate `aggregate_id` from its snapshot and events.
     pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
-        let stream = StreamId::new(aggregate_id)?;
+        let stream = StreamId::new(A::TYPE, aggregate_id)?;
         let loaded = self.load_state(&stream, false, false, CURRENT).await?;
         Ok(Loaded {
             state: loaded.state,
@@ -438,7 +438,6 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
                     })?;
                 Ok(NewEvent {
                     event_id: provenance.event_id(index),
-                    aggregate_type: Cow::Borrowed(A::TYPE),
                     event_type: Cow::Borrowed(crate::Event::event_type(event)),
                     schema_version: crate::Event::schema_version(event),
                     payload,
@@ -487,7 +486,6 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         let snapshot = match state.to_snapshot() {
             Ok(value) => Snapshot {
                 stream_id: stream.clone(),
-                aggregate_type: A::TYPE.to_owned(),
                 version,
                 schema_version: A::SNAPSHOT_VERSION,
                 state: value,
@@ -539,7 +537,6 @@ fn envelope<A: Aggregate>(
     EventEnvelope {
         event_id,
         stream_id: stream.clone(),
-        aggregate_type: Cow::Borrowed(A::TYPE),
         stream_version,
         global_position,
         recorded_at: outcome.recorded_at,

@@ -21,7 +21,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         aggregate_id: &str,
         version: u64,
     ) -> Result<Loaded<A>, CommandError<A::Error>> {
-        let stream = StreamId::new(aggregate_id)?;
+        let stream = StreamId::new(A::TYPE, aggregate_id)?;
         let loaded = self
             .load_state(&stream, false, false, version.min(CURRENT - 1))
             .await?;
@@ -41,7 +41,7 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         aggregate_id: &str,
         at: DateTime<Utc>,
     ) -> Result<Loaded<A>, CommandError<A::Error>> {
-        let stream = StreamId::new(aggregate_id)?;
+        let stream = StreamId::new(A::TYPE, aggregate_id)?;
         let events: Vec<LoadedEvent> = self
             .store
             .read_stream(&stream, 1)

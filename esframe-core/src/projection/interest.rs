@@ -73,7 +73,7 @@ impl Interest {
         let wanted = |list: &Option<Vec<Cow<'static, str>>>, value: &str| {
             list.as_ref().is_none_or(|l| l.iter().any(|t| t == value))
         };
-        wanted(&self.aggregate_types, &event.aggregate_type)
+        wanted(&self.aggregate_types, event.aggregate_type())
             && wanted(&self.event_types, &event.event_type)
     }
 }

@@ -111,7 +111,7 @@ fn check(
                     ..
                 }
             ) {
-                StreamId::lossy(&event.event_type.chars().take(64).collect::<String>()).to_string()
+                printable_name(&event.event_type)
             } else {
                 event.event_type.to_string()
             };
@@ -127,9 +127,20 @@ fn check(
     Ok(())
 }
 
+/// A refused name as an error can show it: escaped, at most 64 characters, `(empty)` if empty.
+fn printable_name(name: &str) -> String {
+    if name.is_empty() {
+        return "(empty)".to_owned();
+    }
+    name.chars()
+        .take(64)
+        .collect::<String>()
+        .escape_debug()
+        .to_string()
+}
+
 fn check_event(event: &NewEvent) -> Result<(), InputProblem> {
     limits::check_name("event_type", &event.event_type)?;
-    limits::check_name("aggregate_type", &event.aggregate_type)?;
     limits::check_range(
         "schema_version",
         u64::from(event.schema_version),

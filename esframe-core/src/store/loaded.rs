@@ -17,8 +17,6 @@ use crate::{
 pub struct LoadedEvent {
     /// Position in the stream (1-based).
     pub stream_version: u64,
-    /// The aggregate type that owns the stream.
-    pub aggregate_type: Cow<'static, str>,
     /// The event type name.
     pub event_type: Cow<'static, str>,
     /// The schema version of the payload.
@@ -46,7 +44,6 @@ impl LoadedEvent {
     pub fn from_recorded(event: RecordedEvent) -> Self {
         Self {
             stream_version: event.stream_version,
-            aggregate_type: event.aggregate_type,
             event_type: event.event_type,
             schema_version: event.schema_version,
             payload: event.payload,
@@ -59,7 +56,6 @@ impl LoadedEvent {
         RecordedEvent {
             event_id: uuid::Uuid::nil(),
             stream_id: stream.clone(),
-            aggregate_type: self.aggregate_type,
             stream_version: self.stream_version,
             global_position: Position::START,
             recorded_at: chrono::DateTime::UNIX_EPOCH,

@@ -98,8 +98,7 @@ mod tests {
     fn stored(stream: &str, version: u64, position: u64) -> RecordedEvent {
         RecordedEvent {
             event_id: uuid::Uuid::now_v7(),
-            stream_id: StreamId::new(stream).unwrap(),
-            aggregate_type: "a".into(),
+            stream_id: StreamId::new("a", stream).unwrap(),
             stream_version: version,
             global_position: Position::new(position),
             recorded_at: chrono::Utc::now(),
@@ -112,7 +111,7 @@ mod tests {
 
     #[test]
     fn gaps_repeats_and_foreign_events_in_a_stream_are_corrupt() {
-        let s = StreamId::new("s").unwrap();
+        let s = StreamId::new("a", "s").unwrap();
         let ok = [stored("s", 3, 1), stored("s", 4, 2)];
         assert!(check_stream(&s, 3, &ok).is_ok());
         for (events, from, message) in [
@@ -127,12 +126,12 @@ mod tests {
                 1,
                 "version 1 comes again",
             ),
-            (vec![stored("t", 1, 1)], 1, "an event of stream `t`"),
+            (vec![stored("t", 1, 1)], 1, "an event of stream `a/t`"),
         ] {
             let err = check_stream(&s, from, &events).unwrap_err();
             assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
             assert!(err.to_string().contains(message), "{err}");
-            assert!(err.to_string().contains("stream `s`"), "{err}");
+            assert!(err.to_string().contains("stream `a/s`"), "{err}");
         }
     }
 

@@ -81,10 +81,8 @@ pub struct GlobalBatch {
 /// The stored state of an aggregate at a stream version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
-    /// The stream.
+    /// The stream (its aggregate type wrote the snapshot).
     pub stream_id: StreamId,
-    /// The aggregate type that wrote it.
-    pub aggregate_type: String,
     /// The stream version the state includes (1 to
     /// [`MAX_VERSION`](crate::limits::MAX_VERSION)).
     pub version: u64,
@@ -108,7 +106,6 @@ impl Snapshot {
             location: InputLocation::Snapshot,
             problem,
         };
-        limits::check_name("aggregate_type", &self.aggregate_type).map_err(fail)?;
         limits::check_range("version", self.version, 1, MAX_VERSION).map_err(fail)?;
         limits::check_range(
             "schema_version",

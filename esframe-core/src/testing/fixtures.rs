@@ -13,14 +13,13 @@ use crate::{
 pub(super) const AGGREGATE: &str = "conformance";
 
 pub(super) fn stream(name: &str) -> StreamId {
-    StreamId::new(name).expect("valid test stream id")
+    StreamId::new(AGGREGATE, name).expect("valid test stream id")
 }
 
 /// An event whose payload carries `n`.
 pub(super) fn event(n: u64) -> NewEvent {
     NewEvent {
         event_id: Uuid::now_v7(),
-        aggregate_type: AGGREGATE.into(),
         event_type: "Happened".into(),
         schema_version: 1,
         payload: json!({ "n": n }),
@@ -41,7 +40,6 @@ pub(super) fn payload_n(event: &RecordedEvent) -> u64 {
 pub(super) fn snapshot(stream_id: &StreamId, version: u64, value: u64) -> Snapshot {
     Snapshot {
         stream_id: stream_id.clone(),
-        aggregate_type: AGGREGATE.into(),
         version,
         schema_version: 1,
         state: json!({ "value": value }),

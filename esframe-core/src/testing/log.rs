@@ -86,7 +86,8 @@ pub async fn envelope_fields_round_trip<S: GlobalLog>(store: S) {
     ] {
         assert_eq!(stored.event_id, e.event_id);
         assert_eq!(stored.stream_id, s);
-        assert_eq!(stored.aggregate_type, AGGREGATE);
+        assert_eq!(stored.aggregate_type(), AGGREGATE);
+        assert_eq!(stored.aggregate_id(), s.id());
         assert_eq!(stored.stream_version, 1);
         assert_eq!(stored.global_position, outcome.positions[0]);
         assert_eq!(stored.event_type, "MoneyDeposited");

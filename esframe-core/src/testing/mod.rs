@@ -61,6 +61,7 @@ macro_rules! __conformance_capability {
             partial_duplicate_batch_is_refused,
             read_stream_from_version,
             state_reads_match_full_reads,
+            one_id_under_two_aggregate_types_is_two_streams,
             hostile_stream_ids_round_trip,
             concurrent_writers_one_stream_exactly_one_winner_per_version,
             concurrent_writers_one_stream_lose_nothing,
@@ -91,6 +92,7 @@ macro_rules! __conformance_capability {
             append_with_snapshot_stores_both_or_neither,
             delete_snapshot_only_removes_that_version,
             invalid_snapshots_are_refused,
+            snapshots_are_namespaced_by_aggregate_type,
             cold_loads_read_the_snapshot_and_the_events_from_its_version
         }
     };

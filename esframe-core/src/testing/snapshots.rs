@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::{ExpectedVersion, SnapshotStore};
+use crate::{ExpectedVersion, SnapshotStore, StreamId};
 
 use super::fixtures::{AGGREGATE, events, expect_conflict, snapshot, stream};
 
@@ -17,7 +17,7 @@ pub async fn snapshots_keep_the_latest<S: SnapshotStore>(store: S) {
     let latest = store.load_snapshot(&s).await.unwrap().expect("a snapshot");
     assert_eq!(latest.version, 9);
     assert_eq!(latest.state, json!({ "value": 90 }));
-    assert_eq!(latest.aggregate_type, AGGREGATE);
+    assert_eq!(latest.stream_id.aggregate_type(), AGGREGATE);
     assert_eq!(
         store.load_snapshot(&stream("snap-other")).await.unwrap(),
         None
@@ -135,4 +135,46 @@ pub async fn cold_loads_read_the_snapshot_and_the_events_from_its_version<S: Sna
     let read = store.read_snapshot_and_stream(&ahead).await.unwrap();
     assert_eq!(read.snapshot.map(|x| x.version), Some(9));
     assert!(read.events.is_empty());
+}
+
+/// Snapshots are kept per stream, and so per aggregate type: the same id under another
+/// aggregate type has its own snapshot (or none), and deleting one leaves the other.
+pub async fn snapshots_are_namespaced_by_aggregate_type<S: SnapshotStore>(store: S) {
+    let order = StreamId::new("order", "7").expect("valid");
+    let inventory = StreamId::new("inventory", "7").expect("valid");
+    store
+        .append_with_snapshot(
+            &order,
+            ExpectedVersion::NoStream,
+            events(1..=2),
+            snapshot(&order, 2, 20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.load_snapshot(&inventory).await.unwrap(), None);
+    let cold = store.read_snapshot_and_stream(&inventory).await.unwrap();
+    assert!(
+        cold.snapshot.is_none() && cold.events.is_empty(),
+        "{cold:?}"
+    );
+    store
+        .save_snapshot(snapshot(&inventory, 1, 10))
+        .await
+        .unwrap();
+    let order_snapshot = store.load_snapshot(&order).await.unwrap().expect("kept");
+    assert_eq!(
+        (order_snapshot.version, order_snapshot.stream_id),
+        (2, order.clone())
+    );
+    store.delete_snapshot(&inventory, 1).await.unwrap();
+    assert_eq!(store.load_snapshot(&inventory).await.unwrap(), None);
+    assert_eq!(
+        store
+            .load_snapshot(&order)
+            .await
+            .unwrap()
+            .map(|s| s.version),
+        Some(2),
+        "deleting the inventory's snapshot left the order's"
+    );
 }

@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
-use crate::{EventStore, ExpectedVersion, StoreError};
+use crate::{EventStore, ExpectedVersion, StoreError, StreamId};
 
 use super::fixtures::{AGGREGATE, event, events, expect_conflict, payload_n, stream, versions};
 
@@ -345,7 +345,6 @@ pub async fn state_reads_match_full_reads<S: EventStore>(store: S) {
             (4, "Happened", 1)
         ]
     );
-    assert!(all.iter().all(|e| &*e.aggregate_type == AGGREGATE));
     assert!(
         store
             .read_stream_for_state(&stream("state-read-none"), 1)
@@ -355,7 +354,62 @@ pub async fn state_reads_match_full_reads<S: EventStore>(store: S) {
     );
 }
 
-/// Stream ids full of quotes, SQL and non-ASCII text, and the longest allowed, are stored verbatim.
+/// Streams are namespaced by aggregate type: one id under two aggregate types is two streams,
+/// with their own versions, expectations and reads, however the two parts would concatenate.
+pub async fn one_id_under_two_aggregate_types_is_two_streams<S: EventStore>(store: S) {
+    let order = StreamId::new("order", "42").expect("valid");
+    let inventory = StreamId::new("inventory", "42").expect("valid");
+    // Would be one stream if a store joined the parts without keeping them apart.
+    let (joined_a, joined_b) = (
+        StreamId::new("orde", "r42").expect("valid"),
+        StreamId::new("order4", "2").expect("valid"),
+    );
+    store
+        .append(&order, ExpectedVersion::NoStream, events(1..=2))
+        .await
+        .unwrap();
+    for (n, other) in [&inventory, &joined_a, &joined_b].into_iter().enumerate() {
+        let outcome = store
+            .append(other, ExpectedVersion::NoStream, vec![event(10 + n as u64)])
+            .await
+            .unwrap_or_else(|err| panic!("{other} is a new stream: {err}"));
+        assert_eq!(outcome.stream_version, 1, "{other} starts at version 1");
+    }
+    expect_conflict(
+        store
+            .append(&inventory, ExpectedVersion::Exact(2), vec![event(3)])
+            .await,
+        &inventory,
+        ExpectedVersion::Exact(2),
+        Some(1),
+    );
+    assert_eq!(versions(&store, &order).await, [1, 2]);
+    assert_eq!(store.stream_version(&inventory).await.unwrap(), Some(1));
+    for (s, first) in [
+        (&order, 1),
+        (&inventory, 10),
+        (&joined_a, 11),
+        (&joined_b, 12),
+    ] {
+        let read = store.read_stream(s, 1).await.unwrap();
+        assert!(
+            read.iter().all(|e| e.stream_id == *s),
+            "{s} reads only its own events"
+        );
+        assert_eq!(read[0].aggregate_type(), s.aggregate_type());
+        assert_eq!(read[0].aggregate_id(), s.id());
+        assert_eq!(payload_n(&read[0]), first);
+        let state = store.read_stream_for_state(s, 1).await.unwrap();
+        assert_eq!(
+            state.len(),
+            read.len(),
+            "{s}: state reads are namespaced too"
+        );
+    }
+}
+
+/// Stream ids and aggregate types full of quotes, SQL and non-ASCII text, and the longest ids
+/// allowed, are stored verbatim.
 pub async fn hostile_stream_ids_round_trip<S: EventStore>(store: S) {
     let long = "x".repeat(crate::MAX_STREAM_ID_LEN);
     let ids = [
@@ -376,8 +430,30 @@ pub async fn hostile_stream_ids_round_trip<S: EventStore>(store: S) {
     for (n, id) in ids.iter().enumerate() {
         let stored = store.read_stream(&stream(id), 1).await.unwrap();
         assert_eq!(stored.len(), 1, "stream {id:?} holds exactly its own event");
-        assert_eq!(stored[0].stream_id.as_str(), *id);
+        assert_eq!(stored[0].stream_id.parts(), (AGGREGATE, *id));
         assert_eq!(payload_n(&stored[0]), n as u64);
+    }
+    // Hostile aggregate types too, each with the same id.
+    let types = ["it's", "\"; DROP TABLE events; --", "%_\\", "Ω≈ç√ 🦀"];
+    for (n, aggregate_type) in types.iter().enumerate() {
+        let s = StreamId::new(aggregate_type, "1").expect("valid");
+        store
+            .append(&s, ExpectedVersion::NoStream, vec![event(100 + n as u64)])
+            .await
+            .unwrap();
+    }
+    for (n, aggregate_type) in types.iter().enumerate() {
+        let stored = store
+            .read_stream(&StreamId::new(aggregate_type, "1").expect("valid"), 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.len(),
+            1,
+            "{aggregate_type:?}/1 holds exactly its own event"
+        );
+        assert_eq!(stored[0].stream_id.parts(), (*aggregate_type, "1"));
+        assert_eq!(payload_n(&stored[0]), 100 + n as u64);
     }
 }
 

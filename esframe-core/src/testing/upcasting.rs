@@ -169,7 +169,6 @@ pub fn sample_upcasters() -> Upcasters {
 fn raw(event_type: &'static str, schema_version: u32, payload: Value) -> NewEvent {
     NewEvent {
         event_id: Uuid::now_v7(),
-        aggregate_type: "sample".into(),
         event_type: event_type.into(),
         schema_version,
         payload,
@@ -189,7 +188,7 @@ fn decoded(events: &[RecordedEvent]) -> Vec<Sampled> {
 
 /// Old events, stored as their old JSON, come back at the current version from every read path.
 pub async fn old_events_are_read_at_their_current_version<S: GlobalLog>(store: S) {
-    let stream = StreamId::new("upcast-history").expect("valid id");
+    let stream = StreamId::new(SampledTotal::TYPE, "upcast-history").expect("valid id");
     let history = vec![
         raw("Sampled", 1, json!({ "amt": 1 })),
         raw("Noise", 1, json!({ "loud": true })),
@@ -284,7 +283,7 @@ pub async fn old_events_are_read_at_their_current_version<S: GlobalLog>(store: S
 /// A command handler applies every part of a split event and a dropped one leaves its version
 /// taken: the state sees all amounts and the next command appends after the stored version.
 pub async fn the_handler_applies_split_and_dropped_events<S: GlobalLog>(store: S) {
-    let stream = StreamId::new("upcast-handler").expect("valid id");
+    let stream = StreamId::new(SampledTotal::TYPE, "upcast-handler").expect("valid id");
     let history = vec![
         raw("Pair", 2, json!({ "a": 1, "b": 2 })),
         raw("Noise", 1, json!({ "loud": true })),
@@ -296,7 +295,7 @@ pub async fn the_handler_applies_split_and_dropped_events<S: GlobalLog>(store: S
         .await
         .expect("append");
     let handler = CommandHandler::<SampledTotal, _>::new(store).without_state_cache();
-    let loaded = handler.load(stream.as_str()).await.expect("load");
+    let loaded = handler.load(stream.id()).await.expect("load");
     assert_eq!(
         (loaded.state.total, loaded.state.events, loaded.version),
         (10, 4, 4),
@@ -304,7 +303,7 @@ pub async fn the_handler_applies_split_and_dropped_events<S: GlobalLog>(store: S
     );
     let outcome = handler
         .execute(AddSample {
-            id: stream.as_str().into(),
+            id: stream.id().into(),
             amount: 5,
         })
         .await
@@ -313,14 +312,14 @@ pub async fn the_handler_applies_split_and_dropped_events<S: GlobalLog>(store: S
         outcome.version, 5,
         "appended after the dropped event's version"
     );
-    let loaded = handler.load(stream.as_str()).await.expect("load");
+    let loaded = handler.load(stream.id()).await.expect("load");
     assert_eq!((loaded.state.total, loaded.state.events), (15, 5));
 }
 
 /// Past states (`load_at`, `load_as_of`) are rebuilt through the same upcasters: a split
 /// event's parts share its version, a dropped one applies nothing.
 pub async fn past_states_are_rebuilt_through_upcasters<S: GlobalLog>(store: S) {
-    let stream = StreamId::new("upcast-past").expect("valid id");
+    let stream = StreamId::new(SampledTotal::TYPE, "upcast-past").expect("valid id");
     store
         .append(
             &stream,
@@ -389,7 +388,7 @@ pub async fn past_states_are_rebuilt_through_upcasters<S: GlobalLog>(store: S) {
 
 /// A payload an upcaster cannot convert is a typed error naming the event; nothing changes.
 pub async fn failing_upcasters_are_typed_errors<S: GlobalLog>(store: S) {
-    let stream = StreamId::new("upcast-broken").expect("valid id");
+    let stream = StreamId::new(SampledTotal::TYPE, "upcast-broken").expect("valid id");
     store
         .append(
             &stream,

@@ -227,25 +227,6 @@ pub async fn invalid_names_are_refused<S: EventStore>(store: S) {
             other => panic!("{what}: expected InvalidName, got {other:?}"),
         }
     }
-    for aggregate_type in ["", "agg\u{0}regate", long.as_str()] {
-        let mut e = event(3);
-        e.aggregate_type = aggregate_type.to_owned().into();
-        expect_invalid(
-            store.append(&s, ExpectedVersion::Any, vec![e]).await,
-            &s,
-            &at(0, "Happened"),
-            |p| {
-                matches!(
-                    p,
-                    InputProblem::InvalidName {
-                        field: "aggregate_type",
-                        ..
-                    }
-                )
-            },
-            "an invalid aggregate type",
-        );
-    }
     stored.unchanged("invalid names").await;
 }
 
@@ -313,11 +294,15 @@ pub async fn json_nested_too_deep_is_refused<S: EventStore>(store: S) {
 
 /// Values at every limit are accepted and read back exactly as given.
 pub async fn values_at_the_limits_round_trip<S: EventStore>(store: S) {
-    let s = stream("limits");
+    // The longest aggregate type and id a stream id can have.
+    let s = StreamId::new(
+        "A".repeat(MAX_NAME_LEN),
+        "I".repeat(crate::MAX_STREAM_ID_LEN),
+    )
+    .expect("a stream id at the limits");
     let name = "N".repeat(MAX_NAME_LEN);
     let mut e = event(0);
     e.event_type = name.clone().into();
-    e.aggregate_type = "A".repeat(MAX_NAME_LEN).into();
     e.schema_version = MAX_SCHEMA_VERSION;
     e.payload = json!({
         "deepest": nested(MAX_JSON_DEPTH - 1, json!("bottom")),
@@ -339,7 +324,7 @@ pub async fn values_at_the_limits_round_trip<S: EventStore>(store: S) {
     assert_eq!(stored.len(), 1);
     let read = &stored[0];
     assert_eq!(read.event_type, name);
-    assert_eq!(read.aggregate_type, e.aggregate_type);
+    assert_eq!(read.stream_id, s);
     assert_eq!(read.schema_version, MAX_SCHEMA_VERSION);
     assert_eq!(read.payload, e.payload, "the payload reads back unchanged");
     assert_eq!(
@@ -364,9 +349,6 @@ pub async fn invalid_snapshots_are_refused<S: SnapshotStore>(store: S) {
     let mut schema = snapshot(&s, 2, 2);
     schema.schema_version = 0;
     bad.push((schema, "schema version 0"));
-    let mut name = snapshot(&s, 2, 2);
-    name.aggregate_type = String::new();
-    bad.push((name, "an empty aggregate type"));
     for (snapshot, what) in bad {
         let result = store.save_snapshot(snapshot).await;
         expect_invalid(result, &s, &InputLocation::Snapshot, |_| true, what);
@@ -386,7 +368,7 @@ pub async fn invalid_snapshots_are_refused<S: SnapshotStore>(store: S) {
     let mut deep = snapshot(&s, 2, 2);
     deep.state = nested(100_000, json!(0));
     let mut bad_name = event(1);
-    bad_name.aggregate_type = "".into();
+    bad_name.event_type = "".into();
     assert!(
         store
             .append_with_snapshot(&s, ExpectedVersion::NoStream, vec![bad_name], deep)

@@ -74,7 +74,7 @@ struct Queries {
 }
 
 const DEAD_LETTER_COLUMNS: &str = "id, projection, partition, global_position, event_id, \
-     stream_id, stream_version, event_type, error, attempts, parked_at";
+     aggregate_type, aggregate_id, stream_version, event_type, error, attempts, parked_at";
 
 impl Queries {
     fn new(schema: &SchemaName) -> Self {
@@ -96,9 +96,9 @@ impl Queries {
                  WHERE projection = $1 AND partition = $2 AND position = $6 AND version = $7"
             ),
             park: format!(
-                "INSERT INTO {dl} (projection, partition, global_position, event_id, stream_id,
-                     stream_version, event_type, error, attempts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                "INSERT INTO {dl} (projection, partition, global_position, event_id,
+                     aggregate_type, aggregate_id, stream_version, event_type, error, attempts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             ),
             resolve: format!("DELETE FROM {dl} WHERE id = $1"),
             clear: format!(
@@ -156,7 +156,8 @@ fn describe(checkpoint: Option<Checkpoint>) -> String {
 
 fn dead_letter(row: &PgRow) -> Result<DeadLetter, CheckpointError> {
     let read = || -> Result<DeadLetter, sqlx::Error> {
-        let stream: String = row.try_get("stream_id")?;
+        let aggregate_type: String = row.try_get("aggregate_type")?;
+        let id: String = row.try_get("aggregate_id")?;
         let name: String = row.try_get("projection")?;
         let partition = u16::try_from(row.try_get::<i32, _>("partition")?).unwrap_or(0);
         let key = ProjectionKey::new(&name, partition)
@@ -167,7 +168,8 @@ fn dead_letter(row: &PgRow) -> Result<DeadLetter, CheckpointError> {
             event: NewDeadLetter {
                 global_position: position(row.try_get("global_position")?),
                 event_id: row.try_get("event_id")?,
-                stream_id: StreamId::new(&stream).unwrap_or_else(|_| StreamId::lossy(&stream)),
+                stream_id: StreamId::new(&aggregate_type, &id)
+                    .unwrap_or_else(|_| StreamId::lossy(&aggregate_type, &id)),
                 stream_version: u64::try_from(row.try_get::<i64, _>("stream_version")?)
                     .unwrap_or(0),
                 event_type: row.try_get("event_type")?,
@@ -337,7 +339,8 @@ impl CheckpointStore for PgCheckpoints {
                 .bind(partition)
                 .bind(to_i64(letter.global_position.get()))
                 .bind(letter.event_id)
-                .bind(letter.stream_id.as_str())
+                .bind(letter.stream_id.aggregate_type())
+                .bind(letter.stream_id.id())
                 .bind(to_i64(letter.stream_version))
                 .bind(&letter.event_type)
                 .bind(&letter.error)

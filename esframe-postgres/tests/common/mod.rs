@@ -97,7 +97,6 @@ pub async fn store(label: &str) -> PgEventStore {
 pub fn event(n: u64) -> NewEvent {
     NewEvent {
         event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "test".into(),
         event_type: "Happened".into(),
         schema_version: 1,
         payload: serde_json::json!({ "n": n }),
@@ -107,7 +106,7 @@ pub fn event(n: u64) -> NewEvent {
 
 /// A stream id the test knows is valid.
 pub fn sid(s: &str) -> StreamId {
-    StreamId::new(s).expect("valid test stream id")
+    StreamId::new("account", s).expect("valid test stream id")
 }
 
 /// A connection of its own to the test database (for the caller's transactions).

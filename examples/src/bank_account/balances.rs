@@ -149,7 +149,7 @@ impl Projection<PgTransaction> for PgBalances {
     ) -> Result<(), HandlerError> {
         let mut change = Change::default();
         change.add(&event.decode()?);
-        self.upsert(vec![(event.stream_id.to_string(), change)], ctx.tx())
+        self.upsert(vec![(event.aggregate_id().to_owned(), change)], ctx.tx())
             .await
     }
 
@@ -162,7 +162,7 @@ impl Projection<PgTransaction> for PgBalances {
         let mut order = Vec::new();
         let mut changes: HashMap<&str, Change> = HashMap::new();
         for event in events {
-            let account = event.stream_id.as_str();
+            let account = event.aggregate_id();
             let change = changes.entry(account).or_insert_with(|| {
                 order.push(account);
                 Change::default()
@@ -240,9 +240,9 @@ impl Projection for MemoryBalances {
         change.add(&event.decode()?);
         let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
         let row = rows
-            .entry(event.stream_id.to_string())
+            .entry(event.aggregate_id().to_owned())
             .or_insert_with(|| AccountBalance {
-                account_id: event.stream_id.to_string(),
+                account_id: event.aggregate_id().to_owned(),
                 ..AccountBalance::default()
             });
         if let Some(owner) = change.owner {

@@ -100,11 +100,10 @@ where
     // ANCHOR: v1_deposit
     // What release 1 of this application wrote: `{"amount": n}` at schema version 1. The store
     // was built with the account's upcasters, so every read sees it as v2, in euros.
-    let stream = StreamId::new(ada)?;
+    let stream = StreamId::new("account", ada)?;
     let version = store.stream_version(&stream).await?.unwrap_or(0);
     let old_deposit = NewEvent {
         event_id: uuid::Uuid::now_v7(),
-        aggregate_type: "account".into(),
         event_type: "MoneyDeposited".into(),
         schema_version: 1,
         payload: serde_json::json!({ "amount": 700 }),
@@ -302,7 +301,10 @@ where
 
     let mut stream_events = 0;
     for id in [ada, bob] {
-        stream_events += store.read_stream(&StreamId::new(id)?, 1).await?.len();
+        stream_events += store
+            .read_stream(&StreamId::new("account", id)?, 1)
+            .await?
+            .len();
     }
     writeln!(out, "\n{stream_events} events stored in the two accounts")?;
     Ok(DemoReport {

@@ -217,13 +217,12 @@ pub async fn interest_skips_other_events_but_checkpoints_past_them<S, C, R>(
     R: Recorder<C::Tx>,
 {
     append(&store, "a", &[1]).await;
-    let mut loan = deposit(50);
-    loan.aggregate_type = "loan".into();
+    // A loan with the same id as the account: another stream, of another aggregate type.
     store
         .append(
-            &StreamId::new("l").expect("valid"),
+            &StreamId::new("loan", "a").expect("valid"),
             ExpectedVersion::Any,
-            vec![loan],
+            vec![deposit(50)],
         )
         .await
         .expect("append");

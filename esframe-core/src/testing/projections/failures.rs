@@ -52,7 +52,7 @@ pub async fn a_poison_event_is_retried_parked_and_retried_again_after_a_fix<S, C
     let letter = &parked[0];
     assert_eq!(letter.key, key("totals"));
     assert_eq!(letter.event.event_id, poison);
-    assert_eq!(letter.event.stream_id.as_str(), "acc-2");
+    assert_eq!(letter.event.stream_id.parts(), ("account", "acc-2"));
     assert_eq!(letter.event.stream_version, 1);
     assert_eq!(letter.event.global_position, all[2].global_position);
     assert_eq!(letter.event.attempts, 3);
@@ -146,13 +146,11 @@ pub async fn on_failure_stop_halts_before_the_event_and_a_restart_tries_it_again
     else {
         panic!("unexpected {err}");
     };
-    assert_eq!(
-        (stream.as_str(), *stream_version, *attempts),
-        ("acc-1", 2, 2)
-    );
+    assert_eq!((stream.id(), *stream_version, *attempts), ("acc-1", 2, 2));
     assert!(source.to_string().contains("poison"));
     assert!(
-        err.to_string().contains("at version 2 of stream `acc-1`"),
+        err.to_string()
+            .contains("at version 2 of stream `account/acc-1`"),
         "{err}"
     );
     let stopped_at = checkpoint_of(&checkpoints, "totals")
@@ -264,7 +262,7 @@ pub async fn a_panicking_handler_is_retried_and_parked_instead_of_killing_the_ru
         parked[0]
             .event
             .error
-            .contains("the handler panicked: bad data in p"),
+            .contains("the handler panicked: bad data in account/p"),
         "{}",
         parked[0].event.error
     );

@@ -93,7 +93,8 @@ impl<Tx: Send + 'static, R: Recorder<Tx>> Projection<Tx> for Tally<R> {
         }
         let applied = Applied {
             event_id: event.event_id,
-            stream: event.stream_id.to_string(),
+            // Every stream here is an account's: the id names it.
+            stream: event.aggregate_id().to_owned(),
             amount: event.payload["amount"].as_i64().ok_or("no amount")?,
             replay: ctx.is_replay(),
         };
@@ -108,7 +109,6 @@ impl<Tx: Send + 'static, R: Recorder<Tx>> Projection<Tx> for Tally<R> {
 pub(super) fn deposit(amount: i64) -> NewEvent {
     NewEvent {
         event_id: Uuid::now_v7(),
-        aggregate_type: "account".into(),
         event_type: "Deposited".into(),
         schema_version: 1,
         payload: json!({ "amount": amount }),
@@ -122,7 +122,7 @@ pub(super) async fn append<S: EventStore>(store: &S, stream: &str, amounts: &[i6
     let ids = events.iter().map(|e| e.event_id).collect();
     store
         .append(
-            &StreamId::new(stream).expect("valid stream"),
+            &StreamId::new("account", stream).expect("valid stream"),
             ExpectedVersion::Any,
             events,
         )

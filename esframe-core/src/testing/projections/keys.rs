@@ -94,7 +94,7 @@ pub async fn partitions_keep_their_own_checkpoints_leases_and_dead_letters<S, C,
     commit.park = Some(NewDeadLetter {
         global_position: Position::new(3),
         event_id: Uuid::now_v7(),
-        stream_id: StreamId::new("s").expect("valid"),
+        stream_id: StreamId::new("account", "s").expect("valid"),
         stream_version: 1,
         event_type: "Deposited".into(),
         error: "failed".into(),

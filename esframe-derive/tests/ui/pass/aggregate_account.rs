@@ -98,7 +98,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let stream = StreamId::new("account-1").unwrap();
+    let stream = StreamId::new("account", "1").unwrap();
     let services = BankServices {
         bonus_threshold: 100,
     };

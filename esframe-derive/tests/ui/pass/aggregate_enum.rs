@@ -50,7 +50,7 @@ fn decide<A: Aggregate>(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let stream = StreamId::new(command.aggregate_id()).unwrap();
+    let stream = StreamId::new(Door::TYPE, command.aggregate_id()).unwrap();
     let mut decision = Decision::new(state, &stream, 1);
     runtime
         .block_on(A::handle(&mut decision, command, services))

@@ -50,8 +50,7 @@ fn opened_v1_to_v2(payload: Value) -> Result<Upcast, UpcastFailure> {
 fn stored(event_type: &'static str, schema_version: u32, payload: Value) -> RecordedEvent {
     RecordedEvent {
         event_id: Uuid::nil(),
-        stream_id: StreamId::new("account-1").unwrap(),
-        aggregate_type: Cow::Borrowed("account"),
+        stream_id: StreamId::new("account", "1").unwrap(),
         stream_version: 1,
         global_position: esframe_core::Position::new(1),
         recorded_at: Default::default(),

@@ -26,8 +26,7 @@ fn main() {
         .unwrap();
     let v2 = RecordedEvent {
         event_id: uuid::Uuid::nil(),
-        stream_id: StreamId::new("account-1").unwrap(),
-        aggregate_type: Cow::Borrowed("account"),
+        stream_id: StreamId::new("account", "1").unwrap(),
         stream_version: 4,
         global_position: esframe_core::Position::new(9),
         recorded_at: Default::default(),

@@ -150,7 +150,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let stream = StreamId::new("wallet-1").unwrap();
+    let stream = StreamId::new(Wallet::<Eur>::TYPE, "wallet-1").unwrap();
     let limits = Limits {
         max: 100,
         currency: PhantomData,
