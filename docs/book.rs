@@ -32,6 +32,7 @@ chapters! {
     concepts_global_log => "src/concepts/global-log.md",
     concepts_testing => "src/concepts/testing.md",
     guides_bank_account => "src/guides/bank-account.md",
+    guides_http_service => "src/guides/http-service.md",
     guides_postgres => "src/guides/postgres.md",
     guides_store_backend => "src/guides/store-backend.md",
     reference_errors => "src/reference/errors.md",

@@ -1,6 +1,7 @@
 //! Example domains for esframe, shared by the runnable examples, their tests and the benchmarks.
 
 pub mod bank_account;
+pub mod http_service;
 
 /// The README's code, compiled and run as doctests so the quick start stays true.
 #[cfg(doctest)]
