@@ -46,6 +46,66 @@ pub fn decode_variant<T: DeserializeOwned>(
         .map_err(DecodeErrorKind::Payload)
 }
 
+/// An event enum's serde support as one bound, whose error on a missing derive says what to
+/// write (instead of serde's two errors listing every type that implements its traits).
+#[diagnostic::on_unimplemented(
+    message = "event `{Self}` must implement serde's `Serialize` and `Deserialize`",
+    label = "add `#[derive(Serialize, Deserialize)]` to `{Self}`",
+    note = "events are stored as JSON, written and read by serde; if `{Self}` derives one of the two already, add the other"
+)]
+pub trait SerdeEvent: Serialize + DeserializeOwned {}
+
+// `do_not_recommend`: an unmet bound is reported as `SerdeEvent`, not as serde's traits.
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + DeserializeOwned> SerdeEvent for T {}
+
+/// The serde calls of a derived `Event` impl, as function pointers that carry no bound: the
+/// derive builds this once in a `const` spanned on the enum's name, the one place a missing
+/// serde derive is reported.
+#[derive(Debug)]
+pub struct EventSerde<T> {
+    /// [`encode_variant`].
+    pub encode: fn(&T) -> Result<Value, serde_json::Error>,
+    /// [`decode_variant`].
+    pub decode: fn(u32, &crate::Payload) -> Result<T, DecodeErrorKind>,
+}
+
+/// [`EventSerde`] for `T`.
+pub const fn event_serde<T: SerdeEvent>() -> EventSerde<T> {
+    EventSerde {
+        encode: encode_variant::<T>,
+        decode: decode_variant::<T>,
+    }
+}
+
+/// An aggregate state's serde support, as [`SerdeEvent`] is an event's.
+#[diagnostic::on_unimplemented(
+    message = "aggregate `{Self}` must implement serde's `Serialize` and `Deserialize`",
+    label = "add `#[derive(Serialize, Deserialize)]` to `{Self}`",
+    note = "snapshots store the aggregate's state as JSON, written and read by serde; if `{Self}` derives one of the two already, add the other"
+)]
+pub trait SerdeState: Serialize + DeserializeOwned {}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + DeserializeOwned> SerdeState for T {}
+
+/// The serde calls of a derived `Aggregate` impl, as [`EventSerde`] is an event's.
+#[derive(Debug)]
+pub struct StateSerde<T> {
+    /// [`encode_snapshot`].
+    pub encode: fn(&T) -> Result<Value, serde_json::Error>,
+    /// [`decode_snapshot`].
+    pub decode: fn(&Value) -> Result<T, serde_json::Error>,
+}
+
+/// [`StateSerde`] for `T`.
+pub const fn state_serde<T: SerdeState>() -> StateSerde<T> {
+    StateSerde {
+        encode: encode_snapshot::<T>,
+        decode: decode_snapshot::<T>,
+    }
+}
+
 /// Serializes an aggregate's state for a snapshot.
 pub fn encode_snapshot<T: Serialize>(state: &T) -> Result<Value, serde_json::Error> {
     serde_json::to_value(state)
@@ -54,6 +114,25 @@ pub fn encode_snapshot<T: Serialize>(state: &T) -> Result<Value, serde_json::Err
 /// Restores an aggregate's state from a snapshot.
 pub fn decode_snapshot<T: DeserializeOwned>(state: &Value) -> Result<T, serde_json::Error> {
     T::deserialize(state)
+}
+
+/// What a derived `Aggregate::handle` needs of the user's inherent `handle`: a future of `R`, as
+/// an `async fn` returns. Its error says so, instead of "`Result<..>` is not a future" on the
+/// derive.
+#[diagnostic::on_unimplemented(
+    message = "`handle` must be an `async fn` returning `{R}`",
+    label = "`handle` returns `{Self}`",
+    note = "write `async fn handle(decision: &mut Decision<'_, Self>, command: &.., services: &..) -> {R}` in an `impl` block of the aggregate"
+)]
+pub trait AsyncHandle<R>: Future<Output = R> {}
+
+#[diagnostic::do_not_recommend]
+impl<R, F: Future<Output = R>> AsyncHandle<R> for F {}
+
+/// The future of the user's `handle`. An opaque return type, so that a `handle` that is no
+/// future is reported as the unmet `AsyncHandle` bound alone.
+pub fn async_handle<R, F: AsyncHandle<R>>(future: F) -> impl Future<Output = R> {
+    future
 }
 
 /// The error returned for an unknown event type name.

@@ -34,7 +34,15 @@ struct AggregateAttrs {
     snapshot_version: Setting<u32>,
 }
 
-const KEYS: &str = "`name`, `command`, `event`, `error`, `services` or `snapshot_version`";
+const KEYS: &[&str] = &[
+    "name",
+    "command",
+    "event",
+    "error",
+    "services",
+    "snapshot_version",
+];
+const EXPECTED: &str = "`name`, `command`, `event`, `error`, `services` or `snapshot_version`";
 
 /// A validated aggregate.
 struct AggregateInput<'a> {
@@ -78,20 +86,26 @@ impl<'a> AggregateInput<'a> {
             }
         }
         attr::for_each_key(&input.attrs, "aggregate", errors, |errors, meta| {
-            let path = meta.path.clone();
-            if path.is_ident("name") {
-                let value = attr::name(errors, &meta, "account")?;
-                attrs.name.set(errors, "aggregate", &path, value);
-            } else if path.is_ident("snapshot_version") {
-                let value = attr::positive_int(errors, &meta)?;
-                attrs
-                    .snapshot_version
-                    .set(errors, "aggregate", &path, value);
-            } else if let Some(setting) = attrs.type_setting(&path) {
-                let value = type_value(errors, &meta)?;
-                setting.set(errors, "aggregate", &path, value);
-            } else {
-                attr::unknown_key(errors, &meta, "aggregate", KEYS)?;
+            let Some(key) = attr::key(errors, &meta, "aggregate", KEYS, EXPECTED)? else {
+                return Ok(());
+            };
+            let mut sink = Errors::new();
+            let errors = key.errors(errors, &mut sink);
+            match key.name {
+                "name" => {
+                    let value = attr::name(errors, &meta, "account")?;
+                    attrs.name.set(errors, "aggregate", &key, value);
+                }
+                "snapshot_version" => {
+                    let value = attr::positive_int(errors, &meta)?;
+                    attrs.snapshot_version.set(errors, "aggregate", &key, value);
+                }
+                type_key => {
+                    let value = type_value(errors, &meta)?;
+                    attrs
+                        .type_setting(type_key)
+                        .set(errors, "aggregate", &key, value);
+                }
             }
             Ok(())
         });
@@ -121,8 +135,8 @@ impl<'a> AggregateInput<'a> {
     fn expand(&self) -> TokenStream {
         let ident = self.ident;
         let (_, ty_generics, _) = self.generics.split_for_impl();
-        // Serde support: for a generic aggregate a bound in the `where` clause; for a plain one
-        // the serde calls are spanned on its name, so a missing serde derive is reported there.
+        // A generic aggregate's supertraits and serde support: a bound in the `where` clause, so
+        // that a type argument without them is reported where the aggregate is used with it.
         let generics = if self.generics.params.is_empty() {
             self.generics.clone()
         } else {
@@ -156,12 +170,31 @@ impl<'a> AggregateInput<'a> {
         let apply = Ident::new("apply", ident.span());
         let call_handle = quote!(Self::#handle);
         let call_apply = quote!(Self::#apply);
-        let serde_span = ident.span();
-        let encode = quote_spanned! {serde_span=>
-            ::esframe_core::__private::encode_snapshot(self)
+        // A plain aggregate's serde functions come from one `const`, spanned on its name: a
+        // missing serde derive is one error there, and the impl's bodies need no serde bound.
+        let (serde_const, serde) = if self.generics.params.is_empty() {
+            let serde_const = quote_spanned! {ident.span()=>
+                const __ESFRAME_SERDE: ::esframe_core::__private::StateSerde<#ident> =
+                    ::esframe_core::__private::state_serde::<#ident>();
+            };
+            (Some(serde_const), quote!(__ESFRAME_SERDE))
+        } else {
+            (
+                None,
+                quote!(::esframe_core::__private::state_serde::<Self>()),
+            )
         };
-        let decode = quote_spanned! {serde_span=>
-            ::esframe_core::__private::decode_snapshot(state)
+        // The user's `handle` goes through a bound whose error says to make it an `async fn`,
+        // spanned on the type's name (where rustc reports it once). The output names the error
+        // type as written: `Self::Error` would require `Self: Aggregate` there, reporting a
+        // missing `Default` a second time.
+        let handle_output = quote!(::core::result::Result<(), #error>);
+        let call_handle = quote_spanned! {ident.span()=>
+            let future = #call_handle(decision, command, services);
+            ::esframe_core::__private::async_handle::<#handle_output, _>(future)
+        };
+        let handle_future = quote_spanned! {ident.span()=>
+            impl ::core::future::Future<Output = #handle_output> + ::core::marker::Send
         };
 
         quote! {
@@ -178,6 +211,8 @@ impl<'a> AggregateInput<'a> {
                 }
                 impl #impl_generics AddAnInherentFnApply for #ident #ty_generics #where_clause {}
 
+                #serde_const
+
                 #[automatically_derived]
                 impl #impl_generics ::esframe_core::Aggregate for #ident #ty_generics #where_clause {
                     const TYPE: &'static ::core::primitive::str = #name;
@@ -192,10 +227,8 @@ impl<'a> AggregateInput<'a> {
                         decision: &mut ::esframe_core::Decision<'_, Self>,
                         command: &Self::Command,
                         services: &Self::Services,
-                    ) -> impl ::core::future::Future<
-                        Output = ::core::result::Result<(), Self::Error>,
-                    > + ::core::marker::Send {
-                        #call_handle(decision, command, services)
+                    ) -> #handle_future {
+                        #call_handle
                     }
 
                     fn apply(&mut self, event: &Self::Event) {
@@ -203,13 +236,13 @@ impl<'a> AggregateInput<'a> {
                     }
 
                     fn to_snapshot(&self) -> ::core::result::Result<#json::Value, #json::Error> {
-                        #encode
+                        (#serde.encode)(self)
                     }
 
                     fn from_snapshot(
                         state: &#json::Value,
                     ) -> ::core::result::Result<Self, #json::Error> {
-                        #decode
+                        (#serde.decode)(state)
                     }
                 }
             };
@@ -218,18 +251,13 @@ impl<'a> AggregateInput<'a> {
 }
 
 impl AggregateAttrs {
-    /// The setting of a key whose value is a type.
-    fn type_setting(&mut self, path: &Path) -> Option<&mut Setting<Type>> {
-        if path.is_ident("command") {
-            Some(&mut self.command)
-        } else if path.is_ident("event") {
-            Some(&mut self.event)
-        } else if path.is_ident("error") {
-            Some(&mut self.error)
-        } else if path.is_ident("services") {
-            Some(&mut self.services)
-        } else {
-            None
+    /// The setting of `key`, one of the keys whose value is a type.
+    fn type_setting(&mut self, key: &str) -> &mut Setting<Type> {
+        match key {
+            "command" => &mut self.command,
+            "event" => &mut self.event,
+            "error" => &mut self.error,
+            _ => &mut self.services, // "services"
         }
     }
 }

@@ -6,11 +6,13 @@ use syn::{
     Attribute, Expr, ExprLit, Lit, LitInt, LitStr, Path, Token, Type, meta::ParseNestedMeta,
 };
 
-use crate::errors::Errors;
+use crate::errors::{Errors, closest};
 
 /// A key that may appear once. Remembers the key's path to report a second occurrence.
 pub(crate) struct Setting<T> {
     key: Option<Path>,
+    /// Set from a misspelled key: a correctly spelled one replaces it.
+    guessed: bool,
     value: Option<T>,
 }
 
@@ -18,30 +20,33 @@ impl<T> Default for Setting<T> {
     fn default() -> Self {
         Self {
             key: None,
+            guessed: false,
             value: None,
         }
     }
 }
 
 impl<T> Setting<T> {
-    /// Stores `value` for the key at `path`, or reports a duplicate key on this second `path`.
+    /// Stores `value` for `key`, or reports a duplicate key on this second occurrence.
     /// `value` is `None` when the value was wrong (already reported): the key still counts.
-    pub(crate) fn set(&mut self, errors: &mut Errors, attr: &str, path: &Path, value: Option<T>) {
-        if self.key.is_some() {
-            errors.spanned(
-                path,
-                format_args!(
-                    "duplicate `{}` key in `#[{attr}(...)]`",
-                    path_to_string(path)
-                ),
-            );
-        } else {
-            self.key = Some(path.clone());
-            self.value = value;
+    /// A misspelled key (already reported) never is a duplicate: it only fills in a key not
+    /// written, and a correctly spelled one written later replaces it.
+    pub(crate) fn set(&mut self, errors: &mut Errors, attr: &str, key: &Key, value: Option<T>) {
+        match (&self.key, key.guessed) {
+            (Some(_), true) => {}
+            (Some(_), false) if !self.guessed => errors.spanned(
+                &key.path,
+                format_args!("duplicate `{}` key in `#[{attr}(...)]`", key.name),
+            ),
+            _ => {
+                self.key = Some(key.path.clone());
+                self.guessed = key.guessed;
+                self.value = value;
+            }
         }
     }
 
-    /// Whether the key was written, even with a wrong value.
+    /// Whether the key was written, even with a wrong value or misspelled.
     pub(crate) fn is_present(&self) -> bool {
         self.key.is_some()
     }
@@ -53,6 +58,68 @@ impl<T> Setting<T> {
     pub(crate) fn into_value(self) -> Option<T> {
         self.value
     }
+
+    /// Drops a value found wrong after parsing (reported by the caller): the key still counts.
+    pub(crate) fn discard_value(&mut self) {
+        self.value = None;
+    }
+}
+
+/// A key of an attribute, as [`key`] recognized it.
+pub(crate) struct Key {
+    /// The key as the attribute spells it.
+    pub(crate) name: &'static str,
+    /// The key as written.
+    pub(crate) path: Path,
+    /// Written misspelled (already reported): read its value as `name`'s, reporting nothing
+    /// more, so that one misspelling is one error rather than a "missing key" and the type
+    /// errors of an impl without the value.
+    pub(crate) guessed: bool,
+}
+
+impl Key {
+    /// `errors`, or for a guessed key a sink whose errors are dropped.
+    pub(crate) fn errors<'a>(
+        &self,
+        errors: &'a mut Errors,
+        sink: &'a mut Errors,
+    ) -> &'a mut Errors {
+        if self.guessed { sink } else { errors }
+    }
+}
+
+/// The key of `meta` among `known`, the keys valid at this place. A key not among them is
+/// reported on its path: as a misspelling of the known key it is closest to, which is returned
+/// guessed, or else listing `expected`, and then its value is skipped and `None` returned.
+pub(crate) fn key(
+    errors: &mut Errors,
+    meta: &ParseNestedMeta<'_>,
+    attr: &str,
+    known: &[&'static str],
+    expected: &str,
+) -> syn::Result<Option<Key>> {
+    let written = path_to_string(&meta.path);
+    let (name, guessed) = match known.iter().find(|key| meta.path.is_ident(key)) {
+        Some(name) => (*name, false),
+        None => match closest(&written, known.iter().copied()) {
+            Some(name) => {
+                errors.spanned(
+                    &meta.path,
+                    format_args!("unknown `{attr}` key `{written}`; did you mean `{name}`?"),
+                );
+                (name, true)
+            }
+            None => {
+                unknown_key(errors, meta, attr, expected)?;
+                return Ok(None);
+            }
+        },
+    };
+    Ok(Some(Key {
+        name,
+        path: meta.path.clone(),
+        guessed,
+    }))
 }
 
 /// Parses each `#[NAME(...)]` attribute in `attrs` with `each_key`, recording syntax errors and
@@ -261,6 +328,45 @@ mod tests {
         );
         assert_eq!(versions, [Some(3), None, None, Some(7), None]);
         assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    /// The version `attr` sets, with `version` read through [`key`], and the errors as tokens.
+    fn read_version(attr: Attribute) -> (Option<u32>, String) {
+        let mut errors = Errors::new();
+        let mut version = Setting::default();
+        for_each_key(&[attr], "event", &mut errors, |errors, meta| {
+            if let Some(key) = key(errors, &meta, "event", &["version"], "`version`")? {
+                let mut sink = Errors::new();
+                let errors = key.errors(errors, &mut sink);
+                let value = positive_int(errors, &meta)?;
+                version.set(errors, "event", &key, value);
+            }
+            Ok(())
+        });
+        let errors = errors.finish().err().unwrap_or_default().to_string();
+        (version.into_value(), errors)
+    }
+
+    #[test]
+    fn a_misspelled_key_is_one_error_and_still_read() {
+        for (attr, expected) in [
+            (parse_quote!(#[event(versoin = 2)]), Some(2)),
+            (parse_quote!(#[event(versoin = 2, version = 3)]), Some(3)),
+            (parse_quote!(#[event(version = 3, versoin = 2)]), Some(3)),
+            // The value's own mistake is reported once the key is spelled right.
+            (parse_quote!(#[event(versoin = 0)]), None),
+        ] {
+            let (version, errors) = read_version(attr);
+            assert_eq!(version, expected, "{errors}");
+            assert_eq!(errors.matches("compile_error").count(), 1, "{errors}");
+            assert!(errors.contains("did you mean `version`?"), "{errors}");
+        }
+        let (version, errors) = read_version(parse_quote!(#[event(versoin = 2, verison = 4)]));
+        assert_eq!(version, Some(2), "{errors}");
+        assert_eq!(errors.matches("did you mean").count(), 2, "{errors}");
+        let (version, errors) = read_version(parse_quote!(#[event(version = 1, version = 2)]));
+        assert_eq!(version, Some(1));
+        assert!(errors.contains("duplicate `version`"), "{errors}");
     }
 
     #[test]

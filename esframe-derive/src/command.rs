@@ -3,14 +3,14 @@
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::{
-    Data, DeriveInput, Expr, ExprLit, ExprPath, Field, Fields, Generics, Ident, Index, Lit, Member,
-    Path, Type, WherePredicate, ext::IdentExt, meta::ParseNestedMeta, parse_quote,
+    Data, DataEnum, DeriveInput, Expr, ExprLit, ExprPath, Field, Fields, Generics, Ident, Index,
+    Lit, Member, Type, WherePredicate, ext::IdentExt, meta::ParseNestedMeta, parse_quote,
     spanned::Spanned,
 };
 
 use crate::{
     attr::{self, Setting},
-    errors::Errors,
+    errors::{Errors, closest},
     generics,
 };
 
@@ -68,14 +68,16 @@ enum Marker {
     CommandId,
 }
 
+/// The keys of `#[command(...)]`, as [`Marker::key`] spells them.
+const MARKER_KEYS: &[&str] = &["aggregate_id", "command_id"];
+
 impl Marker {
-    fn from_path(path: &Path) -> Option<Self> {
-        if path.is_ident("aggregate_id") {
-            Some(Self::AggregateId)
-        } else if path.is_ident("command_id") {
-            Some(Self::CommandId)
+    /// The marker of a key of [`MARKER_KEYS`].
+    fn from_key(key: &str) -> Self {
+        if key == "aggregate_id" {
+            Self::AggregateId
         } else {
-            None
+            Self::CommandId
         }
     }
 
@@ -83,6 +85,14 @@ impl Marker {
         match self {
             Self::AggregateId => "aggregate_id",
             Self::CommandId => "command_id",
+        }
+    }
+
+    /// What the marked field holds, for messages.
+    fn holds(self) -> &'static str {
+        match self {
+            Self::AggregateId => "the id of the target aggregate",
+            Self::CommandId => "the command's id",
         }
     }
 }
@@ -121,44 +131,24 @@ impl<'a> CommandInput<'a> {
         let is_enum = matches!(input.data, Data::Enum(_));
         let mut enum_level = EnumLevel::default();
         attr::for_each_key(&input.attrs, "command", errors, |errors, meta| {
-            match Marker::from_path(&meta.path) {
-                Some(marker) if is_enum => {
-                    let value = field_name(errors, &meta)?;
-                    enum_level
-                        .get_mut(marker)
-                        .set(errors, "command", &meta.path, value);
-                    attr::skip_value(&meta)
-                }
-                Some(marker) => {
-                    let key = marker.key();
-                    // Counts as present: no second "no field is marked" error for the struct.
-                    enum_level
-                        .get_mut(marker)
-                        .set(errors, "command", &meta.path, None);
-                    errors.spanned(
-                        &meta.path,
-                        format_args!(
-                            "`#[command({key} = ...)]` on the type is for enums: on a struct, \
-                             mark the field with `#[command({key})]`"
-                        ),
-                    );
-                    attr::skip_value(&meta)
-                }
-                None if is_enum => attr::unknown_key(
-                    errors,
-                    &meta,
-                    "command",
-                    "`aggregate_id = field` or `command_id = field`",
-                ),
-                None => attr::unknown_key(
-                    errors,
-                    &meta,
-                    "command",
-                    "none on a struct: mark its fields with `#[command(aggregate_id)]` or \
-                     `#[command(command_id)]`",
-                ),
+            if !is_enum {
+                return struct_level_key(errors, &meta, &mut enum_level);
             }
+            let expected = "`aggregate_id = field` or `command_id = field`";
+            let Some(key) = attr::key(errors, &meta, "command", MARKER_KEYS, expected)? else {
+                return Ok(());
+            };
+            let mut sink = Errors::new();
+            let errors = key.errors(errors, &mut sink);
+            let value = field_name(errors, &meta)?;
+            enum_level
+                .get_mut(Marker::from_key(key.name))
+                .set(errors, "command", &key, value);
+            attr::skip_value(&meta)
         });
+        if let Data::Enum(data) = &input.data {
+            check_enum_level_fields(&input.ident, data, &mut enum_level, errors);
+        }
 
         let targets = match &input.data {
             Data::Struct(data) => {
@@ -330,6 +320,94 @@ impl Target<'_> {
     }
 }
 
+/// A key of `#[command(...)]` on a struct, where no key belongs: reported, with what to write
+/// instead. A marker, or a key close to one, counts as that marker written on the type, so that
+/// the struct is not also reported as having no marked field.
+fn struct_level_key(
+    errors: &mut Errors,
+    meta: &ParseNestedMeta<'_>,
+    enum_level: &mut EnumLevel,
+) -> syn::Result<()> {
+    let written = attr::path_to_string(&meta.path);
+    let exact = MARKER_KEYS.iter().find(|key| meta.path.is_ident(key));
+    if let Some(name) = exact {
+        errors.spanned(
+            &meta.path,
+            format_args!(
+                "`#[command({name} = ...)]` on the type is for enums: on a struct, mark the \
+                 field with `#[command({name})]`"
+            ),
+        );
+    } else {
+        let expected = "none on a struct: mark its fields with `#[command(aggregate_id)]` or \
+                        `#[command(command_id)]`";
+        attr::unknown_key(errors, meta, "command", expected)?;
+    }
+    let (marker, guessed) = match exact {
+        Some(name) => (Some(*name), false),
+        None => (closest(&written, MARKER_KEYS.iter().copied()), true),
+    };
+    if let Some(name) = marker {
+        let key = attr::Key {
+            name,
+            path: meta.path.clone(),
+            guessed,
+        };
+        enum_level
+            .get_mut(Marker::from_key(name))
+            .set(errors, "command", &key, None);
+    }
+    attr::skip_value(meta)
+}
+
+/// A field that `#[command(key = field)]` on the enum names but no variant has is a mistake in
+/// that name: reported once, on it, with the field it is closest to, rather than on every
+/// variant. The key still counts as written.
+fn check_enum_level_fields(
+    ident: &Ident,
+    data: &DataEnum,
+    enum_level: &mut EnumLevel,
+    errors: &mut Errors,
+) {
+    if data.variants.is_empty() {
+        return;
+    }
+    for marker in [Marker::AggregateId, Marker::CommandId] {
+        let setting = enum_level.get_mut(marker);
+        let Some(wanted) = setting.value() else {
+            continue;
+        };
+        let wanted_name = member_to_string(wanted);
+        let fields = data.variants.iter().flat_map(|variant| {
+            variant
+                .fields
+                .iter()
+                .enumerate()
+                .map(|(index, field)| member_to_string(&member_of(index, field)))
+        });
+        let fields: Vec<String> = fields.collect();
+        if fields.contains(&wanted_name) {
+            continue;
+        }
+        let suggestion = match wanted {
+            Member::Named(_) => closest(&wanted_name, fields.iter().map(String::as_str)),
+            Member::Unnamed(_) => None,
+        };
+        let message = match suggestion {
+            Some(field) => format!(
+                "no variant of `{ident}` has a field `{wanted_name}`; did you mean `{field}`?"
+            ),
+            None => format!(
+                "no variant of `{ident}` has a field `{wanted_name}`: name the field of every \
+                 variant that holds {}",
+                marker.holds()
+            ),
+        };
+        errors.spanned(wanted, message);
+        setting.discard_value();
+    }
+}
+
 /// Reads the field a key on the enum names: `aggregate_id = account_id` or `= 0`.
 fn field_name(errors: &mut Errors, meta: &ParseNestedMeta<'_>) -> syn::Result<Option<Member>> {
     let expr: Expr = meta.value()?.parse()?;
@@ -372,47 +450,55 @@ fn parse_target<'a>(
     enum_level: &EnumLevel,
     errors: &mut Errors,
 ) -> Option<Target<'a>> {
-    let mut marked: [Option<MarkedField<'a>>; 2] = [None, None];
+    // With whether the field was marked with a misspelled key (already reported).
+    let mut marked: [Option<(MarkedField<'a>, bool)>; 2] = [None, None];
     for (index, field) in fields.iter().enumerate() {
         let member = member_of(index, field);
         attr::for_each_key(&field.attrs, "command", errors, |errors, meta| {
-            let Some(marker) = Marker::from_path(&meta.path) else {
-                return attr::unknown_key(
-                    errors,
-                    &meta,
-                    "command",
-                    "`aggregate_id` or `command_id`",
-                );
+            let expected = "`aggregate_id` or `command_id`";
+            let Some(key) = attr::key(errors, &meta, "command", MARKER_KEYS, expected)? else {
+                return Ok(());
             };
+            let mut sink = Errors::new();
+            let errors = key.errors(errors, &mut sink);
             attr::reject_value(errors, &meta)?;
-            let key = marker.key();
+            let marker = Marker::from_key(key.name);
+            let name = key.name;
             let slot = &mut marked[marker as usize];
             if let Some(on_enum) = enum_level.get(marker).value() {
                 let on_enum = member_to_string(on_enum);
                 errors.spanned(
                     &meta.path,
                     format_args!(
-                        "`{key}` is already set for every variant by \
-                         `#[command({key} = {on_enum})]` on the enum: remove one of them"
-                    ),
-                );
-            } else if let Some(first) = slot {
-                errors.spanned(
-                    &meta.path,
-                    format_args!(
-                        "`#[command({key})]` is already on field `{}`: mark only one field",
-                        member_to_string(&first.member)
+                        "`{name}` is already set for every variant by \
+                         `#[command({name} = {on_enum})]` on the enum: remove one of them"
                     ),
                 );
             } else {
-                *slot = Some(MarkedField {
-                    member: member.clone(),
-                    ty: &field.ty,
-                });
+                match slot {
+                    Some((first, false)) if !key.guessed => errors.spanned(
+                        &meta.path,
+                        format_args!(
+                            "`#[command({name})]` is already on field `{}`: mark only one field",
+                            member_to_string(&first.member)
+                        ),
+                    ),
+                    // A misspelled marker never displaces a marked field; a marker spelled
+                    // right displaces a misspelled one.
+                    Some(_) if key.guessed => {}
+                    _ => {
+                        let field = MarkedField {
+                            member: member.clone(),
+                            ty: &field.ty,
+                        };
+                        *slot = Some((field, key.guessed));
+                    }
+                }
             }
             Ok(())
         });
     }
+    let mut marked = marked.map(|slot| slot.map(|(field, _)| field));
 
     // Fields named on the enum.
     for marker in [Marker::AggregateId, Marker::CommandId] {
@@ -429,11 +515,18 @@ fn parse_target<'a>(
         if found.is_none() {
             let key = marker.key();
             let wanted = member_to_string(wanted);
+            let names: Vec<String> = fields
+                .iter()
+                .filter_map(|field| field.ident.as_ref().map(|ident| ident.unraw().to_string()))
+                .collect();
+            let suggestion = closest(&wanted, names.iter().map(String::as_str))
+                .map(|field| format!("; did you mean `{field}`?"))
+                .unwrap_or_default();
             errors.spanned(
                 name,
                 format_args!(
                     "variant `{name}` has no field `{wanted}`, which \
-                     `#[command({key} = {wanted})]` on the enum names"
+                     `#[command({key} = {wanted})]` on the enum names{suggestion}"
                 ),
             );
         }
@@ -539,6 +632,23 @@ mod tests {
         });
         assert!(out.contains("Id : :: core :: fmt :: Display"), "{out}");
         assert!(!out.contains("Uuid : CommandIdField"), "{out}");
+    }
+
+    #[test]
+    fn a_field_no_variant_has_is_one_error_on_its_name() {
+        let out = expand(parse_quote! {
+            #[command(aggregate_id = card_id)]
+            enum C { A { cart_id: u8 }, B { cart_id: u8, item: u8 }, C }
+        });
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(out.contains("did you mean `cart_id`?"), "{out}");
+        // A field some variants have is reported on each variant without it.
+        let out = expand(parse_quote! {
+            #[command(aggregate_id = cart_id)]
+            enum C { A { cart_id: u8 }, B { card_id: u8 }, C }
+        });
+        assert_eq!(out.matches("compile_error").count(), 2, "{out}");
+        assert!(out.contains("names; did you mean `card_id`?"), "{out}");
     }
 
     #[test]

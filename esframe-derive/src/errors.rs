@@ -1,5 +1,5 @@
 //! Collects every mistake found in one derive input, so that a single compile reports them all
-//! (the idea of serde's `Ctxt`).
+//! (the idea of serde's `Ctxt`), and finds the name a misspelled one was meant to be.
 
 use std::fmt::Display;
 
@@ -65,9 +65,83 @@ impl Errors {
     }
 }
 
+/// The candidate `written` is most likely a misspelling of, for "did you mean" in a message:
+/// the closest (first on a tie) within one edit per three characters of `written` (at least
+/// one), ignoring case. An edit inserts, removes or replaces a character, or swaps two adjacent
+/// ones.
+pub(crate) fn closest<'a>(
+    written: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let written = written.to_lowercase();
+    let limit = written.chars().count().max(3) / 3;
+    candidates
+        .into_iter()
+        .map(|candidate| {
+            (
+                edit_distance(&written, &candidate.to_lowercase()),
+                candidate,
+            )
+        })
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance with adjacent swaps (optimal string alignment).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // `rows[i % 3][j]`: the distance between the first `i` chars of `a` and `j` of `b`.
+    let mut rows = [
+        (0..=b.len()).collect(),
+        vec![0; b.len() + 1],
+        vec![0; b.len() + 1],
+    ];
+    for i in 1..=a.len() {
+        let (now, prev, before) = (i % 3, (i + 2) % 3, (i + 1) % 3);
+        rows[now][0] = i;
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (rows[prev][j] + 1)
+                .min(rows[now][j - 1] + 1)
+                .min(rows[prev][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[before][j - 2] + 1);
+            }
+            rows[now][j] = best;
+        }
+    }
+    rows[a.len() % 3][b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suggests_only_likely_misspellings() {
+        let keys = ["name", "command", "event", "error", "services"];
+        for (written, expected) in [
+            ("comand", Some("command")),
+            ("evnet", Some("event")),
+            ("service", Some("services")),
+            ("Command", Some("command")),
+            ("rename", Some("name")),
+            ("colour", None),
+            ("cmd", None),
+            ("", None),
+        ] {
+            assert_eq!(closest(written, keys), expected, "{written}");
+        }
+        assert_eq!(closest("card_id", ["owner", "cart_id"]), Some("cart_id"));
+        assert_eq!(
+            closest("aggregate", ["aggregate_id", "command_id"]),
+            Some("aggregate_id")
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("ab", "ba"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
 
     #[test]
     fn reports_every_recorded_error() {

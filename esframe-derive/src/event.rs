@@ -72,11 +72,7 @@ impl<'a> EventEnum<'a> {
 
         let mut default_version = Setting::default();
         attr::for_each_key(&input.attrs, "event", errors, |errors, meta| {
-            if meta.path.is_ident("version") {
-                let value = attr::positive_int(errors, &meta)?;
-                default_version.set(errors, "event", &meta.path, value);
-                Ok(())
-            } else if meta.path.is_ident("name") {
+            if meta.path.is_ident("name") {
                 errors.spanned(
                     &meta.path,
                     "`name` is set on each variant, not on the enum: move it to the variant it names",
@@ -89,8 +85,14 @@ impl<'a> EventEnum<'a> {
                      variant whose event type they convert",
                 );
                 attr::skip_value(&meta)
+            } else if let Some(key) = attr::key(errors, &meta, "event", &["version"], ENUM_KEYS)? {
+                let mut sink = Errors::new();
+                let errors = key.errors(errors, &mut sink);
+                let value = attr::positive_int(errors, &meta)?;
+                default_version.set(errors, "event", &key, value);
+                Ok(())
             } else {
-                attr::unknown_key(errors, &meta, "event", ENUM_KEYS)
+                Ok(())
             }
         });
         check_serde_enum_attrs(input, errors);
@@ -145,9 +147,8 @@ impl<'a> EventEnum<'a> {
     fn expand(&self) -> TokenStream {
         let ident = self.ident;
         let (_, ty_generics, _) = self.generics.split_for_impl();
-        // Serde support: for a generic enum a bound in the `where` clause; for a plain enum the
-        // serde calls below are spanned on its name, so a missing serde derive is reported on
-        // the user's type (once per missing trait) rather than on the derive.
+        // Serde support: for a generic enum a bound in the `where` clause, so that a type
+        // argument without serde is reported where the enum is used with it.
         let generics = if self.generics.params.is_empty() {
             self.generics.clone()
         } else {
@@ -163,7 +164,20 @@ impl<'a> EventEnum<'a> {
             )
         };
         let (impl_generics, _, where_clause) = generics.split_for_impl();
-        let serde_span = ident.span();
+        // A plain enum's serde functions come from one `const`, spanned on its name: a missing
+        // serde derive is one error there, and the impl's bodies need no serde bound.
+        let (serde_const, serde) = if self.generics.params.is_empty() {
+            let serde_const = quote_spanned! {ident.span()=>
+                const __ESFRAME_SERDE: ::esframe_core::__private::EventSerde<#ident> =
+                    ::esframe_core::__private::event_serde::<#ident>();
+            };
+            (Some(serde_const), quote!(__ESFRAME_SERDE))
+        } else {
+            (
+                None,
+                quote!(::esframe_core::__private::event_serde::<Self>()),
+            )
+        };
 
         let types = self.variants.iter().map(|variant| {
             let name = &variant.name;
@@ -184,11 +198,8 @@ impl<'a> EventEnum<'a> {
             let name = &variant.name;
             // At most `u32::MAX` variants fit in a serde enum: the index always fits.
             let index = u32::try_from(index).unwrap_or(u32::MAX);
-            quote_spanned! {serde_span=>
-                #name => ::esframe_core::__private::decode_variant(#index, payload),
-            }
+            quote!(#name => (#serde.decode)(#index, payload),)
         });
-        let encode = quote_spanned!(serde_span=> ::esframe_core::__private::encode_variant(self));
         let json = quote!(::esframe_core::__private::serde_json);
         // The default `Event::upcasters` (none) unless a variant declares some.
         let upcasters = self
@@ -211,6 +222,7 @@ impl<'a> EventEnum<'a> {
 
         quote! {
             const _: () = {
+                #serde_const
 
                 #[automatically_derived]
                 impl #impl_generics ::esframe_core::Event for #ident #ty_generics #where_clause {
@@ -232,7 +244,7 @@ impl<'a> EventEnum<'a> {
                     }
 
                     fn to_payload(&self) -> ::core::result::Result<#json::Value, #json::Error> {
-                        #encode
+                        (#serde.encode)(self)
                     }
 
                     fn from_payload(
@@ -275,19 +287,24 @@ fn parse_variants<'a>(
         let mut version = Setting::default();
         let mut upcasts = Upcasts::default();
         attr::for_each_key(&variant.attrs, "event", errors, |errors, meta| {
-            if meta.path.is_ident("name") {
-                let value = attr::name(errors, &meta, "AccountOpened")?;
-                name.set(errors, "event", &meta.path, value);
-                Ok(())
-            } else if meta.path.is_ident("version") {
-                let value = attr::positive_int(errors, &meta)?;
-                version.set(errors, "event", &meta.path, value);
-                Ok(())
-            } else if meta.path.is_ident("upcast") {
-                upcasts.parse(errors, &meta)
-            } else {
-                attr::unknown_key(errors, &meta, "event", VARIANT_KEYS)
+            let known = &["name", "version", "upcast"];
+            let Some(key) = attr::key(errors, &meta, "event", known, VARIANT_KEYS)? else {
+                return Ok(());
+            };
+            let mut sink = Errors::new();
+            let errors = key.errors(errors, &mut sink);
+            match key.name {
+                "name" => {
+                    let value = attr::name(errors, &meta, "AccountOpened")?;
+                    name.set(errors, "event", &key, value);
+                }
+                "version" => {
+                    let value = attr::positive_int(errors, &meta)?;
+                    version.set(errors, "event", &key, value);
+                }
+                _ => upcasts.parse(errors, &meta)?, // "upcast"
             }
+            Ok(())
         });
         for field in &variant.fields {
             attr::reject_attrs(&field.attrs, "event", errors, "a field");
@@ -458,8 +475,8 @@ mod tests {
             r#"Self :: A { .. } => "Opened""#,
             r#"Self :: B (..) => "B""#,
             r#"Self :: r#C => "C""#,
-            r#""Opened" => :: esframe_core :: __private :: decode_variant (0u32 , payload)"#,
-            r#""C" => :: esframe_core :: __private :: decode_variant (2u32 , payload)"#,
+            r#""Opened" => (__ESFRAME_SERDE . decode) (0u32 , payload)"#,
+            r#""C" => (__ESFRAME_SERDE . decode) (2u32 , payload)"#,
             "# [automatically_derived]",
         ] {
             assert!(out.contains(expected), "missing {expected} in {out}");

@@ -253,7 +253,10 @@
 //!
 //! Mistakes are reported on the tokens that hold them (the key, the value, the variant, the
 //! field), all in one compile, and the derive still emits an impl whose bodies never run so that
-//! one mistake does not turn into many errors where the type is used.
+//! one mistake does not turn into many errors where the type is used. A misspelled key or field
+//! name is reported with the one it is closest to ("did you mean `command`?"); a misspelled key's
+//! value is still read as that key's. A type without serde's traits, and a `handle` that is not
+//! an `async fn`, are one error each, on the type's name, saying what to add.
 //!
 //! [`Event`]: https://docs.rs/esframe-core/latest/esframe_core/trait.Event.html
 //! [`Command`]: https://docs.rs/esframe-core/latest/esframe_core/trait.Command.html
