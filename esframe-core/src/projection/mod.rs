@@ -40,6 +40,7 @@ mod key;
 mod lease;
 mod progress;
 mod runner;
+mod typed;
 mod wait;
 
 pub use at_least_once::AtLeastOnce;
@@ -55,6 +56,7 @@ pub use runner::{
     DEFAULT_PROJECTION_BATCH_SIZE, DeadLetterRetry, HandlerRetry, OnFailure, ProjectionRunner,
     RunningProjection,
 };
+pub use typed::{ProjectedEvent, ProjectionEvents, Typed, TypedProjection};
 pub use wait::wait_for_projections;
 
 /// Everything a [`ProjectionRunner`] needs of its store: checkpoints, leases and dead letters.
