@@ -1100,7 +1100,7 @@ async fn an_inline_projection_gets_events_appended_at_an_old_version_upcast() {
         .schema(plain.schema().as_str())
         .unwrap()
         .upcasters(upcasters())
-        .inline_projection(balances.clone())
+        .inline_projection(esframe_core::projection::Typed(balances.clone()))
         .build()
         .await
         .unwrap();

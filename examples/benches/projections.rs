@@ -22,11 +22,10 @@ use std::{
 };
 
 use esframe_core::{
-    CommandHandler, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, SnapshotPolicy,
-    StreamId,
+    CommandHandler, EventStore, ExpectedVersion, NewEvent, Position, SnapshotPolicy, StreamId,
     projection::{
-        HandlerError, Interest, Projection, ProjectionContext, ProjectionKey, ProjectionRunner,
-        wait_for_projections,
+        HandlerError, Interest, ProjectedEvent, ProjectionContext, ProjectionKey, ProjectionRunner,
+        Typed, TypedProjection, wait_for_projections,
     },
 };
 use esframe_examples::bank_account::{Account, AccountCommand, AccountEvent, PgBalances};
@@ -81,7 +80,7 @@ async fn run(url: &str) -> Result<(), Error> {
 
     // Catch-up into the balances read model, one statement per batch.
     let balances = PgBalances::create(pool.clone(), SCHEMA).await?;
-    let runner = ProjectionRunner::new(store.clone(), store.checkpoints(), balances);
+    let runner = ProjectionRunner::new(store.clone(), store.checkpoints(), Typed(balances));
     let mut rates = Vec::new();
     for _ in 0..rounds {
         let report = runner.rebuild(Position::START).await?;
@@ -97,7 +96,7 @@ async fn run(url: &str) -> Result<(), Error> {
     );
 
     // The same read model written event by event.
-    let per_event = PerEvent(PgBalances::create(pool.clone(), SCHEMA).await?);
+    let per_event = Typed(PerEvent(PgBalances::create(pool.clone(), SCHEMA).await?));
     let report = ProjectionRunner::new(store.clone(), store.checkpoints(), per_event)
         .rebuild(Position::START)
         .await?;
@@ -174,10 +173,12 @@ async fn check_balances(pool: &PgPool, events: u64) -> Result<(), Error> {
     Ok(())
 }
 
-/// The balances projection without its batched `handle_batch`.
+/// The balances projection without its batched `apply_batch`.
 struct PerEvent(PgBalances);
 
-impl Projection<PgTransaction> for PerEvent {
+impl TypedProjection<PgTransaction> for PerEvent {
+    type Event = AccountEvent;
+
     fn name(&self) -> &str {
         "balances_per_event"
     }
@@ -186,12 +187,12 @@ impl Projection<PgTransaction> for PerEvent {
         self.0.interest()
     }
 
-    async fn handle(
+    async fn apply(
         &self,
-        event: &RecordedEvent,
+        event: ProjectedEvent<'_, AccountEvent>,
         ctx: &mut ProjectionContext<'_, PgTransaction>,
     ) -> Result<(), HandlerError> {
-        self.0.handle(event, ctx).await
+        self.0.apply(event, ctx).await
     }
 
     async fn reset(
@@ -215,7 +216,9 @@ struct Timed {
     timings: Arc<Mutex<Timings>>,
 }
 
-impl Projection<PgTransaction> for Timed {
+impl TypedProjection<PgTransaction> for Timed {
+    type Event = AccountEvent;
+
     fn name(&self) -> &str {
         "balances_live"
     }
@@ -224,27 +227,27 @@ impl Projection<PgTransaction> for Timed {
         self.balances.interest()
     }
 
-    async fn handle(
+    async fn apply(
         &self,
-        event: &RecordedEvent,
+        event: ProjectedEvent<'_, AccountEvent>,
         ctx: &mut ProjectionContext<'_, PgTransaction>,
     ) -> Result<(), HandlerError> {
-        self.handle_batch(std::slice::from_ref(event), ctx).await
+        self.apply_batch(vec![event], ctx).await
     }
 
-    async fn handle_batch(
+    async fn apply_batch(
         &self,
-        events: &[RecordedEvent],
+        events: Vec<ProjectedEvent<'_, AccountEvent>>,
         ctx: &mut ProjectionContext<'_, PgTransaction>,
     ) -> Result<(), HandlerError> {
         let now = Instant::now();
         {
             let mut timings = self.timings.lock().unwrap();
-            for event in events {
-                timings.handled.entry(event.event_id).or_insert(now);
+            for event in &events {
+                timings.handled.entry(event.event_id()).or_insert(now);
             }
         }
-        self.balances.handle_batch(events, ctx).await
+        self.balances.apply_batch(events, ctx).await
     }
 
     async fn reset(
@@ -271,7 +274,7 @@ async fn live_latency(url: &str, store: &PgEventStore, window: Duration) -> Resu
         timings: Arc::clone(&timings),
     };
     let checkpoints = reader.checkpoints();
-    let runner = ProjectionRunner::new(reader.clone(), checkpoints.clone(), projection);
+    let runner = ProjectionRunner::new(reader.clone(), checkpoints.clone(), Typed(projection));
     // Starts from a read model rebuilt from the stored events, like a deployed projection.
     runner.rebuild(Position::START).await?;
     let running = runner.spawn();

@@ -20,7 +20,7 @@ use axum::{
 };
 use esframe_core::{
     EventStore, GlobalLog,
-    projection::{Projection, ProjectionStore},
+    projection::{ProjectionStore, TypedProjection},
 };
 use esframe_examples::{
     bank_account::BalanceQuery,
@@ -126,7 +126,7 @@ async fn start<S, C, B>(
 where
     S: GlobalLog,
     C: ProjectionStore,
-    B: Projection<C::Tx> + BalanceQuery + Clone,
+    B: TypedProjection<C::Tx> + BalanceQuery + Clone,
 {
     captured_log();
     let store = backend.store.clone();

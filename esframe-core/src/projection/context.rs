@@ -89,7 +89,7 @@ impl<'a, Tx> ProjectionContext<'a, Tx> {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an esframe projection for transactions of type `{Tx}`",
     label = "not a `Projection<{Tx}>`",
-    note = "implement `Projection<{Tx}>` for it: `{Tx}` is the transaction type of the checkpoint store it runs with (`()` for `MemoryCheckpoints` and `AtLeastOnce`, `PgTransaction` for `PgCheckpoints`)"
+    note = "implement `Projection<{Tx}>` for it (or, for a `TypedProjection<{Tx}>`, pass `Typed(projection)`): `{Tx}` is the transaction type of the checkpoint store it runs with (`()` for `MemoryCheckpoints` and `AtLeastOnce`, `PgTransaction` for `PgCheckpoints`)"
 )]
 pub trait Projection<Tx: Send = ()>: Send + Sync + 'static {
     /// The projection's stable name: its checkpoint, lease and dead letters are kept under it.

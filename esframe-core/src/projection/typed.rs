@@ -170,6 +170,22 @@ pub trait TypedProjection<Tx: Send = ()>: Send + Sync + 'static {
         ctx: &mut ProjectionContext<'_, Tx>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
+    /// Applies a batch of decoded events, in order, in one transaction; the default calls
+    /// [`TypedProjection::apply`] for each. Override it to write a batch with one statement;
+    /// the two must agree (see [`Projection::handle_batch`]).
+    fn apply_batch(
+        &self,
+        events: Vec<ProjectedEvent<'_, Self::Event>>,
+        ctx: &mut ProjectionContext<'_, Tx>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for event in events {
+                self.apply(event, ctx).await?;
+            }
+            Ok(())
+        }
+    }
+
     /// Empties the read model before a rebuild; see [`Projection::reset`]. The default refuses.
     fn reset(
         &self,
@@ -219,19 +235,38 @@ impl<Tx: Send, P: TypedProjection<Tx>> Projection<Tx> for Typed<P> {
         event: &RecordedEvent,
         ctx: &mut ProjectionContext<'_, Tx>,
     ) -> Result<(), HandlerError> {
-        match P::Event::decode(event)? {
-            Some(decoded) => {
-                let projected = ProjectedEvent {
-                    event: decoded,
-                    envelope: event,
-                };
-                self.0.apply(projected, ctx).await
-            }
+        match project::<P::Event>(event)? {
+            Some(projected) => self.0.apply(projected, ctx).await,
             None => Ok(()),
         }
+    }
+
+    async fn handle_batch(
+        &self,
+        events: &[RecordedEvent],
+        ctx: &mut ProjectionContext<'_, Tx>,
+    ) -> Result<(), HandlerError> {
+        let mut projected = Vec::with_capacity(events.len());
+        for event in events {
+            projected.extend(project::<P::Event>(event)?);
+        }
+        if projected.is_empty() {
+            return Ok(());
+        }
+        self.0.apply_batch(projected, ctx).await
     }
 
     async fn reset(&self, ctx: &mut ProjectionContext<'_, Tx>) -> Result<(), HandlerError> {
         self.0.reset(ctx).await
     }
+}
+
+/// `event` decoded as `E` with its envelope, `None` if it is not one of `E`.
+fn project<E: ProjectionEvents>(
+    event: &RecordedEvent,
+) -> Result<Option<ProjectedEvent<'_, E>>, EventDecodeError> {
+    Ok(E::decode(event)?.map(|decoded| ProjectedEvent {
+        event: decoded,
+        envelope: event,
+    }))
 }

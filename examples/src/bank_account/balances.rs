@@ -1,7 +1,9 @@
 //! The balances read model: one row per account, kept up to date by a projection.
 //!
-//! [`PgBalances`] keeps it in a PostgreSQL table, exactly once (its writes commit with the
-//! projection's checkpoint); [`MemoryBalances`] keeps it in memory for the in-memory demo.
+//! Both are typed projections: they receive each account event decoded, with its envelope.
+//! [`PgBalances`] keeps the read model in a PostgreSQL table, exactly once (its writes commit
+//! with the projection's checkpoint); [`MemoryBalances`] keeps it in memory for the in-memory
+//! demo. A runner takes either as `Typed(balances)`.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -9,8 +11,8 @@ use std::{
 };
 
 use esframe_core::{
-    Aggregate, RecordedEvent,
-    projection::{HandlerError, Interest, Projection, ProjectionContext},
+    Aggregate,
+    projection::{HandlerError, Interest, ProjectedEvent, ProjectionContext, TypedProjection},
 };
 use esframe_postgres::PgTransaction;
 use sqlx::{AssertSqlSafe, PgPool};
@@ -133,41 +135,44 @@ impl PgBalances {
     }
 }
 
-impl Projection<PgTransaction> for PgBalances {
+impl TypedProjection<PgTransaction> for PgBalances {
+    type Event = AccountEvent;
+
     fn name(&self) -> &str {
         "balances"
     }
 
+    /// The account events, and only from accounts' streams.
     fn interest(&self) -> Interest {
-        Interest::aggregates([Account::TYPE])
+        Interest::events_of::<AccountEvent>().and_aggregates([Account::TYPE])
     }
 
-    async fn handle(
+    async fn apply(
         &self,
-        event: &RecordedEvent,
+        event: ProjectedEvent<'_, AccountEvent>,
         ctx: &mut ProjectionContext<'_, PgTransaction>,
     ) -> Result<(), HandlerError> {
         let mut change = Change::default();
-        change.add(&event.decode()?);
+        change.add(&event.event);
         self.upsert(vec![(event.aggregate_id().to_owned(), change)], ctx.tx())
             .await
     }
 
     /// A whole batch with one statement: the changes are summed per account first.
-    async fn handle_batch(
+    async fn apply_batch(
         &self,
-        events: &[RecordedEvent],
+        events: Vec<ProjectedEvent<'_, AccountEvent>>,
         ctx: &mut ProjectionContext<'_, PgTransaction>,
     ) -> Result<(), HandlerError> {
         let mut order = Vec::new();
         let mut changes: HashMap<&str, Change> = HashMap::new();
-        for event in events {
+        for event in &events {
             let account = event.aggregate_id();
             let change = changes.entry(account).or_insert_with(|| {
                 order.push(account);
                 Change::default()
             });
-            change.add(&event.decode()?);
+            change.add(&event.event);
         }
         let changes = order
             .into_iter()
@@ -222,22 +227,25 @@ pub struct MemoryBalances {
     rows: Arc<Mutex<BTreeMap<String, AccountBalance>>>,
 }
 
-impl Projection for MemoryBalances {
+impl TypedProjection for MemoryBalances {
+    type Event = AccountEvent;
+
     fn name(&self) -> &str {
         "balances"
     }
 
+    /// The account events, and only from accounts' streams.
     fn interest(&self) -> Interest {
-        Interest::aggregates([Account::TYPE])
+        Interest::events_of::<AccountEvent>().and_aggregates([Account::TYPE])
     }
 
-    async fn handle(
+    async fn apply(
         &self,
-        event: &RecordedEvent,
+        event: ProjectedEvent<'_, AccountEvent>,
         _ctx: &mut ProjectionContext<'_, ()>,
     ) -> Result<(), HandlerError> {
         let mut change = Change::default();
-        change.add(&event.decode()?);
+        change.add(&event.event);
         let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
         let row = rows
             .entry(event.aggregate_id().to_owned())

@@ -11,7 +11,7 @@ use esframe_core::{
     Aggregate, CommandError, CommandHandler, ExpectedVersion, GlobalLog, NewEvent, Position,
     SnapshotPolicy, SnapshotStore, StreamId,
     projection::{
-        CheckpointStore, Projection, ProjectionKey, ProjectionRunner, ProjectionStore,
+        CheckpointStore, ProjectionKey, ProjectionRunner, ProjectionStore, Typed, TypedProjection,
         wait_for_projections,
     },
 };
@@ -60,7 +60,7 @@ pub async fn run_demo<S, C, B>(
 where
     S: SnapshotStore + GlobalLog,
     C: ProjectionStore,
-    B: Projection<<C as CheckpointStore>::Tx> + BalanceQuery + Clone,
+    B: TypedProjection<<C as CheckpointStore>::Tx> + BalanceQuery + Clone,
 {
     // Snapshots are optional; with them, loading an account reads its latest snapshot and the
     // events after it instead of its whole history.
@@ -73,7 +73,7 @@ where
     // The projection follows the global log in the background from its checkpoint.
     let progress = Arc::new(Mutex::new(Vec::new()));
     let lines = Arc::clone(&progress);
-    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), balances.clone())
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), Typed(balances.clone()))
         .on_progress(move |p| {
             let mut lines = lines.lock().unwrap_or_else(PoisonError::into_inner);
             lines.push(p.to_string());

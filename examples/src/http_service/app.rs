@@ -6,8 +6,8 @@ use axum::{Router, middleware, routing};
 use esframe_core::{
     CommandHandler, EventStore, GlobalLog,
     projection::{
-        CheckpointStore, Projection, ProjectionError, ProjectionKey, ProjectionRunner,
-        ProjectionStore, RunningProjection,
+        CheckpointStore, ProjectionError, ProjectionKey, ProjectionRunner, ProjectionStore,
+        RunningProjection, Typed, TypedProjection,
     },
 };
 use tokio::net::TcpListener;
@@ -48,14 +48,15 @@ impl HttpService {
     where
         S: GlobalLog,
         C: ProjectionStore,
-        B: Projection<C::Tx> + BalanceQuery + Clone,
+        B: TypedProjection<C::Tx> + BalanceQuery + Clone,
     {
         let Backend {
             store,
             checkpoints,
             balances,
         } = backend;
-        let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), balances.clone());
+        let runner =
+            ProjectionRunner::new(store.clone(), checkpoints.clone(), Typed(balances.clone()));
         let state = AppState {
             accounts: CommandHandler::new(store),
             balances,
