@@ -57,7 +57,7 @@
 //!
 //! | feature   | default | what it adds |
 //! |-----------|---------|--------------|
-//! | `derive`  | yes     | `#[derive(Aggregate, Command, Event)]`, re-exported from `esframe-derive` |
+//! | `derive`  | yes     | `#[derive(Aggregate, Command, Event)]`, and [`projection`]'s `#[derive(ProjectionEvents)]`, re-exported from `esframe-derive` |
 //! | `testing` | no      | [`testing`]: the conformance suite every store backend runs |
 
 mod aggregate;
@@ -108,5 +108,6 @@ pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId, StreamIdPart};
 pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};
 pub use upcast::{Upcaster, Upcasters};
 
+// `#[derive(ProjectionEvents)]` is re-exported from `projection`, beside its trait.
 #[cfg(feature = "derive")]
 pub use esframe_derive::{Aggregate, Command, Event};

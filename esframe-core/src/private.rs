@@ -14,7 +14,10 @@ use serde::{
 };
 use serde_json::Value;
 
-use crate::DecodeErrorKind;
+use crate::{
+    Aggregate, DecodeErrorKind, Event, EventDecodeError, EventType, RecordedEvent,
+    projection::{Interest, ProjectionEvents},
+};
 
 /// Serializes one variant of an externally tagged enum and returns only its data: `null` for a
 /// unit variant, the inner value otherwise. The event type name is stored beside it.
@@ -251,6 +254,74 @@ impl<'de> Visitor<'de> for UnitData {
     }
 }
 
+/// What a `#[derive(ProjectionEvents)]` variant needs of the type it holds, as one bound whose
+/// error says what the variant is for (instead of a bare "not an `Event`" on a helper).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an esframe event: a `#[derive(ProjectionEvents)]` variant holds one aggregate's event type",
+    label = "not an `Event`",
+    note = "hold the aggregate's `#[derive(Event)]` enum (its `Aggregate::Event`), or add `#[derive(Event)]` to `{Self}`"
+)]
+pub trait VariantEvent: Event {}
+
+#[diagnostic::do_not_recommend]
+impl<T: Event> VariantEvent for T {}
+
+/// The calls a derived `ProjectionEvents` impl makes on one variant's event type, as function
+/// pointers that carry no bound: the derive builds this once per variant in a `const` spanned
+/// on the variant's type, the one place a type that is not an [`Event`] is reported.
+#[derive(Debug)]
+pub struct ProjectionVariant<T> {
+    /// [`Event::event_types`].
+    pub event_types: fn() -> &'static [EventType],
+    /// [`ProjectionEvents::decode`]: `Ok(None)` for an event type `T` does not know.
+    pub decode: fn(&RecordedEvent) -> Result<Option<T>, EventDecodeError>,
+}
+
+/// [`ProjectionVariant`] for `T`.
+pub const fn projection_variant<T: VariantEvent>() -> ProjectionVariant<T> {
+    ProjectionVariant {
+        event_types: T::event_types,
+        decode: <T as ProjectionEvents>::decode,
+    }
+}
+
+/// `A::TYPE`, through a function so that a type that is not an aggregate is one error, on it.
+pub const fn aggregate_type<A: Aggregate>() -> &'static str {
+    A::TYPE
+}
+
+/// Whether two strings are equal, in a `const` (for the derive's check that no two variants
+/// read the same aggregate type).
+pub const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The interest of a derived `ProjectionEvents` enum: the events of these aggregate types whose
+/// event type one of the variants knows (each name once).
+pub fn union_interest(
+    aggregate_types: &[&'static str],
+    event_types: &[&'static [EventType]],
+) -> Interest {
+    let mut names: Vec<&'static str> = Vec::new();
+    for event_type in event_types.iter().flat_map(|types| types.iter()) {
+        if !names.contains(&event_type.name) {
+            names.push(event_type.name);
+        }
+    }
+    Interest::aggregates(aggregate_types.iter().copied()).and_event_types(names)
+}
+
 /// The type of `Command::command_id`, for the `#[command(command_id)]` field conversion.
 pub use uuid::Uuid;
 
@@ -331,5 +402,33 @@ mod tests {
         }
         let trailing = Payload::from_json_text(r#"{"a": 1} 2"#);
         assert!(decode_variant::<Sample>(3, &trailing).is_err());
+    }
+
+    #[test]
+    fn compares_strings_in_a_const() {
+        const { assert!(same_str("order", "order")) };
+        for (a, b) in [
+            ("order", "orders"),
+            ("order", "Order"),
+            ("", "a"),
+            ("ab", "ba"),
+        ] {
+            assert!(!same_str(a, b), "{a} {b}");
+        }
+        assert!(same_str("", ""));
+    }
+
+    #[test]
+    fn a_union_interest_names_each_event_type_once() {
+        const A: &[EventType] = &[EventType::new("Created", 1), EventType::new("Shipped", 2)];
+        const B: &[EventType] = &[EventType::new("Created", 3), EventType::new("Restocked", 1)];
+        assert_eq!(
+            union_interest(&["order", "inventory"], &[A, B]),
+            Interest::aggregates(["order", "inventory"]).and_event_types([
+                "Created",
+                "Shipped",
+                "Restocked"
+            ])
+        );
     }
 }

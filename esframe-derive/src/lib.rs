@@ -1,8 +1,10 @@
 //! # esframe-derive
 //!
-//! The derive macros of esframe: `#[derive(Event)]`, `#[derive(Command)]` and
-//! `#[derive(Aggregate)]`. Use them through `esframe_core`, which re-exports each derive under
-//! the name of the trait it implements (as serde does), so one import brings both:
+//! The derive macros of esframe: `#[derive(Event)]`, `#[derive(Command)]`,
+//! `#[derive(Aggregate)]` and `#[derive(ProjectionEvents)]`. Use them through `esframe_core`,
+//! which re-exports each derive under the name of the trait it implements (as serde does), so
+//! one import brings both (`ProjectionEvents` from `esframe_core::projection`, beside its
+//! trait):
 //!
 //! ```
 //! use esframe_core::{Aggregate, Command, Decision, Event};
@@ -74,9 +76,9 @@
 //! # }
 //! ```
 //!
-//! All three derives accept type parameters (bounds the generated code needs are added to the
-//! impl's `where` clause) and reject lifetime parameters: events, commands and aggregates own
-//! their data (the traits require `'static`).
+//! `Event`, `Command` and `Aggregate` accept type parameters (bounds the generated code needs
+//! are added to the impl's `where` clause) and reject lifetime parameters: events, commands and
+//! aggregates own their data (the traits require `'static`). `ProjectionEvents` rejects both.
 //!
 //! ## `#[derive(Event)]`
 //!
@@ -249,6 +251,14 @@
 //! type's name, "multiple `handle` found", whose candidates include a trait named
 //! `AddAnInherentFnHandle` (or `AddAnInherentFnApply`): add the inherent function it names.
 //!
+//! ## `#[derive(ProjectionEvents)]`
+//!
+//! Implements `ProjectionEvents` for an enum with one variant per aggregate, each holding that
+//! aggregate's event type and naming the aggregate with `#[events(aggregate = Type)]` or
+//! `#[events(aggregate = "name")]`: the events a typed projection over several aggregates
+//! reads, told apart by aggregate type even where two aggregates use the same event type name.
+//! See [its documentation](derive@ProjectionEvents) for an example and the generated impl.
+//!
 //! ## Diagnostics
 //!
 //! Mistakes are reported on the tokens that hold them (the key, the value, the variant, the
@@ -268,6 +278,7 @@ mod command;
 mod errors;
 mod event;
 mod generics;
+mod projection_events;
 mod upcast;
 
 use proc_macro::TokenStream;
@@ -295,4 +306,110 @@ pub fn derive_command(input: TokenStream) -> TokenStream {
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     event::derive(&input).into()
+}
+
+/// Derives `esframe_core::projection::ProjectionEvents` for an enum over several aggregates'
+/// events, the `Event` of a `TypedProjection` that reads more than one aggregate. Import it with
+/// its trait: `use esframe_core::projection::ProjectionEvents;`.
+///
+/// Each variant holds one aggregate's event type (an `#[derive(Event)]` enum, usually its
+/// `Aggregate::Event`) as its one field, and names the aggregate with
+/// `#[events(aggregate = ...)]`: a type implementing `Aggregate` (its `TYPE` is used), or the
+/// aggregate type name as a string literal (for an aggregate defined elsewhere).
+///
+/// ```
+/// use esframe_core::projection::ProjectionEvents;
+/// use esframe_core::{Aggregate, Event, EventMetadata, Position, RecordedEvent, StreamId};
+/// # use esframe_core::{Command, Decision};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// enum OrderEvent {
+///     Created { customer: String },
+///     Shipped,
+/// }
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// enum InventoryEvent {
+///     Created { sku: String },
+///     Restocked { quantity: u32 },
+/// }
+///
+/// // The order aggregate: `#[aggregate(name = "order", event = OrderEvent, ...)]`.
+/// # #[derive(Command)]
+/// # struct Ship(#[command(aggregate_id)] String);
+/// # #[derive(Debug, thiserror::Error)]
+/// # #[error("no")]
+/// # struct Refused;
+/// #[derive(Debug, Default, Serialize, Deserialize, Aggregate)]
+/// #[aggregate(name = "order", command = Ship, event = OrderEvent, error = Refused)]
+/// struct Order {
+///     shipped: bool,
+/// }
+/// # impl Order {
+/// #     async fn handle(d: &mut Decision<'_, Self>, _: &Ship, _: &()) -> Result<(), Refused> {
+/// #         d.emit(OrderEvent::Shipped);
+/// #         Ok(())
+/// #     }
+/// #     fn apply(&mut self, _: &OrderEvent) {}
+/// # }
+///
+/// /// What the shop's read models read: orders and inventory.
+/// #[derive(Debug, PartialEq, ProjectionEvents)]
+/// enum ShopEvent {
+///     #[events(aggregate = Order)]
+///     Order(OrderEvent),
+///     #[events(aggregate = "inventory")]
+///     Inventory(InventoryEvent),
+/// }
+///
+/// # fn main() {
+/// let stored = |aggregate_type: &str, event_type: &'static str, payload| RecordedEvent {
+///     event_id: Default::default(),
+///     stream_id: StreamId::new(aggregate_type, "42").unwrap(),
+///     stream_version: 1,
+///     global_position: Position::new(1),
+///     recorded_at: Default::default(),
+///     event_type: event_type.into(),
+///     schema_version: 1,
+///     payload,
+///     metadata: EventMetadata::default(),
+/// };
+/// // Both aggregates have a `Created`: the stream's aggregate type tells them apart.
+/// let created = stored("inventory", "Created", serde_json::json!({"sku": "tea"}).into());
+/// assert_eq!(
+///     ShopEvent::decode(&created).unwrap(),
+///     Some(ShopEvent::Inventory(InventoryEvent::Created { sku: "tea".into() })),
+/// );
+/// let interest = ShopEvent::interest();
+/// assert!(interest.matches(&created));
+/// assert!(!interest.matches(&stored("customer", "Created", serde_json::json!({}).into())));
+/// # }
+/// ```
+///
+/// A `TypedProjection` with `type Event = ShopEvent;` then gets each order and inventory event
+/// as a `ShopEvent`, with its envelope, and never sees the events of other aggregates.
+///
+/// The generated impl:
+///
+/// - `interest()` is the events of the variants' aggregate types whose event type one of the
+///   variants' event types has (`Interest::aggregates([..]).and_event_types([..])`);
+/// - `decode(event)` picks the variant of `event.aggregate_type()` and decodes the event as its
+///   type (through that type's own `ProjectionEvents`, by event type name). It is `Ok(None)`
+///   for an event of another aggregate type, or of a type name that variant's type does not
+///   know (one only another aggregate uses); an event of a known type that does not decode is
+///   the `EventDecodeError`, which the projection runner retries and then parks as a dead
+///   letter.
+///
+/// Checked at compile time: the input is an enum with at least one variant and no generic
+/// parameters; every variant is a one-field tuple variant with `#[events(aggregate = ...)]`
+/// (`aggregate` is the only key, given once); no two variants read the same aggregate type
+/// (names compared by the derive, types by the compiler); each aggregate type implements
+/// `Aggregate` and each held type implements `Event` (reported on that type). Mistakes are
+/// reported as the other derives report them (see
+/// [Diagnostics](https://docs.rs/esframe-derive/latest/esframe_derive/#diagnostics)).
+#[proc_macro_derive(ProjectionEvents, attributes(events))]
+pub fn derive_projection_events(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    projection_events::derive(&input).into()
 }

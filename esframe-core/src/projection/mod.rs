@@ -57,6 +57,10 @@ pub use runner::{
     RunningProjection,
 };
 pub use typed::{ProjectedEvent, ProjectionEvents, Typed, TypedProjection};
+// `#[derive(ProjectionEvents)]`, re-exported here beside its trait (as serde does), so that
+// `use esframe_core::projection::ProjectionEvents;` brings both.
+#[cfg(feature = "derive")]
+pub use esframe_derive::ProjectionEvents;
 pub use wait::wait_for_projections;
 
 /// Everything a [`ProjectionRunner`] needs of its store: checkpoints, leases and dead letters.

@@ -1,0 +1,23 @@
+use esframe_core::Event;
+use esframe_core::projection::ProjectionEvents;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize, Event)]
+enum OrderEvent {
+    Created,
+}
+
+#[derive(Debug, Serialize, Deserialize, Event)]
+enum LegacyOrderEvent {
+    Placed,
+}
+
+#[derive(ProjectionEvents)]
+enum ShopEvent {
+    #[events(aggregate = "order")]
+    Order(OrderEvent),
+    #[events(aggregate = "order")]
+    Legacy(LegacyOrderEvent),
+}
+
+fn main() {}
