@@ -72,6 +72,7 @@ mod payload;
 mod policy;
 mod position;
 pub mod projection;
+pub mod publish;
 mod store;
 mod stream_id;
 mod subscription;

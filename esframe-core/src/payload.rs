@@ -68,6 +68,14 @@ impl Payload {
         }
     }
 
+    /// The payload as JSON text: the stored text as it is, or the parsed value serialized.
+    pub fn to_json_text(&self) -> std::borrow::Cow<'_, str> {
+        match &self.0 {
+            Repr::Parsed(value) => std::borrow::Cow::Owned(value.to_string()),
+            Repr::Text { text, .. } => std::borrow::Cow::Borrowed(text),
+        }
+    }
+
     /// Reads `T` from the payload: straight from the stored text when it came as text (no
     /// `Value` is built), else from the parsed value.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {

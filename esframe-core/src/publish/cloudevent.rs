@@ -1,0 +1,345 @@
+//! CloudEvents 1.0.2: the envelope an event leaves the service in.
+//!
+//! The attributes follow the spec's rules (`cloudevents/spec` v1.0.2, `spec.md`): `id`,
+//! `source`, `specversion` and `type` are required and non-empty; extension names are 1 to 20
+//! lowercase ASCII letters or digits; `time` is RFC 3339; `sequence` (the `sequence` extension)
+//! is the global position zero-padded to 20 digits, so that it compares lexicographically.
+//! Brokers with headers carry the attributes as headers and the payload as the body (binary
+//! content mode, [`CloudEvent::binary_headers`]); [`CloudEvent::to_structured`] is the JSON
+//! format (structured content mode).
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::{RecordedEvent, StreamId};
+
+/// The CloudEvents spec version this module writes.
+pub const SPEC_VERSION: &str = "1.0";
+
+/// A CloudEvent: its attributes and its data (the event's payload, JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudEvent {
+    /// `id`: the message id (the event id, or one derived from it); the dedup key.
+    pub id: Uuid,
+    /// `source`: the producing service's URI reference.
+    pub source: String,
+    /// `type`: the event type with its schema version, `MoneyDeposited.v2`.
+    pub ty: String,
+    /// `subject`: the stream, `aggregate_type/id`.
+    pub subject: String,
+    /// `time`: when the store recorded the event, RFC 3339.
+    pub time: String,
+    /// `datacontenttype`: always `application/json`.
+    pub datacontenttype: &'static str,
+    /// Extension attributes, by name: `sequence`, `sequencetype`, `partitionkey`,
+    /// `esframestream`, `esframeaggregate`, `esframeversion`, `correlationid`, `causationid`,
+    /// `traceparent`, and whatever a transform adds.
+    pub extensions: BTreeMap<String, String>,
+    /// The data: the payload's JSON text.
+    pub data: String,
+}
+
+/// Why a [`CloudEvent`] breaks the spec's rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidCloudEvent {
+    /// A required attribute is empty.
+    #[error("CloudEvents attribute `{0}` must not be empty")]
+    Empty(&'static str),
+    /// An extension name is not 1 to 20 lowercase ASCII letters or digits, or reuses a core
+    /// attribute's name.
+    #[error(
+        "CloudEvents extension name {0:?} is invalid: use 1 to 20 lowercase ASCII letters or digits, not a core attribute's name"
+    )]
+    ExtensionName(String),
+    /// An attribute value holds a control character, which no header can carry.
+    #[error("CloudEvents attribute `{name}` holds a control character")]
+    ControlCharacter {
+        /// The attribute.
+        name: String,
+    },
+}
+
+const CORE_ATTRIBUTES: [&str; 10] = [
+    "id",
+    "source",
+    "specversion",
+    "type",
+    "datacontenttype",
+    "dataschema",
+    "subject",
+    "time",
+    "data",
+    "data_base64",
+];
+
+/// Whether `name` is a valid extension attribute name (CloudEvents 1.0.2, "Attribute Naming
+/// Convention": lowercase ASCII letters or digits, at most 20 characters).
+pub fn valid_extension_name(name: &str) -> bool {
+    (1..=20).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && !CORE_ATTRIBUTES.contains(&name)
+}
+
+impl CloudEvent {
+    /// The CloudEvent of a stored event: `id` = `message_id`, `source`, `type` =
+    /// `{event_type}.v{schema_version}`, `subject` = the stream, `time` = recorded at, and the
+    /// extensions `sequence` (zero-padded global position), `sequencetype` (`Integer`),
+    /// `partitionkey` (the stream), `esframeaggregate`, `esframestream` (the id),
+    /// `esframeversion` (the stream version), `correlationid`, `causationid` and
+    /// `traceparent` when the event has them.
+    ///
+    /// `traceparent` is the event's metadata entry of that name if it holds one; otherwise,
+    /// for an event with a correlation id, a W3C trace context whose trace id is the correlation
+    /// id and whose parent id is taken from the event id, so every message of one flow shares a
+    /// trace.
+    pub fn from_event(event: &RecordedEvent, message_id: Uuid, source: &str) -> Self {
+        let mut extensions = BTreeMap::new();
+        let mut put = |name: &str, value: String| {
+            extensions.insert(name.to_owned(), value);
+        };
+        put("sequence", sequence(event.global_position.get()));
+        put("sequencetype", "Integer".to_owned());
+        put("partitionkey", event.stream_id.to_string());
+        put("esframeaggregate", event.aggregate_type().to_owned());
+        put("esframestream", event.aggregate_id().to_owned());
+        put("esframeversion", event.stream_version.to_string());
+        if let Some(correlation) = event.metadata.correlation_id {
+            put("correlationid", correlation.to_string());
+        }
+        if let Some(causation) = event.metadata.causation_id {
+            put("causationid", causation.to_string());
+        }
+        let traceparent = match event.metadata.extra.get("traceparent") {
+            Some(Value::String(given)) if valid_traceparent(given) => Some(given.clone()),
+            _ => event
+                .metadata
+                .correlation_id
+                .map(|trace| traceparent(trace, event.event_id)),
+        };
+        if let Some(traceparent) = traceparent {
+            put("traceparent", traceparent);
+        }
+        Self {
+            id: message_id,
+            source: source.to_owned(),
+            ty: format!("{}.v{}", event.event_type, event.schema_version),
+            subject: event.stream_id.to_string(),
+            time: event
+                .recorded_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            datacontenttype: "application/json",
+            extensions,
+            data: event.payload.to_json_text().into_owned(),
+        }
+    }
+
+    /// Checks the attributes against the spec's rules.
+    pub fn check(&self) -> Result<(), InvalidCloudEvent> {
+        if self.source.is_empty() {
+            return Err(InvalidCloudEvent::Empty("source"));
+        }
+        if self.ty.is_empty() {
+            return Err(InvalidCloudEvent::Empty("type"));
+        }
+        for (name, value) in self.attributes() {
+            if value.chars().any(char::is_control) {
+                return Err(InvalidCloudEvent::ControlCharacter { name });
+            }
+        }
+        match self.extensions.keys().find(|n| !valid_extension_name(n)) {
+            Some(bad) => Err(InvalidCloudEvent::ExtensionName(bad.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Every attribute but the data, by name: the core ones, then the extensions.
+    pub fn attributes(&self) -> Vec<(String, String)> {
+        let mut all = vec![
+            ("id".to_owned(), self.id.to_string()),
+            ("source".to_owned(), self.source.clone()),
+            ("specversion".to_owned(), SPEC_VERSION.to_owned()),
+            ("type".to_owned(), self.ty.clone()),
+            ("subject".to_owned(), self.subject.clone()),
+            ("time".to_owned(), self.time.clone()),
+            (
+                "datacontenttype".to_owned(),
+                self.datacontenttype.to_owned(),
+            ),
+        ];
+        all.extend(self.extensions.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+
+    /// The attributes as headers for binary content mode, each name behind `prefix` (`ce-` on
+    /// NATS and HTTP, `cloudEvents:` on AMQP), except `datacontenttype`, which binary mode
+    /// carries as the message's content type (`content-type`).
+    pub fn binary_headers(&self, prefix: &str) -> Vec<(String, String)> {
+        self.attributes()
+            .into_iter()
+            .filter(|(name, _)| name != "datacontenttype")
+            .map(|(name, value)| (format!("{prefix}{name}"), value))
+            .collect()
+    }
+
+    /// The JSON format (structured content mode): every attribute as a member, and the data
+    /// as `data` (JSON, not a string).
+    pub fn to_structured(&self) -> Value {
+        let mut object = Map::new();
+        for (name, value) in self.attributes() {
+            object.insert(name, Value::String(value));
+        }
+        let data = serde_json::from_str(&self.data).unwrap_or(Value::String(self.data.clone()));
+        object.insert("data".to_owned(), data);
+        Value::Object(object)
+    }
+
+    /// The stream the event came from, from the `esframeaggregate` and `esframestream`
+    /// extensions.
+    pub fn stream_id(&self) -> Option<StreamId> {
+        let aggregate = self.extensions.get("esframeaggregate")?;
+        let id = self.extensions.get("esframestream")?;
+        StreamId::new(aggregate, id).ok()
+    }
+}
+
+/// A global position as the `sequence` extension: zero-padded to the 20 digits of `u64::MAX`,
+/// so that the strings compare as the numbers do.
+pub fn sequence(position: u64) -> String {
+    format!("{position:020}")
+}
+
+/// A W3C `traceparent` (version 00, sampled) with trace id `trace` and parent id the first 8
+/// bytes of `parent`.
+fn traceparent(trace: Uuid, parent: Uuid) -> String {
+    let parent = &parent.simple().to_string()[..16];
+    format!("00-{}-{parent}-01", trace.simple())
+}
+
+/// Whether `value` has the W3C `traceparent` form: `00-<32 hex>-<16 hex>-<2 hex>`.
+fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "0".repeat(32)
+        && parts[2] != "0".repeat(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EventMetadata, Payload, Position};
+
+    fn recorded() -> RecordedEvent {
+        RecordedEvent {
+            event_id: Uuid::parse_str("0190a5f2-0000-7000-8000-000000000001").unwrap(),
+            stream_id: StreamId::new("account", "ada").unwrap(),
+            stream_version: 3,
+            global_position: Position::new(42),
+            recorded_at: chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00.5Z")
+                .unwrap()
+                .into(),
+            event_type: "MoneyDeposited".into(),
+            schema_version: 2,
+            payload: Payload::from_json_text(r#"{"amount":5}"#),
+            metadata: EventMetadata {
+                correlation_id: Some(
+                    Uuid::parse_str("4bf92f35-77b3-4da6-a3ce-929d0e0e4736").unwrap(),
+                ),
+                causation_id: None,
+                extra: Map::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn maps_the_envelope_to_attributes() {
+        let event = recorded();
+        let ce = CloudEvent::from_event(&event, event.event_id, "/bank");
+        ce.check().unwrap();
+        assert_eq!(ce.ty, "MoneyDeposited.v2");
+        assert_eq!(ce.subject, "account/ada");
+        assert_eq!(ce.time, "2026-12-01T10:00:00.500000Z");
+        assert_eq!(ce.extensions["sequence"], "00000000000000000042");
+        assert_eq!(ce.extensions["esframeversion"], "3");
+        assert_eq!(ce.extensions["partitionkey"], "account/ada");
+        assert_eq!(
+            ce.extensions["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0190a5f200007000-01"
+        );
+        assert!(!ce.extensions.contains_key("causationid"));
+        assert_eq!(ce.stream_id(), Some(event.stream_id.clone()));
+        let headers = ce.binary_headers("ce-");
+        assert!(headers.contains(&("ce-specversion".into(), "1.0".into())));
+        assert!(headers.contains(&("ce-id".into(), event.event_id.to_string())));
+        assert!(!headers.iter().any(|(n, _)| n == "ce-datacontenttype"));
+        let structured = ce.to_structured();
+        assert_eq!(structured["data"]["amount"], 5);
+        assert_eq!(structured["specversion"], "1.0");
+    }
+
+    #[test]
+    fn sequences_compare_as_positions_do() {
+        let (a, b) = (sequence(9), sequence(10));
+        assert!(a < b, "{a} < {b}");
+        assert_eq!(sequence(u64::MAX).len(), 20);
+    }
+
+    #[test]
+    fn a_given_traceparent_is_kept_and_a_malformed_one_replaced() {
+        let mut event = recorded();
+        let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        event
+            .metadata
+            .extra
+            .insert("traceparent".into(), given.into());
+        let ce = CloudEvent::from_event(&event, event.event_id, "/bank");
+        assert_eq!(ce.extensions["traceparent"], given);
+        event
+            .metadata
+            .extra
+            .insert("traceparent".into(), "nonsense".into());
+        let ce = CloudEvent::from_event(&event, event.event_id, "/bank");
+        assert!(ce.extensions["traceparent"].starts_with("00-4bf92f35"));
+    }
+
+    #[test]
+    fn breaking_the_rules_is_refused() {
+        let event = recorded();
+        let mut ce = CloudEvent::from_event(&event, event.event_id, "");
+        assert_eq!(ce.check(), Err(InvalidCloudEvent::Empty("source")));
+        ce.source = "/bank".into();
+        for bad in [
+            "",
+            "UpperCase",
+            "with-dash",
+            "waytoolongextensionname",
+            "type",
+        ] {
+            let mut wrong = ce.clone();
+            wrong.extensions.insert(bad.into(), "x".into());
+            assert!(
+                matches!(wrong.check(), Err(InvalidCloudEvent::ExtensionName(_))),
+                "{bad:?}"
+            );
+        }
+        let mut control = ce.clone();
+        control.extensions.insert("note".into(), "a\nb".into());
+        assert!(matches!(
+            control.check(),
+            Err(InvalidCloudEvent::ControlCharacter { .. })
+        ));
+    }
+}
