@@ -42,6 +42,7 @@ mod builder;
 mod checkpoints;
 mod error;
 mod horizon;
+mod inbox;
 mod inline;
 mod listener;
 mod names;
@@ -56,6 +57,7 @@ pub use builder::PgEventStoreBuilder;
 pub use checkpoints::{PgCheckpoints, PgLease, PgTransaction};
 pub use error::PgStoreError;
 pub use horizon::{HorizonHolder, HorizonStatus};
+pub use inbox::{InboxDeadLetter, InboxError, InboxHandler, InboxOutcome, PgInbox};
 pub use schema::{SCHEMA_VERSION, SchemaName};
 pub use store::PgEventStore;
 

@@ -48,6 +48,12 @@ pub enum InvalidCloudEvent {
     /// A required attribute is empty.
     #[error("CloudEvents attribute `{0}` must not be empty")]
     Empty(&'static str),
+    /// A required attribute is missing (or `specversion` is not 1.0).
+    #[error("CloudEvents attribute `{0}` is missing or not what esframe writes")]
+    Missing(&'static str),
+    /// The `id` is not a UUID, as esframe's message ids are.
+    #[error("CloudEvents id {0:?} is not a UUID")]
+    NotAnEsframeId(String),
     /// An extension name is not 1 to 20 lowercase ASCII letters or digits, or reuses a core
     /// attribute's name.
     #[error(
@@ -198,6 +204,53 @@ impl CloudEvent {
         Value::Object(object)
     }
 
+    /// Reads a CloudEvent in binary content mode: the attributes from the headers named
+    /// `{prefix}{attribute}` (other headers are ignored), the data from the body. Fails on a
+    /// missing or malformed required attribute, or another spec version.
+    pub fn from_binary<I, N, V>(
+        headers: I,
+        prefix: &str,
+        body: String,
+    ) -> Result<Self, InvalidCloudEvent>
+    where
+        I: IntoIterator<Item = (N, V)>,
+        N: AsRef<str>,
+        V: Into<String>,
+    {
+        let mut attributes: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in headers {
+            if let Some(attribute) = name.as_ref().strip_prefix(prefix) {
+                attributes.insert(attribute.to_ascii_lowercase(), value.into());
+            }
+        }
+        let mut take = |name: &'static str| {
+            attributes
+                .remove(name)
+                .filter(|v| !v.is_empty())
+                .ok_or(InvalidCloudEvent::Missing(name))
+        };
+        if take("specversion")? != SPEC_VERSION {
+            return Err(InvalidCloudEvent::Missing("specversion"));
+        }
+        let id = take("id")?;
+        let id = Uuid::parse_str(&id).map_err(|_| InvalidCloudEvent::NotAnEsframeId(id))?;
+        let event = Self {
+            id,
+            source: take("source")?,
+            ty: take("type")?,
+            subject: take("subject").unwrap_or_default(),
+            time: take("time").unwrap_or_default(),
+            datacontenttype: "application/json",
+            extensions: {
+                attributes.remove("datacontenttype");
+                attributes
+            },
+            data: body,
+        };
+        event.check()?;
+        Ok(event)
+    }
+
     /// The stream the event came from, from the `esframeaggregate` and `esframestream`
     /// extensions.
     pub fn stream_id(&self) -> Option<StreamId> {
@@ -288,6 +341,24 @@ mod tests {
         let structured = ce.to_structured();
         assert_eq!(structured["data"]["amount"], 5);
         assert_eq!(structured["specversion"], "1.0");
+    }
+
+    #[test]
+    fn binary_mode_round_trips_and_refuses_what_is_missing() {
+        let event = recorded();
+        let ce = CloudEvent::from_event(&event, event.event_id, "/bank");
+        let headers = ce.binary_headers("ce-");
+        let back = CloudEvent::from_binary(headers.clone(), "ce-", ce.data.clone()).unwrap();
+        assert_eq!(back, ce);
+        let without_id: Vec<_> = headers
+            .iter()
+            .filter(|(n, _)| n != "ce-id")
+            .cloned()
+            .collect();
+        assert_eq!(
+            CloudEvent::from_binary(without_id, "ce-", String::new()),
+            Err(InvalidCloudEvent::Missing("id"))
+        );
     }
 
     #[test]

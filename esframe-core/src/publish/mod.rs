@@ -14,11 +14,13 @@
 //! applies each event once, by stream and version.
 
 mod cloudevent;
+mod incoming;
 mod memory;
 mod publisher;
 mod sink;
 
 pub use cloudevent::{CloudEvent, InvalidCloudEvent, SPEC_VERSION, sequence, valid_extension_name};
+pub use incoming::{IncomingEvent, NotAnEsframeEvent};
 pub use memory::{Fault, MemorySink};
 pub use publisher::{
     DEFAULT_PUBLISH_BATCH_SIZE, DEFAULT_STREAMS_IN_FLIGHT, PublishError, Publisher,
