@@ -152,10 +152,16 @@ impl PgInbox {
             consumer: consumer.to_owned(),
             allow_gaps: false,
             sql: std::sync::Arc::new(Queries {
+                // Takes the stream's row lock even for its first event: a new row (version
+                // 0) is inserted, or the existing one locked, in one statement, so two
+                // consumers of a new stream cannot both see it empty.
                 lock: format!(
-                    "SELECT version FROM {s}.inbox
-                     WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3
-                     FOR UPDATE"
+                    "INSERT INTO {s}.inbox AS i (consumer, aggregate_type, aggregate_id, version,
+                         message_id, position)
+                     VALUES ($1, $2, $3, 0, '00000000-0000-0000-0000-000000000000', 0)
+                     ON CONFLICT (consumer, aggregate_type, aggregate_id)
+                         DO UPDATE SET version = i.version
+                     RETURNING version"
                 ),
                 record: format!(
                     "INSERT INTO {s}.inbox (consumer, aggregate_type, aggregate_id, version,
@@ -206,14 +212,13 @@ impl PgInbox {
         let (aggregate_type, id) = event.stream_id.parts();
         let version = i64::try_from(event.stream_version).unwrap_or(i64::MAX);
         let mut tx = self.pool.begin().await.map_err(database)?;
-        let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.lock.as_str()))
+        let last: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.lock.as_str()))
             .bind(&self.consumer)
             .bind(aggregate_type)
             .bind(id)
-            .fetch_optional(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(database)?;
-        let last = last.unwrap_or(0);
         if version <= last {
             let _ = tx.rollback().await;
             return Ok(InboxOutcome::Duplicate);
