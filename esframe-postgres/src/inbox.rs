@@ -66,6 +66,17 @@ pub trait InboxHandler: Send + Sync {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
+/// A row of `inbox_dead_letters`, in the order `Queries::list` selects it.
+type DeadLetterRow = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<i64>,
+    String,
+    serde_json::Value,
+    String,
+);
+
 /// A parked message, as [`PgInbox::dead_letters`] lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboxDeadLetter {
@@ -281,15 +292,7 @@ impl PgInbox {
 
     /// The parked messages, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<InboxDeadLetter>, InboxError> {
-        let rows: Vec<(
-            i64,
-            Option<Uuid>,
-            Option<String>,
-            Option<i64>,
-            String,
-            serde_json::Value,
-            String,
-        )> = sqlx::query_as(AssertSqlSafe(self.sql.list.as_str()))
+        let rows: Vec<DeadLetterRow> = sqlx::query_as(AssertSqlSafe(self.sql.list.as_str()))
             .bind(&self.consumer)
             .fetch_all(&self.pool)
             .await
