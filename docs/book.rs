@@ -29,6 +29,7 @@ chapters! {
     concepts_snapshots => "src/concepts/snapshots.md",
     concepts_versioning => "src/concepts/versioning.md",
     concepts_projections => "src/concepts/projections.md",
+    concepts_publishing => "src/concepts/publishing.md",
     concepts_global_log => "src/concepts/global-log.md",
     concepts_testing => "src/concepts/testing.md",
     guides_bank_account => "src/guides/bank-account.md",
