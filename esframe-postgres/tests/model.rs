@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use esframe_core::{
     AppendOutcome, EventMetadata, EventStore, ExpectedVersion, GlobalLog, NewEvent, Position,
     RecordedEvent, StoreError, StreamId,
@@ -217,20 +215,35 @@ fn content(event: &RecordedEvent) -> (Uuid, String, u64, String, u32, Value, Eve
 
 struct Pg {
     runtime: tokio::runtime::Runtime,
-    store: PgEventStore,
+    store: Option<PgEventStore>,
 }
 
-fn pg() -> &'static Pg {
-    static PG: OnceLock<Pg> = OnceLock::new();
-    PG.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let store = runtime.block_on(common::store("model"));
-        Pg { runtime, store }
-    })
+impl Pg {
+    fn store(&self) -> &PgEventStore {
+        self.store
+            .as_ref()
+            .expect("the store lives as long as `Pg`")
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // The store gives its connections back through the runtime, so it goes first, inside it;
+        // then the runtime, and with it the guard that drops the test's schema (`common`).
+        let _inside = self.runtime.enter();
+        drop(self.store.take());
+    }
+}
+
+/// The PostgreSQL side of the test. It ends with the test: its schema is dropped if it passed.
+fn pg() -> Pg {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = Some(runtime.block_on(common::store("model")));
+    Pg { runtime, store }
 }
 
 async fn run_history(history: &[Append], pg: &PgEventStore) -> Result<(), TestCaseError> {
@@ -369,7 +382,7 @@ fn the_postgres_store_behaves_like_the_memory_store() {
     });
     let pg = pg();
     let result = runner.run(&prop::collection::vec(append(), 1..14), |history| {
-        pg.runtime.block_on(run_history(&history, &pg.store))
+        pg.runtime.block_on(run_history(&history, pg.store()))
     });
     if let Err(err) = result {
         panic!("{err}");

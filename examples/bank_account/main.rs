@@ -28,9 +28,10 @@ async fn main() -> Result<(), Error> {
             .upcasters(upcasters())
             .build()
             .await?;
-        // The balances read model lives in the same schema; its checkpoint too, so each change
-        // to it commits with the checkpoint (exactly once).
-        let balances = PgBalances::create(store.pool().clone(), "esframe_demo").await?;
+        // The balances read model lives in the same schema, and its checkpoint too,
+        // so each change to it commits with the checkpoint (exactly once).
+        let pool = store.pool().clone();
+        let balances = PgBalances::create(pool, "esframe_demo").await?;
         let checkpoints = store.checkpoints();
         // ANCHOR_END: postgres
         println!("esframe bank account (PostgreSQL at {url}, schema esframe_demo)\n");

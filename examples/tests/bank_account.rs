@@ -6,6 +6,7 @@ use esframe_examples::bank_account::{
 };
 use esframe_memory::{MemoryCheckpoints, MemoryStore};
 
+// ANCHOR: helpers
 fn opened() -> AccountEvent {
     AccountEvent::AccountOpened {
         owner: "Ada".into(),
@@ -32,6 +33,7 @@ fn withdraw(amount: u64) -> AccountCommand {
         amount,
     }
 }
+// ANCHOR_END: helpers
 
 #[tokio::test]
 async fn opening_a_new_account() {
@@ -55,6 +57,7 @@ async fn opening_twice_is_refused() {
         .await;
 }
 
+// ANCHOR: rules
 #[tokio::test]
 async fn deposits_need_an_open_account_and_a_positive_amount() {
     AggregateTest::<Account>::given_no_events()
@@ -93,6 +96,7 @@ async fn an_overdraft_is_refused() {
     })
     .await;
 }
+// ANCHOR_END: rules
 
 #[tokio::test]
 #[should_panic(expected = "the command emitted other events than expected")]

@@ -1,7 +1,9 @@
-//! Test support: a fresh schema per test in the database named by `DATABASE_URL`.
+//! Test support: a fresh schema per test in the database named by `DATABASE_URL`, dropped again
+//! when the test passes (kept, and named in the test's output, when it fails: see `cleanup`).
 
 #![allow(dead_code, unreachable_pub)]
 
+mod cleanup;
 pub mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,8 +35,12 @@ pub async fn pool(max_connections: u32) -> PgPool {
         })
 }
 
-/// A unique schema name for one test: `t_<label>_<unix seconds>_<pid>_<n>`. The first call in a
-/// process also drops test schemas more than an hour old, left by earlier runs.
+/// A unique schema name for one test: `t_<label>_<unix seconds>_<pid>_<n>`, or
+/// `t_<tag>_<label>_...` when `ESFRAME_TEST_SCHEMA_TAG` is set (up to 8 letters and digits;
+/// `.ci/run` tags its run, to find the schemas it left behind among other runs' in the same
+/// database). The schema is dropped when the test's runtime ends, if the test passed (see
+/// `cleanup`). The first call in a process also drops test schemas more than an hour old, left by
+/// earlier runs.
 pub async fn fresh_schema(pool: &PgPool, label: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let now = std::time::SystemTime::now()
@@ -55,7 +61,17 @@ pub async fn fresh_schema(pool: &PgPool, label: &str) -> String {
         })
         .take(24)
         .collect();
-    format!("t_{label}_{now}_{}_{n}", std::process::id())
+    let tag: String = std::env::var("ESFRAME_TEST_SCHEMA_TAG")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .take(8)
+        .collect();
+    let tag = if tag.is_empty() { tag } else { tag + "_" };
+    let schema = format!("t_{tag}{label}_{now}_{}_{n}", std::process::id());
+    cleanup::drop_when_passed(pool, &schema);
+    schema
 }
 
 async fn drop_old_test_schemas(pool: &PgPool, now: u64) {

@@ -106,7 +106,7 @@ impl PgBalances {
         changes: Vec<(String, Change)>,
         tx: &mut PgTransaction,
     ) -> Result<(), HandlerError> {
-        let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut columns = <(Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>)>::default();
         for (account, change) in changes {
             columns.0.push(account);
             columns.1.push(change.owner);
@@ -116,8 +116,10 @@ impl PgBalances {
         }
         let table = &self.table;
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {table} AS t (account_id, owner, balance, deposits, withdrawals)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[])
+            "INSERT INTO {table} AS t
+                 (account_id, owner, balance, deposits, withdrawals)
+             SELECT * FROM unnest(
+                 $1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[])
              ON CONFLICT (account_id) DO UPDATE SET
                  owner = coalesce(excluded.owner, t.owner),
                  balance = t.balance + excluded.balance,

@@ -62,10 +62,12 @@ where
     C: ProjectionStore,
     B: TypedProjection<<C as CheckpointStore>::Tx> + BalanceQuery + Clone,
 {
-    // Snapshots are optional; with them, loading an account reads its latest snapshot and the
-    // events after it instead of its whole history.
+    // ANCHOR: handler
+    // Snapshots are optional; with them, loading an account reads its latest snapshot
+    // and the events after it instead of its whole history.
     let accounts = CommandHandler::<Account, S>::new(store.clone())
         .snapshot_policy(SnapshotPolicy::every(100));
+    // ANCHOR_END: handler
     let (ada, bob) = (format!("account-ada-{run}"), format!("account-bob-{run}"));
     let (ada, bob) = (ada.as_str(), bob.as_str());
 
@@ -73,11 +75,12 @@ where
     // The projection follows the global log in the background from its checkpoint.
     let progress = Arc::new(Mutex::new(Vec::new()));
     let lines = Arc::clone(&progress);
-    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), Typed(balances.clone()))
-        .on_progress(move |p| {
-            let mut lines = lines.lock().unwrap_or_else(PoisonError::into_inner);
-            lines.push(p.to_string());
-        });
+    let (log, read_model) = (store.clone(), Typed(balances.clone()));
+    let runner = ProjectionRunner::new(log, checkpoints.clone(), read_model);
+    let runner = runner.on_progress(move |p| {
+        let mut lines = lines.lock().unwrap_or_else(PoisonError::into_inner);
+        lines.push(p.to_string());
+    });
     let live_projection = runner.clone().spawn();
     // ANCHOR_END: runner
     let mut last_position = Position::START;
@@ -98,8 +101,9 @@ where
         "\n== A deposit stored by the first release (MoneyDeposited v1, no currency)"
     )?;
     // ANCHOR: v1_deposit
-    // What release 1 of this application wrote: `{"amount": n}` at schema version 1. The store
-    // was built with the account's upcasters, so every read sees it as v2, in euros.
+    // What release 1 of this application wrote: `{"amount": n}` at schema version 1.
+    // The store was built with the account's upcasters, so every read sees it as v2,
+    // in euros.
     let stream = StreamId::new("account", ada)?;
     let version = store.stream_version(&stream).await?.unwrap_or(0);
     let old_deposit = NewEvent {
@@ -154,6 +158,7 @@ where
     }
 
     writeln!(out, "\n== An overdraft is refused")?;
+    // ANCHOR: overdraft
     let overdraft = accounts
         .execute(AccountCommand::Withdraw {
             account_id: bob.into(),
@@ -164,13 +169,17 @@ where
         Err(CommandError::Rejected(err @ AccountError::InsufficientFunds { .. })) => {
             err.to_string()
         }
-        other => return Err(format!("the overdraft was not refused: {other:?}").into()),
+        other => {
+            return Err(format!("the overdraft was not refused: {other:?}").into());
+        }
     };
+    // ANCHOR_END: overdraft
     writeln!(out, "{bob}: withdrawing 1000.00 refused: {overdraft_error}")?;
 
     writeln!(out, "\n== The balances read model, kept by a projection")?;
     // ANCHOR: read_your_writes
-    // Read-your-writes: wait until the projection has processed the last command's events.
+    // Read-your-writes: wait until the projection has processed the last command's
+    // events.
     wait_for_projections(
         &checkpoints,
         &[ProjectionKey::single(balances.name())?],
@@ -241,8 +250,9 @@ where
 
     writeln!(out, "\n== {ada} in the past")?;
     // ANCHOR: time_travel
-    // The state as it was at version 4, and at the moment version 4 was recorded: rebuilt
-    // through the same upcasters, never from a snapshot newer than the target.
+    // The state as it was at version 4, and at the moment version 4 was recorded:
+    // rebuilt through the same upcasters, never from a snapshot newer than the
+    // target.
     let at_version = accounts.load_at(ada, 4).await?;
     let (_, recorded_at, _) = history[3];
     let as_of = accounts.load_as_of(ada, recorded_at).await?;
@@ -273,7 +283,7 @@ where
     writeln!(out, "\n== Rebuilding the read model from history")?;
     live_projection.shutdown().await?;
     // ANCHOR: rebuild
-    // Empties the read model and replays every stored event into it, reporting progress.
+    // Empties the read model and replays every stored event into it, with progress.
     let rebuild = runner.rebuild(Position::START).await?;
     // ANCHOR_END: rebuild
     for line in progress

@@ -16,8 +16,8 @@ pub enum AccountEvent {
         /// Who owns it.
         owner: String,
     },
-    /// Money was paid in. Version 2 added the currency; version 1 deposits, stored before
-    /// accounts had currencies, were all in euros and are read through
+    /// Money was paid in. Version 2 added the currency; version 1 deposits, stored
+    /// before accounts had currencies, were all in euros and are read through
     /// [`money_deposited_v1`].
     #[event(version = 2, upcast(v1 = money_deposited_v1))]
     MoneyDeposited {
@@ -35,16 +35,19 @@ pub enum AccountEvent {
 // ANCHOR_END: events
 
 // ANCHOR: upcasters
-/// Reads a version 1 `MoneyDeposited` (`{"amount": n}`) as version 2: deposits were in euros.
+/// Reads a version 1 `MoneyDeposited` (`{"amount": n}`) as version 2: deposits were
+/// in euros.
 pub fn money_deposited_v1(mut payload: Value) -> Result<Upcast, UpcastFailure> {
     if !payload["amount"].is_u64() {
-        return Err(format!("a v1 deposit needs a whole `amount`, got {payload}").into());
+        let problem = format!("a v1 deposit needs a whole `amount`, got {payload}");
+        return Err(problem.into());
     }
     payload["currency"] = json!("EUR");
     Ok(Upcast::Next(payload))
 }
 
-/// The account's upcaster chains, for the store: every stored version reads as the current one.
+/// The account's upcaster chains, for the store: every stored version reads as the
+/// current one.
 pub fn upcasters() -> Upcasters {
     Upcasters::builder()
         .current::<AccountEvent>()
@@ -96,7 +99,10 @@ pub enum AccountError {
     #[error("the amount must be positive")]
     ZeroAmount,
     /// A withdrawal larger than the balance.
-    #[error("insufficient funds: the balance is {balance} cents, {requested} requested")]
+    #[error(
+        "insufficient funds: the balance is {balance} cents, \
+         {requested} requested"
+    )]
     InsufficientFunds {
         /// Cents on the account.
         balance: u64,
