@@ -31,7 +31,8 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 pub struct CorrelationId(pub Uuid);
 
 // ANCHOR: correlate
-/// The middleware: reads or makes the id, runs the request in its span, echoes the id.
+/// The middleware: reads or makes the id, runs the request in its span,
+/// echoes the id.
 pub async fn correlate(mut request: Request, next: Next) -> Response {
     let id = match request.headers().get(CORRELATION_ID) {
         None => Uuid::now_v7(),
@@ -40,7 +41,10 @@ pub async fn correlate(mut request: Request, next: Next) -> Response {
             _ => {
                 return ApiError::bad_request(
                     "invalid_correlation_id",
-                    format!("the {CORRELATION_ID} header must be a UUID, not {value:?}"),
+                    format!(
+                        "the {CORRELATION_ID} header must be a UUID, \
+                         not {value:?}"
+                    ),
                 )
                 .into_response();
             }
@@ -56,7 +60,8 @@ pub async fn correlate(mut request: Request, next: Next) -> Response {
     async move {
         let mut response = next.run(request).await;
         tracing::info!(status = response.status().as_u16(), "answered");
-        let value = HeaderValue::from_str(&id.to_string()).expect("a UUID is a valid header value");
+        let value = HeaderValue::from_str(&id.to_string());
+        let value = value.expect("a UUID is a valid header value");
         response.headers_mut().insert(CORRELATION_ID, value);
         response
     }

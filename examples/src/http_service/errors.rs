@@ -143,8 +143,9 @@ impl IntoResponse for ApiError {
 }
 
 // ANCHOR: mapping
-/// The account's rules: 404 for an account never opened, 409 for opening one twice, 422 for
-/// the rest (a zero amount, an overdraft); 409 for an expected version that does not hold.
+/// The account's rules: 404 for an account never opened, 409 for opening one twice,
+/// 422 for the rest (a zero amount, an overdraft); 409 for an expected version that
+/// does not hold.
 impl From<CheckedError> for ApiError {
     fn from(err: CheckedError) -> Self {
         let message = err.to_string();
@@ -160,15 +161,16 @@ impl From<CheckedError> for ApiError {
             CheckedError::Account(AccountError::ZeroAmount) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "zero_amount", message)
             }
-            CheckedError::Account(AccountError::InsufficientFunds { balance, requested }) => {
-                Self::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "insufficient_funds",
-                    message,
-                )
-                .detail("balance", balance)
-                .detail("requested", requested)
-            }
+            CheckedError::Account(AccountError::InsufficientFunds {
+                balance,
+                requested: asked,
+            }) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "insufficient_funds",
+                message,
+            )
+            .detail("balance", balance)
+            .detail("requested", asked),
             CheckedError::VersionMismatch { expected, actual } => {
                 Self::new(StatusCode::CONFLICT, "version_mismatch", message)
                     .detail("expected_version", expected)
@@ -198,9 +200,12 @@ impl From<CommandError<CheckedError>> for ApiError {
             CommandError::Decode(_) | CommandError::Encode { .. } => {
                 Self::server(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_data", &err)
             }
-            // `CommandError` is non-exhaustive: a variant added later is a server error until
-            // it is mapped here.
-            _ => Self::server(StatusCode::INTERNAL_SERVER_ERROR, "command_failed", &err),
+            // `CommandError` is non-exhaustive: a variant added later is a server
+            // error until it is mapped here.
+            _ => {
+                let status = StatusCode::INTERNAL_SERVER_ERROR;
+                Self::server(status, "command_failed", &err)
+            }
         }
     }
 }

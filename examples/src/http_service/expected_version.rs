@@ -78,7 +78,8 @@ impl Aggregate for CheckedAccount {
         {
             return Err(CheckedError::VersionMismatch { expected, actual });
         }
-        // The account's own rules decide, on a copy of the state; their events are emitted here.
+        // The account's own rules decide, on a copy of the state; their events are
+        // emitted here.
         let mut account = decision.0.clone();
         let mut inner = Decision::new(&mut account, decision.stream_id(), actual);
         <Account as Aggregate>::handle(&mut inner, &command.command, &()).await?;
