@@ -1,6 +1,6 @@
 //! Events leaving the service: a [`Publisher`] follows the global log (the event log is the
 //! outbox: no second copy of any event) and sends each event to a broker as a
-//! [CloudEvent](CloudEvent) through a [`MessageSink`], checkpointed under its own name.
+//! [`CloudEvent`] through a [`MessageSink`], checkpointed under its own name.
 //!
 //! ```text
 //!   global log ──read_all_batch──▶ publisher ──publish, one in flight per stream──▶ sink ──▶ broker
