@@ -85,6 +85,17 @@ pub struct InboxDeadLetter {
     pub body: String,
 }
 
+/// A row of `inbox_dead_letters`, as [`PgInbox::dead_letters`] reads it.
+type DeadLetterRow = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<i64>,
+    String,
+    serde_json::Value,
+    String,
+);
+
 /// An inbox in a PostgreSQL schema of the consumer's: per (producer stream), the last version
 /// applied, updated in the same transaction as the consumer's effect.
 ///
@@ -276,15 +287,7 @@ impl PgInbox {
 
     /// The parked messages, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<InboxDeadLetter>, InboxError> {
-        let rows: Vec<(
-            i64,
-            Option<Uuid>,
-            Option<String>,
-            Option<i64>,
-            String,
-            serde_json::Value,
-            String,
-        )> = sqlx::query_as(AssertSqlSafe(self.sql.list.as_str()))
+        let rows: Vec<DeadLetterRow> = sqlx::query_as(AssertSqlSafe(self.sql.list.as_str()))
             .bind(&self.consumer)
             .fetch_all(&self.pool)
             .await
