@@ -68,3 +68,8 @@ pub use sink::JetStreamSink;
 pub use stream::{DEFAULT_DUPLICATE_WINDOW, EnsureStreamError, StreamSpec, ensure_stream};
 
 pub use async_nats;
+
+/// The README's example, compiled as a doctest.
+#[cfg(all(doctest, feature = "postgres"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -47,7 +47,7 @@ impl JetStreamSink {
     }
 
     /// Waits at most `timeout` for each acknowledgement (then the message counts as unreachable
-    /// and is sent again later).
+    /// and is sent again later). Only a timeout shorter than the context's own takes effect.
     #[must_use]
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
         self.ack_timeout = Some(timeout);
