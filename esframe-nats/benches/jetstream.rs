@@ -85,10 +85,19 @@ async fn throughput(settings: &Settings, js: &jetstream::Context, store: &PgEven
                 .expect("append");
         }
     }
-    let recorded = store
-        .read_all(Position::START, usize::MAX)
-        .await
-        .expect("read the log");
+    // The never-skip log holds events back while an older transaction anywhere in the cluster
+    // is open: wait until all are readable.
+    let expected = per_stream * settings.streams;
+    let recorded = loop {
+        let recorded = store
+            .read_all(Position::START, usize::MAX)
+            .await
+            .expect("read the log");
+        if recorded.len() >= expected {
+            break recorded;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let window = DEFAULT_STREAMS_IN_FLIGHT;
     println!(
         "throughput: {} events over {} streams, PostgreSQL log -> JetStream (file storage), acknowledged; \

@@ -54,6 +54,25 @@ async fn all_events(store: &PgEventStore) -> Vec<RecordedEvent> {
         .expect("read the log")
 }
 
+/// The whole log once `count` events are readable: the never-skip log holds back events while
+/// an older transaction anywhere in the cluster (another test's) is still open.
+async fn settled_events(store: &PgEventStore, count: usize) -> Vec<RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = all_events(store).await;
+        if events.len() >= count {
+            assert_eq!(events.len(), count, "no more events than appended");
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {count} events readable",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Each esframe stream's versions in stream order must be 1, 2, 3, ...: one message per event,
 /// in order, nothing missing.
 fn assert_exactly_once_in_order(messages: &[common::RawMessage], events: &[RecordedEvent]) {
@@ -97,7 +116,7 @@ async fn cloudevents_attributes_on_the_wire() {
             .await
             .unwrap();
     }
-    let events = all_events(&store).await;
+    let events = settled_events(&store, 5).await;
     let sink = JetStreamSink::new(js.clone());
     let reached = publisher(&store, &sink, &stream, "to_nats")
         .catch_up()
@@ -291,8 +310,7 @@ async fn one_message_per_event_through_twenty_publisher_crashes() {
     duplicates_seen += running.status().duplicates;
     running.shutdown().await;
 
-    let events = all_events(&store).await;
-    assert_eq!(events.len(), EVENTS);
+    let events = settled_events(&store, EVENTS).await;
     let messages = stream.messages().await;
     assert_exactly_once_in_order(&messages, &events);
     assert_eq!(stream.count().await, EVENTS as u64);
@@ -394,9 +412,8 @@ async fn beyond_the_dedup_window_the_inbox_applies_each_event_once() {
                 .unwrap();
         }
     }
-    let events = all_events(&store).await;
+    let events = settled_events(&store, (STREAMS * PER_STREAM) as usize).await;
     let total = events.len() as u64;
-    assert_eq!(total, STREAMS * PER_STREAM);
     let sink = JetStreamSink::new(js.clone());
     publisher(&store, &sink, &stream, "first")
         .catch_up()
@@ -480,7 +497,7 @@ async fn a_poison_message_is_parked_with_its_stream_behind_it() {
             .await
             .unwrap();
     }
-    let events = all_events(&store).await;
+    let events = settled_events(&store, 8).await;
     let poison = events
         .iter()
         .find(|e| e.stream_id == sid("ada") && e.stream_version == 2)
@@ -642,8 +659,7 @@ async fn the_publisher_resumes_after_the_broker_is_killed_and_restarted() {
         "{status:?}"
     );
 
-    let events = all_events(&store).await;
-    assert_eq!(events.len() as u64, EVENTS);
+    let events = settled_events(&store, EVENTS as usize).await;
     let messages = stream.messages().await;
     assert_exactly_once_in_order(&messages, &events);
     eprintln!("while down: {down:?}\nat the end: {status:?}");
