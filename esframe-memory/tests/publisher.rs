@@ -373,3 +373,45 @@ async fn a_running_publisher_follows_new_events_and_holds_its_name() {
     // The lease was released: another publisher may run now.
     second.catch_up().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_publisher_does_not_report_its_broker_unreachable() {
+    let (store, checkpoints, sink) = (
+        MemoryStore::new(),
+        MemoryCheckpoints::new(),
+        MemorySink::new(),
+    );
+    let running = publisher(&store, &checkpoints, &sink).spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !running.status().active {
+        assert!(tokio::time::Instant::now() < deadline, "never active");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = running.status();
+    assert!(
+        status.broker_reachable && status.failures == 0,
+        "nothing was sent, nothing failed: {status:?}"
+    );
+    running.shutdown().await;
+
+    // A refused message is one failure, not two.
+    fill(&store, 1, 1).await;
+    sink.inject([Some(Fault::Refuse)]);
+    let running = publisher(&store, &checkpoints, &sink).spawn();
+    // Refused once, then taken on the next try.
+    while sink.messages().is_empty() || running.status().pending > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never sent: {:?}",
+            running.status()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let status = running.status();
+    running.shutdown().await;
+    assert_eq!(status.failures, 1, "{status:?}");
+    assert!(
+        status.broker_reachable,
+        "a refusal is an answer: {status:?}"
+    );
+}

@@ -96,6 +96,17 @@ pub struct InboxDeadLetter {
     pub body: String,
 }
 
+/// A row of `inbox_dead_letters`, as [`PgInbox::dead_letters`] reads it.
+type DeadLetterRow = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<i64>,
+    String,
+    serde_json::Value,
+    String,
+);
+
 /// An inbox in a PostgreSQL schema of the consumer's: per (producer stream), the last version
 /// applied, updated in the same transaction as the consumer's effect.
 ///
@@ -104,7 +115,8 @@ pub struct InboxDeadLetter {
 /// [`InboxOutcome::Duplicate`]; in order per stream: a version beyond the next one is
 /// [`InboxOutcome::Early`] and not applied (unless [`PgInbox::allow_gaps`], for a publisher that
 /// filters some of a stream's events out). Two consumers racing on one stream are serialized by
-/// the stream's row lock.
+/// the stream's row lock; on its first event, which has no row to lock yet, the one that records
+/// second finds the row taken and rolls back (a [`InboxOutcome::Duplicate`]).
 #[derive(Debug, Clone)]
 pub struct PgInbox {
     pool: PgPool,
@@ -180,7 +192,8 @@ impl PgInbox {
                      VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET
                          version = excluded.version, message_id = excluded.message_id,
-                         position = excluded.position, applied_at = now()"
+                         position = excluded.position, applied_at = now()
+                     WHERE {s}.inbox.version < excluded.version"
                 ),
                 park: format!(
                     "INSERT INTO {s}.inbox_dead_letters
@@ -249,7 +262,7 @@ impl PgInbox {
                 source,
             });
         }
-        sqlx::query(AssertSqlSafe(self.sql.record.as_str()))
+        let recorded = sqlx::query(AssertSqlSafe(self.sql.record.as_str()))
             .bind(&self.consumer)
             .bind(aggregate_type)
             .bind(id)
@@ -258,7 +271,15 @@ impl PgInbox {
             .bind(i64::try_from(event.position.get()).unwrap_or(i64::MAX))
             .execute(&mut *tx)
             .await
-            .map_err(database)?;
+            .map_err(database)?
+            .rows_affected();
+        if recorded == 0 {
+            // The stream had no row to lock when this transaction looked, and another one
+            // recorded this version (or a later one) meanwhile: its effect stands, this one's
+            // is rolled back.
+            let _ = tx.rollback().await;
+            return Ok(InboxOutcome::Duplicate);
+        }
         tx.commit().await.map_err(database)?;
         Ok(InboxOutcome::Applied)
     }

@@ -177,7 +177,12 @@ where
             batch_size: DEFAULT_PUBLISH_BATCH_SIZE,
             streams_in_flight: DEFAULT_STREAMS_IN_FLIGHT,
             backoff: Backoff::default(),
-            status: Arc::default(),
+            // Reachable until a send says otherwise: an idle publisher has no reason to report
+            // its broker down.
+            status: Arc::new(Mutex::new(PublisherStatus {
+                broker_reachable: true,
+                ..PublisherStatus::default()
+            })),
         })
     }
 
@@ -321,7 +326,8 @@ where
                     Ok(None) => {}
                     Err(err) => {
                         tracing::warn!(publisher = %name, error = %err, "cannot take the publisher's lease");
-                        self.note_failure(err.to_string(), true);
+                        // The checkpoint store failed, not the broker.
+                        self.note_failure(err.to_string(), false);
                         tokio::time::sleep(self.backoff.max).await;
                     }
                 }
@@ -362,7 +368,12 @@ where
                     Err(err) => {
                         attempt += 1;
                         tracing::warn!(publisher = %name, error = %err, "publisher step failed; retrying");
-                        self.note_failure(err.to_string(), false);
+                        if matches!(err, PublishError::Refused { .. }) {
+                            // `send_event` counted this failure already; keep the fuller text.
+                            self.update(|s| s.last_error = Some(err.to_string()));
+                        } else {
+                            self.note_failure(err.to_string(), false);
+                        }
                         Some(self.backoff.wait(attempt))
                     }
                 };

@@ -1,0 +1,199 @@
+//! The headers of a published message: the CloudEvent in binary content mode as the NATS
+//! binding of CloudEvents says (spec `main`, `cloudevents/bindings/nats-protocol-binding.md`,
+//! 1.0.3-wip), plus JetStream's `Nats-Msg-Id` and esframe's own.
+//!
+//! Per that binding every attribute, `datacontenttype` included, is a header named `ce-` and the
+//! attribute's name, and each value is percent-encoded: space, `"`, `%` and every character
+//! outside printable ASCII become `%XY` per UTF-8 byte. A receiver first unquotes a
+//! double-quoted value, then percent-decodes once, rejecting byte sequences that are not UTF-8.
+
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use esframe_core::publish::OutgoingMessage;
+
+/// The prefix of every CloudEvents attribute header.
+pub const CE_PREFIX: &str = "ce-";
+
+/// The header JetStream deduplicates by: the message id.
+pub const MESSAGE_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// The message's content type, the data's (`application/json`). The NATS binding calls it
+/// `ce-datacontenttype`, which is sent too; a `Content-Type` of `application/cloudevents` would
+/// mean structured mode, so `application/json` also tells a receiver this is binary mode.
+pub const CONTENT_TYPE_HEADER: &str = "content-type";
+
+/// The producer's stream, `aggregate_type/id` (percent-encoded like the `ce-` headers).
+pub const STREAM_HEADER: &str = "esframe-stream";
+
+/// The event's version in its stream.
+pub const STREAM_VERSION_HEADER: &str = "esframe-stream-version";
+
+/// The event's position in the producer's global log (not zero-padded; `ce-sequence` is).
+pub const POSITION_HEADER: &str = "esframe-position";
+
+/// Why a message's headers could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("header `{name}` cannot be sent: {reason}")]
+pub struct InvalidHeader {
+    /// The header.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The headers of `message`: `Nats-Msg-Id`, every CloudEvents attribute as `ce-{name}`,
+/// `content-type`, and the `esframe-*` headers.
+pub fn outgoing(message: &OutgoingMessage) -> Result<HeaderMap, InvalidHeader> {
+    let mut headers = HeaderMap::new();
+    let mut put = |name: &str, value: &str| -> Result<(), InvalidHeader> {
+        let invalid = |reason: String| InvalidHeader {
+            name: name.to_owned(),
+            reason,
+        };
+        let header: HeaderName = name.parse().map_err(|err| invalid(format!("{err}")))?;
+        let value: HeaderValue = encode(value)
+            .parse()
+            .map_err(|err| invalid(format!("{err}")))?;
+        headers.insert(header, value);
+        Ok(())
+    };
+    put(MESSAGE_ID_HEADER, &message.id.to_string())?;
+    // `attributes()`, not `binary_headers()`: the HTTP binding carries `datacontenttype` as
+    // `Content-Type` only, the NATS binding as `ce-datacontenttype`.
+    for (name, value) in message.event.attributes() {
+        put(&format!("{CE_PREFIX}{name}"), &value)?;
+    }
+    put(CONTENT_TYPE_HEADER, message.event.datacontenttype)?;
+    put(STREAM_HEADER, &message.stream_id.to_string())?;
+    put(STREAM_VERSION_HEADER, &message.stream_version.to_string())?;
+    put(POSITION_HEADER, &message.position.get().to_string())?;
+    Ok(headers)
+}
+
+/// Every header of a received message as (lowercase name, decoded value), in no particular
+/// order; a value that does not decode is kept as it came (and fails later, if it matters).
+pub fn incoming(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    let mut all = Vec::with_capacity(headers.len());
+    for (name, values) in headers.iter() {
+        let name = name.to_string().to_ascii_lowercase();
+        for value in values {
+            let raw = value.as_str();
+            all.push((name.clone(), decode(raw).unwrap_or_else(|| raw.to_owned())));
+        }
+    }
+    all
+}
+
+/// The headers as JSON, name to value (or to an array of values when repeated), as they came:
+/// what an inbox keeps of a parked message.
+pub fn to_json(headers: Option<&HeaderMap>) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    if let Some(headers) = headers {
+        for (name, values) in headers.iter() {
+            let values: Vec<serde_json::Value> = values
+                .iter()
+                .map(|v| serde_json::Value::String(v.as_str().to_owned()))
+                .collect();
+            let value = match <[_; 1]>::try_from(values) {
+                Ok([one]) => one,
+                Err(many) => serde_json::Value::Array(many),
+            };
+            object.insert(name.to_string(), value);
+        }
+    }
+    serde_json::Value::Object(object)
+}
+
+/// Percent-encodes a header value as the NATS binding says: space, `"`, `%`, and every byte of
+/// a character outside printable ASCII (U+0021 to U+007E), upper-case hex.
+pub fn encode(value: &str) -> String {
+    let plain = |b: u8| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%';
+    if value.bytes().all(plain) {
+        return value.to_owned();
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for b in value.bytes() {
+        if plain(b) {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Decodes a header value: unquotes a double-quoted string (with backslash escapes), then
+/// percent-decodes once (either case of hex). `None` for a malformed escape or bytes that are
+/// not UTF-8 (overlong encodings included).
+pub fn decode(value: &str) -> Option<String> {
+    let trimmed = value.trim_matches([' ', '\t']);
+    let unquoted = match trimmed
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
+        Some(inner) => {
+            let mut out = String::with_capacity(inner.len());
+            let mut chars = inner.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => out.push(chars.next()?),
+                    '"' => return None,
+                    c => out.push(c),
+                }
+            }
+            std::borrow::Cow::Owned(out)
+        }
+        None => std::borrow::Cow::Borrowed(trimmed),
+    };
+    if !unquoted.contains('%') {
+        return Some(unquoted.into_owned());
+    }
+    let bytes = unquoted.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let text = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(text, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_as_the_binding_says() {
+        assert_eq!(encode("account/ada"), "account/ada");
+        assert_eq!(
+            encode("Euro \u{20AC} \u{1F600}"),
+            "Euro%20%E2%82%AC%20%F0%9F%98%80"
+        );
+        assert_eq!(encode(r#"a "b" 100%"#), "a%20%22b%22%20100%25");
+    }
+
+    #[test]
+    fn decodes_what_it_encodes_and_older_quoted_values() {
+        for value in ["plain", "zoë/ünïcode", "with space", "100%", "\"quoted\""] {
+            assert_eq!(decode(&encode(value)).as_deref(), Some(value), "{value}");
+        }
+        assert_eq!(decode("%e2%82%ac").as_deref(), Some("\u{20AC}"));
+        assert_eq!(decode(r#""a \"b\" c""#).as_deref(), Some(r#"a "b" c"#));
+        assert_eq!(decode("%C0%A0"), None, "an overlong encoding is rejected");
+        assert_eq!(decode("%4"), None);
+        assert_eq!(decode("%zz"), None);
+    }
+}
