@@ -96,17 +96,6 @@ pub struct InboxDeadLetter {
     pub body: String,
 }
 
-/// A row of `inbox_dead_letters`, as [`PgInbox::dead_letters`] reads it.
-type DeadLetterRow = (
-    i64,
-    Option<Uuid>,
-    Option<String>,
-    Option<i64>,
-    String,
-    serde_json::Value,
-    String,
-);
-
 /// An inbox in a PostgreSQL schema of the consumer's: per (producer stream), the last version
 /// applied, updated in the same transaction as the consumer's effect.
 ///
@@ -274,9 +263,9 @@ impl PgInbox {
             .map_err(database)?
             .rows_affected();
         if recorded == 0 {
-            // The stream had no row to lock when this transaction looked, and another one
-            // recorded this version (or a later one) meanwhile: its effect stands, this one's
-            // is rolled back.
+            // A second guard (the row lock taken above already serializes deliveries): another
+            // transaction recorded this version or a later one, so its effect stands and this
+            // one's is rolled back.
             let _ = tx.rollback().await;
             return Ok(InboxOutcome::Duplicate);
         }
