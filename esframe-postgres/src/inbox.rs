@@ -85,6 +85,17 @@ pub struct InboxDeadLetter {
     pub body: String,
 }
 
+/// A row of the dead letters: id, message id, stream, version, error, headers, body.
+type DeadLetterRow = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<i64>,
+    String,
+    serde_json::Value,
+    String,
+);
+
 /// An inbox in a PostgreSQL schema of the consumer's: per (producer stream), the last version
 /// applied, updated in the same transaction as the consumer's effect.
 ///
@@ -152,10 +163,17 @@ impl PgInbox {
             consumer: consumer.to_owned(),
             allow_gaps: false,
             sql: std::sync::Arc::new(Queries {
+                // Locks the stream's row, creating it (version 0, inside the transaction) if
+                // the stream has none yet: `SELECT ... FOR UPDATE` alone locks nothing for a
+                // stream's first event, and two consumers would both apply it. A consumer
+                // arriving second waits here for the first to commit, then reads its version.
                 lock: format!(
-                    "SELECT version FROM {s}.inbox
-                     WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3
-                     FOR UPDATE"
+                    "INSERT INTO {s}.inbox AS inbox (consumer, aggregate_type, aggregate_id, version,
+                         message_id, position)
+                     VALUES ($1, $2, $3, 0, '00000000-0000-0000-0000-000000000000', 0)
+                     ON CONFLICT (consumer, aggregate_type, aggregate_id)
+                         DO UPDATE SET version = inbox.version
+                     RETURNING version"
                 ),
                 record: format!(
                     "INSERT INTO {s}.inbox (consumer, aggregate_type, aggregate_id, version,
@@ -192,8 +210,8 @@ impl PgInbox {
     }
 
     /// Applies `event` with `handler` exactly once: in one transaction, the stream's inbox row
-    /// is locked and checked, the handler runs, and the row records the event; a duplicate or
-    /// an early event runs nothing.
+    /// is locked (created, for a stream's first event) and checked, the handler runs, and the
+    /// row records the event; a duplicate or an early event runs nothing.
     pub async fn apply(
         &self,
         event: &IncomingEvent,
@@ -206,14 +224,13 @@ impl PgInbox {
         let (aggregate_type, id) = event.stream_id.parts();
         let version = i64::try_from(event.stream_version).unwrap_or(i64::MAX);
         let mut tx = self.pool.begin().await.map_err(database)?;
-        let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.lock.as_str()))
+        let last: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.lock.as_str()))
             .bind(&self.consumer)
             .bind(aggregate_type)
             .bind(id)
-            .fetch_optional(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(database)?;
-        let last = last.unwrap_or(0);
         if version <= last {
             let _ = tx.rollback().await;
             return Ok(InboxOutcome::Duplicate);
@@ -276,15 +293,7 @@ impl PgInbox {
 
     /// The parked messages, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<InboxDeadLetter>, InboxError> {
-        let rows: Vec<(
-            i64,
-            Option<Uuid>,
-            Option<String>,
-            Option<i64>,
-            String,
-            serde_json::Value,
-            String,
-        )> = sqlx::query_as(AssertSqlSafe(self.sql.list.as_str()))
+        let rows: Vec<DeadLetterRow> = sqlx::query_as(AssertSqlSafe(self.sql.list.as_str()))
             .bind(&self.consumer)
             .fetch_all(&self.pool)
             .await
