@@ -415,3 +415,36 @@ async fn an_idle_publisher_does_not_report_its_broker_unreachable() {
         "a refusal is an answer: {status:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_running_publisher_stops_it_and_frees_its_name() {
+    let (store, checkpoints, sink) = (
+        MemoryStore::new(),
+        MemoryCheckpoints::new(),
+        MemorySink::new(),
+    );
+    fill(&store, 1, 3).await;
+    let running = publisher(&store, &checkpoints, &sink).spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while running.status().position < store.head_position().await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "it never caught up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Dropped, not shut down: it stops by itself (it used to spin on the closed stop channel,
+    // a core at 100%, holding its lease for ever).
+    drop(running);
+    let second = publisher(&store, &checkpoints, &sink);
+    loop {
+        match second.catch_up().await {
+            Ok(_) => break,
+            Err(PublishError::LeaseHeld { .. }) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the dropped publisher still holds its lease"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+}

@@ -211,8 +211,8 @@ impl PgInbox {
     }
 
     /// Applies `event` with `handler` exactly once: in one transaction, the stream's inbox row
-    /// is locked and checked, the handler runs, and the row records the event; a duplicate or
-    /// an early event runs nothing.
+    /// is locked (created, for a stream's first event) and checked, the handler runs, and the
+    /// row records the event; a duplicate or an early event runs nothing.
     pub async fn apply(
         &self,
         event: &IncomingEvent,

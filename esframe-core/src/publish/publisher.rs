@@ -255,7 +255,8 @@ where
         result
     }
 
-    /// Runs the publisher on a Tokio task until [`RunningPublisher::shutdown`]: it waits for
+    /// Runs the publisher on a Tokio task until [`RunningPublisher::shutdown`] (or the
+    /// [`RunningPublisher`] is dropped): it waits for
     /// the lease, then publishes and follows the log; an unreachable broker or a refused message
     /// is retried with backoff (a refusal is reported in the status until it passes).
     pub fn spawn(self) -> RunningPublisher {
@@ -314,7 +315,7 @@ where
         let name = self.key.name().to_owned();
         'lease: loop {
             let lease = loop {
-                if *stopped.borrow() {
+                if stopping(&stopped) {
                     return;
                 }
                 match self
@@ -336,7 +337,7 @@ where
             tracing::info!(publisher = %name, "publisher active");
             let mut attempt = 0u32;
             loop {
-                if *stopped.borrow() {
+                if stopping(&stopped) {
                     break 'lease self.finish(lease).await;
                 }
                 if !self.checkpoints.lease_held(&lease) {
@@ -618,6 +619,13 @@ where
     }
 }
 
+/// Whether the publisher is asked to stop: by [`RunningPublisher::shutdown`], or by the
+/// [`RunningPublisher`] being dropped. A closed channel must count, or every wait on
+/// `stopped.changed()` would return at once and the publisher spin.
+fn stopping(stopped: &watch::Receiver<bool>) -> bool {
+    *stopped.borrow() || stopped.has_changed().is_err()
+}
+
 fn age(recorded_at: DateTime<Utc>) -> Duration {
     (Utc::now() - recorded_at).to_std().unwrap_or_default()
 }
@@ -662,7 +670,8 @@ impl Failure {
     }
 }
 
-/// A publisher running on its own task.
+/// A publisher running on its own task. Dropping it asks the publisher to stop at the next
+/// batch boundary, as [`RunningPublisher::shutdown`] does, without waiting for it.
 #[derive(Debug)]
 pub struct RunningPublisher {
     stop: watch::Sender<bool>,
