@@ -303,6 +303,23 @@ async fn interest_and_transform_choose_change_and_fan_out_what_leaves() {
     assert_eq!(messages[2].event.id, messages[2].id);
 }
 
+#[tokio::test]
+async fn a_subject_function_routes_each_event() {
+    let (store, checkpoints, sink) = (
+        MemoryStore::new(),
+        MemoryCheckpoints::new(),
+        MemorySink::new(),
+    );
+    fill(&store, 2, 1).await;
+    publisher(&store, &checkpoints, &sink)
+        .subject(|event| format!("accounts.{}", event.aggregate_id()))
+        .catch_up()
+        .await
+        .unwrap();
+    let subjects: Vec<String> = sink.messages().into_iter().map(|m| m.subject).collect();
+    assert_eq!(subjects, ["accounts.0", "accounts.1"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_running_publisher_follows_new_events_and_holds_its_name() {
     let (store, checkpoints, sink) = (
@@ -357,7 +374,16 @@ async fn a_running_publisher_follows_new_events_and_holds_its_name() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let status = running.status();
+    // The status catches up too: nothing behind, nothing pending.
+    let mut status = running.status();
+    while status.behind != Some(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "behind never reached 0: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        status = running.status();
+    }
     assert_eq!(status.published, 6 + 200);
     assert_eq!(
         (status.pending, status.lag, status.broker_reachable),

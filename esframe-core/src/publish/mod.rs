@@ -24,7 +24,7 @@ pub use incoming::{IncomingEvent, NotAnEsframeEvent};
 pub use memory::{Fault, MemorySink};
 pub use publisher::{
     DEFAULT_PUBLISH_BATCH_SIZE, DEFAULT_STREAMS_IN_FLIGHT, PublishError, Publisher,
-    PublisherStatus, RunningPublisher,
+    PublisherStatus, RunningPublisher, SubjectFn,
 };
 pub use sink::{
     Backoff, MessageSink, OutgoingMessage, Published, SinkError, Transform, subject_for,

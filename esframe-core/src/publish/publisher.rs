@@ -103,6 +103,11 @@ pub struct PublisherStatus {
     pub broker_reachable: bool,
     /// Whether the publisher holds its lease (only the running one does).
     pub active: bool,
+    /// Events in the log after the checkpoint, as last counted (at most once a second, while
+    /// the publisher has work; 0 once caught up). `None` if the store cannot count.
+    pub behind: Option<u64>,
+    /// Messages acknowledged per second, over the last second or more of sending.
+    pub rate: f64,
 }
 
 /// Follows the global log and sends every event it is interested in to a [`MessageSink`] as a
@@ -127,12 +132,24 @@ pub struct Publisher<S, C, K> {
     key: ProjectionKey,
     source: String,
     subject_prefix: String,
+    subject: Option<SubjectFn>,
     interest: Interest,
     transform: Option<Transform>,
     batch_size: usize,
     streams_in_flight: usize,
     backoff: Backoff,
     status: Arc<Mutex<PublisherStatus>>,
+    sampled: Arc<Mutex<Sample>>,
+}
+
+/// Chooses an event's subject (NATS) or routing key (AMQP).
+pub type SubjectFn = Arc<dyn Fn(&RecordedEvent) -> String + Send + Sync>;
+
+/// When `behind` and `rate` were last measured.
+#[derive(Debug, Default)]
+struct Sample {
+    at: Option<std::time::Instant>,
+    published: u64,
 }
 
 impl<S, C, K> std::fmt::Debug for Publisher<S, C, K> {
@@ -172,6 +189,7 @@ where
             key: ProjectionKey::single(name)?,
             source: source.to_owned(),
             subject_prefix: "esframe".to_owned(),
+            subject: None,
             interest: Interest::all(),
             transform: None,
             batch_size: DEFAULT_PUBLISH_BATCH_SIZE,
@@ -183,6 +201,7 @@ where
                 broker_reachable: true,
                 ..PublisherStatus::default()
             })),
+            sampled: Arc::new(Mutex::new(Sample::default())),
         })
     }
 
@@ -197,6 +216,17 @@ where
     #[must_use]
     pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.subject_prefix = prefix.into();
+        self
+    }
+
+    /// Chooses each event's subject (routing key) instead of
+    /// `{prefix}.{aggregate type}.{event type}`. Every message of one event goes to its subject.
+    #[must_use]
+    pub fn subject(
+        mut self,
+        subject: impl Fn(&RecordedEvent) -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.subject = Some(Arc::new(subject));
         self
     }
 
@@ -414,6 +444,7 @@ where
                 s.pending = 0;
                 s.lag = None;
             });
+            self.update(|s| s.behind = s.behind.map(|_| 0));
             return Ok(Step::Idle { position: after });
         }
         let oldest = batch.events.first().map(|e| e.recorded_at);
@@ -450,6 +481,7 @@ where
                 .map_err(|source| self.checkpoint_error(source))?;
         }
         let pending = first_missing.map_or(0, |i| batch.events.len() - i);
+        self.sample(reached).await;
         self.update(|s| {
             s.position = reached;
             s.pending = pending;
@@ -487,7 +519,10 @@ where
             None => vec![cloud],
             Some(transform) => transform(event, cloud),
         };
-        let subject = subject_for(&self.subject_prefix, event);
+        let subject = match &self.subject {
+            Some(choose) => choose(event),
+            None => subject_for(&self.subject_prefix, event),
+        };
         events
             .into_iter()
             .enumerate()
@@ -588,6 +623,33 @@ where
             }
         }
         Ok(())
+    }
+
+    /// At most once a second: how many events are after `reached`, and the send rate.
+    async fn sample(&self, reached: Position) {
+        let now = std::time::Instant::now();
+        let published = self.status().published;
+        let since = {
+            let mut sampled = self.sampled.lock().unwrap_or_else(PoisonError::into_inner);
+            match sampled.at {
+                Some(at) if now.duration_since(at) < Duration::from_secs(1) => return,
+                last => {
+                    let since = last.map(|at| (now.duration_since(at), sampled.published));
+                    *sampled = Sample {
+                        at: Some(now),
+                        published,
+                    };
+                    since
+                }
+            }
+        };
+        let behind = self.store.count_events_after(reached).await.ok().flatten();
+        self.update(|s| {
+            s.behind = behind;
+            if let Some((elapsed, before)) = since {
+                s.rate = (published - before) as f64 / elapsed.as_secs_f64().max(1e-9);
+            }
+        });
     }
 
     fn note_failure(&self, error: String, unreachable: bool) {
