@@ -10,9 +10,9 @@ use std::{
     time::Duration,
 };
 
-use common::{TestStream, event, eventually, sid};
+use common::{TestStream, assert_exactly_once_in_order, event, eventually, settled_events, sid};
 use esframe_core::{
-    EventStore, ExpectedVersion, GlobalLog, Position, RecordedEvent,
+    EventStore, ExpectedVersion, GlobalLog, RecordedEvent,
     projection::HandlerError,
     publish::{
         Backoff, CloudEvent, IncomingEvent, MessageSink, OutgoingMessage, Publisher, SinkError,
@@ -45,60 +45,6 @@ fn publisher(
     .expect("a valid publisher name")
     .subject_prefix(stream.prefix.clone())
     .backoff(quick())
-}
-
-async fn all_events(store: &PgEventStore) -> Vec<RecordedEvent> {
-    store
-        .read_all(Position::START, usize::MAX)
-        .await
-        .expect("read the log")
-}
-
-/// The whole log once `count` events are readable: the never-skip log holds back events while
-/// an older transaction anywhere in the cluster (another test's) is still open.
-async fn settled_events(store: &PgEventStore, count: usize) -> Vec<RecordedEvent> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let events = all_events(store).await;
-        if events.len() >= count {
-            assert_eq!(events.len(), count, "no more events than appended");
-            return events;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {count} events readable",
-            events.len()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Each esframe stream's versions in stream order must be 1, 2, 3, ...: one message per event,
-/// in order, nothing missing.
-fn assert_exactly_once_in_order(messages: &[common::RawMessage], events: &[RecordedEvent]) {
-    let ids: HashSet<&str> = messages.iter().map(|m| m.header("nats-msg-id")).collect();
-    assert_eq!(ids.len(), messages.len(), "no message id is stored twice");
-    assert_eq!(messages.len(), events.len(), "one message per event");
-    let expected: HashSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-    let got: HashSet<String> = ids.iter().map(|s| (*s).to_owned()).collect();
-    assert_eq!(got, expected, "the messages are the events");
-    let mut per_stream: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for m in messages {
-        let (stream, version) = m.stream_and_version();
-        per_stream.entry(stream).or_default().push(version);
-    }
-    let mut stored: BTreeMap<String, u64> = BTreeMap::new();
-    for e in events {
-        *stored.entry(e.stream_id.to_string()).or_default() += 1;
-    }
-    for (stream, versions) in &per_stream {
-        let expected: Vec<u64> = (1..=stored[stream]).collect();
-        assert_eq!(
-            versions, &expected,
-            "{stream}: every version once, in order"
-        );
-    }
-    assert_eq!(per_stream.len(), stored.len(), "every stream arrived");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +188,7 @@ async fn cloudevents_attributes_on_the_wire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_message_per_event_through_twenty_publisher_crashes() {
+async fn one_message_per_event_through_fifty_publisher_aborts() {
     const STREAMS: usize = 50;
     const WRITERS: usize = 8;
     const EVENTS: usize = 2_000;
@@ -282,10 +228,11 @@ async fn one_message_per_event_through_twenty_publisher_crashes() {
         })
         .collect();
 
+    let began = std::time::Instant::now();
     let mut aborts = 0;
     let mut duplicates_seen = 0;
     let mut running = publisher(&store, &sink, &stream, "to_nats").spawn();
-    while aborts < 20 {
+    while aborts < 50 {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(20..120))).await;
         duplicates_seen += running.status().duplicates;
         running.abort();
@@ -314,7 +261,10 @@ async fn one_message_per_event_through_twenty_publisher_crashes() {
     let messages = stream.messages().await;
     assert_exactly_once_in_order(&messages, &events);
     assert_eq!(stream.count().await, EVENTS as u64);
-    eprintln!("{aborts} aborts; JetStream dropped {duplicates_seen} resends as duplicates");
+    eprintln!(
+        "{aborts} aborts; JetStream dropped {duplicates_seen} resends as duplicates; {:.1?}",
+        began.elapsed()
+    );
 
     stream.delete().await;
     common::drop_schema(store.pool(), &schema).await;

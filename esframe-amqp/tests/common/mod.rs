@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod child;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -129,6 +131,17 @@ pub async fn drop_schema(pool: &PgPool, schema: &str) {
 pub async fn store(pool: &PgPool, label: &str) -> PgEventStore {
     PgEventStore::builder(pool.clone())
         .schema(schema_name(label))
+        .expect("valid schema name")
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .await
+        .expect("open the store")
+}
+
+/// A store on `schema`, which another process (a test's parent) created: for a child process.
+pub async fn open_store(schema: &str) -> PgEventStore {
+    PgEventStore::builder(connect_pool(10).await)
+        .schema(schema)
         .expect("valid schema name")
         .poll_interval(Duration::from_millis(100))
         .build()

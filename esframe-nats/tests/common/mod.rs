@@ -4,15 +4,17 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod child;
+
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use async_nats::jetstream::{self, stream::Stream};
-use esframe_core::{EventMetadata, NewEvent, StreamId};
+use esframe_core::{EventMetadata, GlobalLog, NewEvent, Position, RecordedEvent, StreamId};
 use esframe_nats::{StreamSpec, ensure_stream, headers};
 use esframe_postgres::PgEventStore;
 use futures_util::StreamExt;
@@ -366,6 +368,71 @@ pub async fn store(label: &str) -> (PgEventStore, String) {
         .await
         .expect("open the store");
     (store, schema)
+}
+
+/// A store on `schema`, which another process (a test's parent) created: for a child process.
+pub async fn open_store(schema: &str) -> PgEventStore {
+    PgEventStore::builder(pool(10).await)
+        .schema(schema)
+        .expect("valid schema name")
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("open the store")
+}
+
+pub async fn all_events(store: &PgEventStore) -> Vec<RecordedEvent> {
+    store
+        .read_all(Position::START, usize::MAX)
+        .await
+        .expect("read the log")
+}
+
+/// The whole log once `count` events are readable: the never-skip log holds back events while
+/// an older transaction anywhere in the cluster (another test's) is still open.
+pub async fn settled_events(store: &PgEventStore, count: usize) -> Vec<RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = all_events(store).await;
+        if events.len() >= count {
+            assert_eq!(events.len(), count, "no more events than appended");
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {count} events readable",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Each esframe stream's versions in stream order must be 1, 2, 3, ...: one message per event,
+/// in order, nothing missing.
+pub fn assert_exactly_once_in_order(messages: &[RawMessage], events: &[RecordedEvent]) {
+    let ids: HashSet<&str> = messages.iter().map(|m| m.header("nats-msg-id")).collect();
+    assert_eq!(ids.len(), messages.len(), "no message id is stored twice");
+    assert_eq!(messages.len(), events.len(), "one message per event");
+    let expected: HashSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    let got: HashSet<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(got, expected, "the messages are the events");
+    let mut per_stream: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for m in messages {
+        let (stream, version) = m.stream_and_version();
+        per_stream.entry(stream).or_default().push(version);
+    }
+    let mut stored: BTreeMap<String, u64> = BTreeMap::new();
+    for e in events {
+        *stored.entry(e.stream_id.to_string()).or_default() += 1;
+    }
+    for (stream, versions) in &per_stream {
+        let expected: Vec<u64> = (1..=stored[stream]).collect();
+        assert_eq!(
+            versions, &expected,
+            "{stream}: every version once, in order"
+        );
+    }
+    assert_eq!(per_stream.len(), stored.len(), "every stream arrived");
 }
 
 /// An event of type `Deposited` whose payload carries `n`, with a correlation id.
