@@ -19,11 +19,23 @@
 //! [`POSITION_HEADER`] (64-bit signed integers, `l`; a value above `i64::MAX`, which the
 //! PostgreSQL store never produces, is sent as a decimal long string instead).
 //!
-//! Reading ([`cloud_event`]) takes the attributes from the `cloudEvents:` headers alone (the
-//! `esframe-` headers and the properties are conveniences, never trusted over them); a header
-//! written by another client as a short string, a number or a byte array is read as its text.
+//! In structured content mode ([`AmqpSink::structured`](crate::AmqpSink::structured),
+//! [`structured_properties`]) the body is the CloudEvent in the JSON event format
+//! ([`CloudEvent::to_structured`]), the `content-type` property is
+//! `application/cloudevents+json`, and there is no `cloudEvents:` header; the other
+//! properties and the `esframe-` headers are the same.
+//!
+//! Reading ([`cloud_event`]) takes, for a message whose content type is
+//! `application/cloudevents+json`, the whole CloudEvent from the body
+//! ([`CloudEvent::from_structured`]); for any other, the attributes from the `cloudEvents:`
+//! headers alone (the `esframe-` headers and the properties are conveniences, never trusted
+//! over them); a header written by another client as a short string, a number or a byte array
+//! is read as its text.
 
-use esframe_core::publish::{CloudEvent, InvalidCloudEvent, OutgoingMessage};
+use esframe_core::publish::{
+    CloudEvent, InvalidCloudEvent, OutgoingMessage, STRUCTURED_CONTENT_TYPE,
+    is_structured_content_type,
+};
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, LongString, ShortString},
@@ -38,7 +50,7 @@ pub const STREAM_HEADER: &str = "esframe-stream";
 pub const STREAM_VERSION_HEADER: &str = "esframe-stream-version";
 /// The header holding the event's position in the producer's global log.
 pub const POSITION_HEADER: &str = "esframe-position";
-/// The content type of every message: the data is the payload's JSON.
+/// The content type of a message in binary content mode: the data is the payload's JSON.
 pub const CONTENT_TYPE: &str = "application/json";
 /// AMQP 0-9-1's persistent delivery mode.
 pub const PERSISTENT: u8 = 2;
@@ -58,6 +70,10 @@ pub enum UnreadableMessage {
     /// The `cloudEvents:` headers are missing or break the spec's rules.
     #[error("not a CloudEvent in binary content mode: {0}")]
     NotACloudEvent(#[from] InvalidCloudEvent),
+    /// The content type says structured mode (`application/cloudevents+json`), and the body
+    /// is not a CloudEvent in the JSON event format.
+    #[error("not a CloudEvent in structured content mode (the JSON format): {0}")]
+    NotAStructuredCloudEvent(InvalidCloudEvent),
 }
 
 /// The short string `value`, for a property or the routing key (at most 255 bytes).
@@ -70,12 +86,31 @@ pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, UnsendableMe
     })
 }
 
-/// The properties (headers included) of `message`: see the [module](self) for the mapping.
+/// The properties (headers included) of `message` in binary content mode: see the
+/// [module](self) for the mapping.
 pub fn properties(message: &OutgoingMessage) -> Result<BasicProperties, UnsendableMessage> {
+    build_properties(message, false)
+}
+
+/// The properties of `message` in structured content mode, whose body is
+/// [`CloudEvent::to_structured`]: `content-type` `application/cloudevents+json`, no
+/// `cloudEvents:` header, and the rest as in [`properties`].
+pub fn structured_properties(
+    message: &OutgoingMessage,
+) -> Result<BasicProperties, UnsendableMessage> {
+    build_properties(message, true)
+}
+
+fn build_properties(
+    message: &OutgoingMessage,
+    structured: bool,
+) -> Result<BasicProperties, UnsendableMessage> {
     let event = &message.event;
     let mut headers = FieldTable::default();
-    for (name, value) in event.binary_headers(CLOUD_EVENTS_PREFIX) {
-        headers.insert(short("header name", &name)?, long(value));
+    if !structured {
+        for (name, value) in event.binary_headers(CLOUD_EVENTS_PREFIX) {
+            headers.insert(short("header name", &name)?, long(value));
+        }
     }
     headers.insert(STREAM_HEADER.into(), long(message.stream_id.to_string()));
     headers.insert(
@@ -83,9 +118,14 @@ pub fn properties(message: &OutgoingMessage) -> Result<BasicProperties, Unsendab
         integer(message.stream_version),
     );
     headers.insert(POSITION_HEADER.into(), integer(message.position.get()));
+    let content_type = if structured {
+        STRUCTURED_CONTENT_TYPE
+    } else {
+        CONTENT_TYPE
+    };
     let mut properties = BasicProperties::default()
         .with_message_id(short("message id", &message.id.to_string())?)
-        .with_content_type(CONTENT_TYPE.into())
+        .with_content_type(content_type.into())
         .with_delivery_mode(PERSISTENT)
         .with_type(short("CloudEvents type", &event.ty)?)
         .with_headers(headers);
@@ -100,6 +140,15 @@ pub fn properties(message: &OutgoingMessage) -> Result<BasicProperties, Unsendab
         properties = properties.with_correlation_id(correlation);
     }
     Ok(properties)
+}
+
+/// Whether a received message is in structured content mode: its `content-type` property is
+/// `application/cloudevents+json` (parameters and case aside).
+pub fn is_structured(properties: &BasicProperties) -> bool {
+    properties
+        .content_type()
+        .as_ref()
+        .is_some_and(|content_type| is_structured_content_type(content_type.as_str()))
 }
 
 fn long(text: impl Into<String>) -> AMQPValue {
@@ -138,13 +187,18 @@ pub fn header_text(value: &AMQPValue) -> Option<String> {
     })
 }
 
-/// Reads the CloudEvent of a received message (binary content mode): the attributes from its
-/// `cloudEvents:` headers, the data from its body.
+/// Reads the CloudEvent of a received message: in structured content mode ([`is_structured`])
+/// from the body, the JSON event format; otherwise (binary content mode) the attributes from
+/// its `cloudEvents:` headers, the data from its body.
 pub fn cloud_event(
     properties: &BasicProperties,
     body: &[u8],
 ) -> Result<CloudEvent, UnreadableMessage> {
     let body = std::str::from_utf8(body).map_err(|_| UnreadableMessage::NotUtf8)?;
+    if is_structured(properties) {
+        return CloudEvent::from_structured(body)
+            .map_err(UnreadableMessage::NotAStructuredCloudEvent);
+    }
     let headers = properties
         .headers()
         .iter()
@@ -280,6 +334,44 @@ mod tests {
         assert!(!headers.contains_key("cloudEvents:datacontenttype"));
         let back = cloud_event(&properties, message.event.data.as_bytes()).unwrap();
         assert_eq!(back, message.event);
+    }
+
+    #[test]
+    fn a_message_round_trips_in_structured_mode() {
+        let message = message();
+        let properties = structured_properties(&message).unwrap();
+        assert_eq!(
+            properties.content_type().as_ref().map(ShortString::as_str),
+            Some(STRUCTURED_CONTENT_TYPE)
+        );
+        assert!(is_structured(&properties));
+        assert_eq!(
+            properties.message_id().as_ref().map(ShortString::as_str),
+            Some(message.id.to_string().as_str())
+        );
+        assert_eq!(*properties.delivery_mode(), Some(PERSISTENT));
+        assert!(properties.correlation_id().is_some());
+        let headers = properties.headers().as_ref().unwrap().inner();
+        assert!(
+            !headers
+                .keys()
+                .any(|k| k.as_str().starts_with(CLOUD_EVENTS_PREFIX)),
+            "{headers:?}"
+        );
+        assert_eq!(headers[STREAM_VERSION_HEADER], AMQPValue::LongLongInt(3));
+        let body = message.event.to_structured();
+        assert_eq!(
+            cloud_event(&properties, body.as_bytes()).unwrap(),
+            message.event
+        );
+        // A structured content type with a body that is not: told apart from binary mode.
+        assert!(matches!(
+            cloud_event(&properties, message.event.data.as_bytes()),
+            Err(UnreadableMessage::NotAStructuredCloudEvent(
+                InvalidCloudEvent::Missing(_)
+            ))
+        ));
+        assert!(!is_structured(&self::properties(&message).unwrap()));
     }
 
     #[test]

@@ -83,11 +83,14 @@ pub struct AmqpInboxStatus {
 /// Consumes a queue and applies every event in it exactly once with an [`InboxHandler`],
 /// through a [`PgInbox`].
 ///
-/// For each delivery (manual acknowledgement):
+/// For each delivery (manual acknowledgement), the CloudEvent is read in either content mode
+/// ([`binding::cloud_event`]): binary (`cloudEvents:` headers, the data as the body) or, for a
+/// `content-type` of `application/cloudevents+json`, structured (the JSON event format as the
+/// body); both may come mixed on one queue.
 ///
 /// | the message | what happens |
 /// | --- | --- |
-/// | not a CloudEvent of esframe's (no `cloudEvents:` headers, no `esframe…` extensions, a body that is not UTF-8) | parked at once, acknowledged |
+/// | not a CloudEvent of esframe's (no `cloudEvents:` headers or, in structured mode, a body that is not the JSON format; no `esframe…` extensions; a body that is not UTF-8) | parked at once, acknowledged |
 /// | applied ([`InboxOutcome::Applied`]) or applied before ([`InboxOutcome::Duplicate`]) | acknowledged |
 /// | early ([`InboxOutcome::Early`]): an earlier version of its stream is not applied yet | requeued (`basic.nack`, requeue) after [`AmqpInbox::early_delay`] |
 /// | early, and the version the inbox waits for was parked | parked, acknowledged: a stream's later events wait behind its parked one in the dead letters, in order, instead of cycling through the queue for ever |

@@ -10,7 +10,8 @@
 //!   once, in stream order, through an [`esframe_postgres::PgInbox`], and parks what it cannot
 //!   handle.
 //! - [`binding`]: how a CloudEvent travels as an AMQP 0-9-1 message (binary content mode,
-//!   headers `cloudEvents:*`). The CloudEvents spec has a binding for AMQP 1.0 only; this one
+//!   headers `cloudEvents:*`; or structured, the JSON format as the body, with
+//!   [`AmqpSink::structured`]). The CloudEvents spec has a binding for AMQP 1.0 only; this one
 //!   follows it as closely as 0-9-1 allows.
 //! - [`Topology`]: the exchange, queue and binding declared in one call.
 //!

@@ -2,6 +2,7 @@
 //! confirms.
 
 use std::{
+    borrow::Cow,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -74,6 +75,7 @@ struct Config {
     exchange: String,
     connection_name: String,
     mandatory: bool,
+    structured: bool,
     confirm_timeout: Duration,
     connect_timeout: Duration,
 }
@@ -109,6 +111,7 @@ impl std::fmt::Debug for AmqpSink {
             .field("exchange", &self.config.exchange)
             .field("connection_name", &self.config.connection_name)
             .field("mandatory", &self.config.mandatory)
+            .field("structured", &self.config.structured)
             .field("confirm_timeout", &self.config.confirm_timeout)
             .finish_non_exhaustive()
     }
@@ -125,6 +128,7 @@ impl AmqpSink {
                 exchange: exchange.into(),
                 connection_name: "esframe-amqp sink".to_owned(),
                 mandatory: true,
+                structured: false,
                 confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             }),
@@ -138,6 +142,19 @@ impl AmqpSink {
     #[must_use]
     pub fn mandatory(mut self, mandatory: bool) -> Self {
         Arc::make_mut(&mut self.config).mandatory = mandatory;
+        self
+    }
+
+    /// Sends the messages in structured content mode (default `false`, binary mode): the body
+    /// is the CloudEvent in the JSON event format
+    /// ([`CloudEvent::to_structured`](esframe_core::publish::CloudEvent::to_structured)), the
+    /// `content-type` `application/cloudevents+json`, and no `cloudEvents:` header; the
+    /// `message-id` and the other properties and the `esframe-*` headers are kept
+    /// ([`binding::structured_properties`]). For consumers that read the JSON format only;
+    /// [`AmqpInbox`](crate::AmqpInbox) reads both modes.
+    #[must_use]
+    pub fn structured(mut self, structured: bool) -> Self {
+        Arc::make_mut(&mut self.config).structured = structured;
         self
     }
 
@@ -276,7 +293,13 @@ impl AmqpSink {
     }
 
     async fn send(&self, message: &OutgoingMessage) -> Result<Published, SinkError> {
-        let properties = binding::properties(message).map_err(SinkError::refused)?;
+        let (properties, body) = if self.config.structured {
+            let properties = binding::structured_properties(message).map_err(SinkError::refused)?;
+            (properties, Cow::Owned(message.event.to_structured()))
+        } else {
+            let properties = binding::properties(message).map_err(SinkError::refused)?;
+            (properties, Cow::Borrowed(message.event.data.as_str()))
+        };
         let exchange =
             binding::short("exchange name", &self.config.exchange).map_err(SinkError::refused)?;
         let routing_key =
@@ -286,7 +309,7 @@ impl AmqpSink {
             mandatory: self.config.mandatory,
             immediate: false,
         };
-        let body = message.event.data.as_bytes();
+        let body = body.as_bytes();
         let confirmed = within(self.config.confirm_timeout, async {
             channel
                 .basic_publish(exchange, routing_key, options, body, properties)

@@ -1,6 +1,9 @@
 //! The headers of a published message: the CloudEvent in binary content mode as the NATS
 //! binding of CloudEvents says (spec `main`, `cloudevents/bindings/nats-protocol-binding.md`,
-//! 1.0.3-wip), plus JetStream's `Nats-Msg-Id` and esframe's own.
+//! 1.0.3-wip), plus JetStream's `Nats-Msg-Id` and esframe's own ([`outgoing`]). In structured
+//! content mode ([`JetStreamSink::structured`](crate::JetStreamSink::structured)) the body is
+//! the CloudEvent in the JSON format and the headers are `Nats-Msg-Id`, `content-type:
+//! application/cloudevents+json` and esframe's own ([`outgoing_structured`]).
 //!
 //! Per that binding every attribute, `datacontenttype` included, is a header named `ce-` and the
 //! attribute's name, and each value is percent-encoded: space, `"`, `%` and every character
@@ -8,7 +11,7 @@
 //! double-quoted value, then percent-decodes once, rejecting byte sequences that are not UTF-8.
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
-use esframe_core::publish::OutgoingMessage;
+use esframe_core::publish::{OutgoingMessage, STRUCTURED_CONTENT_TYPE, is_structured_content_type};
 
 /// The prefix of every CloudEvents attribute header.
 pub const CE_PREFIX: &str = "ce-";
@@ -16,9 +19,9 @@ pub const CE_PREFIX: &str = "ce-";
 /// The header JetStream deduplicates by: the message id.
 pub const MESSAGE_ID_HEADER: &str = "Nats-Msg-Id";
 
-/// The message's content type, the data's (`application/json`). The NATS binding calls it
-/// `ce-datacontenttype`, which is sent too; a `Content-Type` of `application/cloudevents` would
-/// mean structured mode, so `application/json` also tells a receiver this is binary mode.
+/// The message's content type: in binary mode the data's (`application/json`; the NATS binding
+/// calls it `ce-datacontenttype`, which is sent too), in structured mode
+/// `application/cloudevents+json`, which is how a receiver tells the two apart.
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
 
 /// The producer's stream, `aggregate_type/id` (percent-encoded like the `ce-` headers).
@@ -40,33 +43,73 @@ pub struct InvalidHeader {
     pub reason: String,
 }
 
-/// The headers of `message`: `Nats-Msg-Id`, every CloudEvents attribute as `ce-{name}`,
-/// `content-type`, and the `esframe-*` headers.
+/// The headers of `message` in binary content mode: `Nats-Msg-Id`, every CloudEvents attribute
+/// as `ce-{name}`, `content-type`, and the `esframe-*` headers.
 pub fn outgoing(message: &OutgoingMessage) -> Result<HeaderMap, InvalidHeader> {
     let mut headers = HeaderMap::new();
-    let mut put = |name: &str, value: &str| -> Result<(), InvalidHeader> {
-        let invalid = |reason: String| InvalidHeader {
-            name: name.to_owned(),
-            reason,
-        };
-        let header: HeaderName = name.parse().map_err(|err| invalid(format!("{err}")))?;
-        let value: HeaderValue = encode(value)
-            .parse()
-            .map_err(|err| invalid(format!("{err}")))?;
-        headers.insert(header, value);
-        Ok(())
-    };
-    put(MESSAGE_ID_HEADER, &message.id.to_string())?;
+    put(&mut headers, MESSAGE_ID_HEADER, &message.id.to_string())?;
     // `attributes()`, not `binary_headers()`: the HTTP binding carries `datacontenttype` as
     // `Content-Type` only, the NATS binding as `ce-datacontenttype`.
     for (name, value) in message.event.attributes() {
-        put(&format!("{CE_PREFIX}{name}"), &value)?;
+        put(&mut headers, &format!("{CE_PREFIX}{name}"), &value)?;
     }
-    put(CONTENT_TYPE_HEADER, message.event.datacontenttype)?;
-    put(STREAM_HEADER, &message.stream_id.to_string())?;
-    put(STREAM_VERSION_HEADER, &message.stream_version.to_string())?;
-    put(POSITION_HEADER, &message.position.get().to_string())?;
+    put(
+        &mut headers,
+        CONTENT_TYPE_HEADER,
+        message.event.datacontenttype,
+    )?;
+    put_esframe(&mut headers, message)?;
     Ok(headers)
+}
+
+/// The headers of `message` in structured content mode, whose body is the CloudEvent in the
+/// JSON format ([`CloudEvent::to_structured`](esframe_core::publish::CloudEvent::to_structured)):
+/// `Nats-Msg-Id`, `content-type` ([`STRUCTURED_CONTENT_TYPE`],
+/// `application/cloudevents+json`) and the `esframe-*` headers; no `ce-` header, the body holds
+/// the attributes.
+pub fn outgoing_structured(message: &OutgoingMessage) -> Result<HeaderMap, InvalidHeader> {
+    let mut headers = HeaderMap::new();
+    put(&mut headers, MESSAGE_ID_HEADER, &message.id.to_string())?;
+    put(&mut headers, CONTENT_TYPE_HEADER, STRUCTURED_CONTENT_TYPE)?;
+    put_esframe(&mut headers, message)?;
+    Ok(headers)
+}
+
+/// Whether a received message is in structured content mode: its `content-type` is
+/// `application/cloudevents+json` (parameters and case aside). `headers` as [`incoming`] gives
+/// them.
+pub fn is_structured(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .any(|(name, value)| name == CONTENT_TYPE_HEADER && is_structured_content_type(value))
+}
+
+fn put_esframe(headers: &mut HeaderMap, message: &OutgoingMessage) -> Result<(), InvalidHeader> {
+    put(headers, STREAM_HEADER, &message.stream_id.to_string())?;
+    put(
+        headers,
+        STREAM_VERSION_HEADER,
+        &message.stream_version.to_string(),
+    )?;
+    put(
+        headers,
+        POSITION_HEADER,
+        &message.position.get().to_string(),
+    )
+}
+
+/// Sets the header `name` to `value`, percent-encoded.
+fn put(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), InvalidHeader> {
+    let invalid = |reason: String| InvalidHeader {
+        name: name.to_owned(),
+        reason,
+    };
+    let header: HeaderName = name.parse().map_err(|err| invalid(format!("{err}")))?;
+    let value: HeaderValue = encode(value)
+        .parse()
+        .map_err(|err| invalid(format!("{err}")))?;
+    headers.insert(header, value);
+    Ok(())
 }
 
 /// Every header of a received message as (lowercase name, decoded value), in no particular
@@ -195,5 +238,21 @@ mod tests {
         assert_eq!(decode("%C0%A0"), None, "an overlong encoding is rejected");
         assert_eq!(decode("%4"), None);
         assert_eq!(decode("%zz"), None);
+    }
+
+    #[test]
+    fn tells_structured_mode_by_the_content_type() {
+        let headers = |content_type: &str| {
+            vec![
+                ("nats-msg-id".to_owned(), "x".to_owned()),
+                (CONTENT_TYPE_HEADER.to_owned(), content_type.to_owned()),
+            ]
+        };
+        assert!(is_structured(&headers("application/cloudevents+json")));
+        assert!(is_structured(&headers(
+            "application/cloudevents+json; charset=utf-8"
+        )));
+        assert!(!is_structured(&headers("application/json")));
+        assert!(!is_structured(&[]));
     }
 }

@@ -66,7 +66,9 @@ type OnApplied = Arc<dyn Fn(&IncomingEvent) + Send + Sync>;
 /// [`JetStreamSink`](crate::JetStreamSink), once with the user's [`InboxHandler`].
 ///
 /// For each message: the CloudEvent is read from the headers (binary content mode, `ce-`
-/// headers) and the body, then [`PgInbox::apply`] runs the handler and records the event in one
+/// headers) and the body, or from the body alone when the `content-type` is
+/// `application/cloudevents+json` (structured content mode, the JSON format; both may come
+/// mixed on one stream), then [`PgInbox::apply`] runs the handler and records the event in one
 /// transaction:
 ///
 /// | outcome | the adapter |
@@ -453,12 +455,18 @@ impl<H: InboxHandler + 'static> JetStreamInbox<H> {
             }
         };
         let attributes = headers::incoming(message.headers.as_ref());
-        let event = CloudEvent::from_binary(attributes, CE_PREFIX, body)
-            .map_err(|err| (None, format!("not a CloudEvent in binary mode: {err}")))
-            .and_then(|cloud| {
-                let id = cloud.id;
-                IncomingEvent::from_cloud_event(cloud).map_err(|err| (Some(id), err.to_string()))
-            });
+        let cloud = if headers::is_structured(&attributes) {
+            CloudEvent::from_structured(&body).map_err(|err| {
+                format!("not a CloudEvent in structured mode (the JSON format): {err}")
+            })
+        } else {
+            CloudEvent::from_binary(attributes, CE_PREFIX, body)
+                .map_err(|err| format!("not a CloudEvent in binary mode: {err}"))
+        };
+        let event = cloud.map_err(|err| (None, err)).and_then(|cloud| {
+            let id = cloud.id;
+            IncomingEvent::from_cloud_event(cloud).map_err(|err| (Some(id), err.to_string()))
+        });
         let event = match event {
             Ok(event) => event,
             Err((id, error)) => return self.park(message, id, None, &error).await,

@@ -8,8 +8,9 @@ use esframe_core::publish::{MessageSink, OutgoingMessage, Published, SinkError};
 use crate::headers;
 
 /// Publishes each message to its subject on JetStream, in binary content mode
-/// ([`headers`](crate::headers) lists what goes in the headers; the body is the event's data),
-/// and returns only once the stream's `PubAck` arrived: the message is stored.
+/// ([`headers`](crate::headers) lists what goes in the headers; the body is the event's data)
+/// or, with [`JetStreamSink::structured`], in structured content mode, and returns only once
+/// the stream's `PubAck` arrived: the message is stored.
 ///
 /// JetStream drops a message whose `Nats-Msg-Id` it stored within the stream's duplicate
 /// window and says so (`duplicate` in the `PubAck`, [`Published::duplicate`] here), so a
@@ -25,12 +26,14 @@ use crate::headers;
 pub struct JetStreamSink {
     context: jetstream::Context,
     ack_timeout: Option<Duration>,
+    structured: bool,
 }
 
 impl std::fmt::Debug for JetStreamSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JetStreamSink")
             .field("ack_timeout", &self.ack_timeout)
+            .field("structured", &self.structured)
             .finish_non_exhaustive()
     }
 }
@@ -43,7 +46,20 @@ impl JetStreamSink {
         Self {
             context,
             ack_timeout: None,
+            structured: false,
         }
+    }
+
+    /// Sends the messages in structured content mode (default `false`, binary mode): the body
+    /// is the CloudEvent in the JSON event format
+    /// ([`CloudEvent::to_structured`](esframe_core::publish::CloudEvent::to_structured)), the
+    /// headers only `Nats-Msg-Id`, `content-type: application/cloudevents+json` and the
+    /// `esframe-*` ones ([`headers::outgoing_structured`]), no `ce-` header. For consumers that
+    /// read the JSON format only; [`JetStreamInbox`](crate::JetStreamInbox) reads both modes.
+    #[must_use]
+    pub fn structured(mut self, structured: bool) -> Self {
+        self.structured = structured;
+        self
     }
 
     /// Waits at most `timeout` for each acknowledgement (then the message counts as unreachable
@@ -60,10 +76,16 @@ impl JetStreamSink {
     }
 
     async fn send(&self, message: &OutgoingMessage) -> Result<Published, SinkError> {
-        let headers = headers::outgoing(message).map_err(SinkError::refused)?;
+        let (headers, body) = if self.structured {
+            let headers = headers::outgoing_structured(message).map_err(SinkError::refused)?;
+            (headers, message.event.to_structured())
+        } else {
+            let headers = headers::outgoing(message).map_err(SinkError::refused)?;
+            (headers, message.event.data.clone())
+        };
         let publish = PublishMessage::build()
             .headers(headers)
-            .payload(message.event.data.clone().into());
+            .payload(body.into());
         let ack = self
             .context
             .send_publish(message.subject.clone(), publish)

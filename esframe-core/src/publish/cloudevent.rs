@@ -5,18 +5,32 @@
 //! lowercase ASCII letters or digits; `time` is RFC 3339; `sequence` (the `sequence` extension)
 //! is the global position zero-padded to 20 digits, so that it compares lexicographically.
 //! Brokers with headers carry the attributes as headers and the payload as the body (binary
-//! content mode, [`CloudEvent::binary_headers`]); [`CloudEvent::to_structured`] is the JSON
-//! format (structured content mode).
+//! content mode, [`CloudEvent::binary_headers`], read back with [`CloudEvent::from_binary`]);
+//! [`CloudEvent::to_structured`] and [`CloudEvent::from_structured`] are the JSON event format
+//! (`formats/json-format.md` v1.0.2: structured content mode, media type
+//! [`STRUCTURED_CONTENT_TYPE`]).
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value};
+use serde_json::{Value, value::RawValue};
 use uuid::Uuid;
 
 use crate::{RecordedEvent, StreamId};
 
 /// The CloudEvents spec version this module writes.
 pub const SPEC_VERSION: &str = "1.0";
+
+/// The media type of a CloudEvent in the JSON event format (structured content mode): the
+/// content type of a message whose body is [`CloudEvent::to_structured`].
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// Whether a message's content type says structured content mode in the JSON format: its media
+/// type, parameters stripped and case ignored, is [`STRUCTURED_CONTENT_TYPE`]
+/// (`application/cloudevents+json; charset=utf-8` is).
+pub fn is_structured_content_type(content_type: &str) -> bool {
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    media_type.eq_ignore_ascii_case(STRUCTURED_CONTENT_TYPE)
+}
 
 /// A CloudEvent: its attributes and its data (the event's payload, JSON).
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +80,29 @@ pub enum InvalidCloudEvent {
         /// The attribute.
         name: String,
     },
+    /// The text is not a CloudEvent in the JSON event format: not JSON, or not an object.
+    #[error("not a CloudEvent in the JSON event format: {0}")]
+    NotStructured(String),
+    /// An attribute of a structured CloudEvent has a JSON type the format does not allow for
+    /// it: the core attributes are strings, an extension is a string, an integer or a boolean.
+    #[error(
+        "CloudEvents attribute `{name}` is a JSON {found}; the JSON format wants a string{}",
+        if *.extension { " (or, for an extension, an integer or a boolean)" } else { "" }
+    )]
+    AttributeType {
+        /// The attribute.
+        name: String,
+        /// What it is: `number`, `boolean`, `array`, `object`.
+        found: &'static str,
+        /// Whether it is an extension attribute.
+        extension: bool,
+    },
+    /// A structured CloudEvent carries binary data (`data_base64`): esframe's data is JSON,
+    /// which the JSON format carries as `data`.
+    #[error(
+        "CloudEvents `data_base64` (binary data) is not supported: esframe's data is JSON, carried as `data`"
+    )]
+    BinaryData,
 }
 
 const CORE_ATTRIBUTES: [&str; 10] = [
@@ -192,16 +229,87 @@ impl CloudEvent {
             .collect()
     }
 
-    /// The JSON format (structured content mode): every attribute as a member, and the data
-    /// as `data` (JSON, not a string).
-    pub fn to_structured(&self) -> Value {
-        let mut object = Map::new();
-        for (name, value) in self.attributes() {
-            object.insert(name, Value::String(value));
+    /// The JSON event format (structured content mode), as text: every attribute as a string
+    /// member (the core ones, then the extensions), and the data as `data`, its JSON text as
+    /// it is (not re-serialized: key order, spacing and number spelling kept). Data that is not
+    /// JSON (never the case for a stored event) goes as a JSON string; empty data (nothing
+    /// received in binary mode) as no `data` member.
+    ///
+    /// [`CloudEvent::from_structured`] reads it back: the same event, the data's text exactly
+    /// (but for whitespace around it).
+    pub fn to_structured(&self) -> String {
+        let mut out = String::with_capacity(self.data.len() + 512);
+        out.push('{');
+        for (i, (name, value)) in self.attributes().iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, name);
+            out.push(':');
+            push_json_string(&mut out, value);
         }
-        let data = serde_json::from_str(&self.data).unwrap_or(Value::String(self.data.clone()));
-        object.insert("data".to_owned(), data);
-        Value::Object(object)
+        if !self.data.is_empty() {
+            out.push_str(",\"data\":");
+            match serde_json::from_str::<&RawValue>(&self.data) {
+                Ok(json) => out.push_str(json.get()),
+                Err(_) => push_json_string(&mut out, &self.data),
+            }
+        }
+        out.push('}');
+        out
+    }
+
+    /// Reads a CloudEvent in the JSON event format (structured content mode,
+    /// `formats/json-format.md` v1.0.2): an object whose members are the attributes and the
+    /// data.
+    ///
+    /// - `data` is kept as its JSON text, exactly as it came (an object, an array, a string
+    ///   with its quotes, `null`); no `data` member is empty data. `data_base64` (binary data)
+    ///   is refused ([`InvalidCloudEvent::BinaryData`]): esframe's data is JSON.
+    /// - The core attributes must be JSON strings; an extension may also be an integer or a
+    ///   boolean, read as its canonical text (`5`, `true`), as binary mode would carry it;
+    ///   anything else is [`InvalidCloudEvent::AttributeType`] naming the attribute. A member
+    ///   that is `null` is unset, as the format says.
+    /// - As [`CloudEvent::from_binary`]: `id`, `source`, `type` and `specversion` (`1.0`) are
+    ///   required and non-empty ([`InvalidCloudEvent::Missing`] names the first one that is
+    ///   not), the `id` a UUID, and the spec's rules hold ([`CloudEvent::check`]);
+    ///   `datacontenttype` is not kept (esframe's data is JSON).
+    ///
+    /// Text that is not a JSON object is [`InvalidCloudEvent::NotStructured`].
+    pub fn from_structured(text: &str) -> Result<Self, InvalidCloudEvent> {
+        let members: BTreeMap<String, &RawValue> = serde_json::from_str(text)
+            .map_err(|err| InvalidCloudEvent::NotStructured(err.to_string()))?;
+        let mut attributes = BTreeMap::new();
+        let mut data = String::new();
+        for (name, raw) in members {
+            match name.as_str() {
+                "data" => data = raw.get().to_owned(),
+                "data_base64" if raw.get() != "null" => return Err(InvalidCloudEvent::BinaryData),
+                "data_base64" => {}
+                _ => {
+                    let value: Value = serde_json::from_str(raw.get())
+                        .map_err(|err| InvalidCloudEvent::NotStructured(err.to_string()))?;
+                    let extension = !CORE_ATTRIBUTES.contains(&name.as_str());
+                    let text = match value {
+                        Value::Null => continue,
+                        Value::String(text) => text,
+                        Value::Bool(b) if extension => b.to_string(),
+                        Value::Number(n) if extension && (n.is_i64() || n.is_u64()) => {
+                            n.to_string()
+                        }
+                        other => {
+                            return Err(InvalidCloudEvent::AttributeType {
+                                name,
+                                found: json_type(&other),
+                                extension,
+                            });
+                        }
+                    };
+                    attributes.insert(name, text);
+                }
+            }
+        }
+        Self::from_attributes(attributes, data)
     }
 
     /// Reads a CloudEvent in binary content mode: the attributes from the headers named
@@ -223,6 +331,15 @@ impl CloudEvent {
                 attributes.insert(attribute.to_ascii_lowercase(), value.into());
             }
         }
+        Self::from_attributes(attributes, body)
+    }
+
+    /// The event of `attributes` (name to value, as received) and `data`: the required ones
+    /// checked, the rest extensions, then [`CloudEvent::check`].
+    fn from_attributes(
+        mut attributes: BTreeMap<String, String>,
+        data: String,
+    ) -> Result<Self, InvalidCloudEvent> {
         let mut take = |name: &'static str| {
             attributes
                 .remove(name)
@@ -245,7 +362,7 @@ impl CloudEvent {
                 attributes.remove("datacontenttype");
                 attributes
             },
-            data: body,
+            data,
         };
         event.check()?;
         Ok(event)
@@ -257,6 +374,23 @@ impl CloudEvent {
         let aggregate = self.extensions.get("esframeaggregate")?;
         let id = self.extensions.get("esframestream")?;
         StreamId::new(aggregate, id).ok()
+    }
+}
+
+/// Appends `text` as a JSON string.
+fn push_json_string(out: &mut String, text: &str) {
+    out.push_str(&Value::from(text).to_string());
+}
+
+/// The JSON type of `value`, for an error.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
     }
 }
 
@@ -292,6 +426,8 @@ fn valid_traceparent(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Map, json};
+
     use super::*;
     use crate::{EventMetadata, Payload, Position};
 
@@ -338,9 +474,26 @@ mod tests {
         assert!(headers.contains(&("ce-specversion".into(), "1.0".into())));
         assert!(headers.contains(&("ce-id".into(), event.event_id.to_string())));
         assert!(!headers.iter().any(|(n, _)| n == "ce-datacontenttype"));
-        let structured = ce.to_structured();
+        let structured: Value = serde_json::from_str(&ce.to_structured()).unwrap();
         assert_eq!(structured["data"]["amount"], 5);
         assert_eq!(structured["specversion"], "1.0");
+        assert_eq!(structured["datacontenttype"], "application/json");
+        assert_eq!(structured["sequence"], "00000000000000000042");
+        // As the book shows it (`docs/src/concepts/publishing.md`, unwrapped).
+        assert_eq!(
+            ce.to_structured(),
+            concat!(
+                r#"{"id":"0190a5f2-0000-7000-8000-000000000001","source":"/bank","#,
+                r#""specversion":"1.0","type":"MoneyDeposited.v2","subject":"account/ada","#,
+                r#""time":"2026-12-01T10:00:00.500000Z","datacontenttype":"application/json","#,
+                r#""correlationid":"4bf92f35-77b3-4da6-a3ce-929d0e0e4736","#,
+                r#""esframeaggregate":"account","esframestream":"ada","esframeversion":"3","#,
+                r#""partitionkey":"account/ada","sequence":"00000000000000000042","#,
+                r#""sequencetype":"Integer","#,
+                r#""traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-0190a5f200007000-01","#,
+                r#""data":{"amount":5}}"#,
+            )
+        );
     }
 
     #[test]
@@ -410,6 +563,200 @@ mod tests {
         control.extensions.insert("note".into(), "a\nb".into());
         assert!(matches!(
             control.check(),
+            Err(InvalidCloudEvent::ControlCharacter { .. })
+        ));
+    }
+
+    /// The structured form of `ce` as a JSON object, to break on purpose.
+    fn structured_object(ce: &CloudEvent) -> Map<String, Value> {
+        match serde_json::from_str(&ce.to_structured()).unwrap() {
+            Value::Object(object) => object,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    #[test]
+    fn structured_mode_round_trips_exactly() {
+        let event = recorded();
+        let mut ce = CloudEvent::from_event(&event, event.event_id, "/bank");
+        ce.subject = "account/zoë \"quoted\" \\ back".into();
+        ce.extensions
+            .insert("note".into(), "€ and \u{1F600}".into());
+        ce.extensions
+            .insert("causationid".into(), Uuid::now_v7().to_string());
+        for data in [
+            // An object as PostgreSQL's jsonb writes it: spaces, its own key order, a number
+            // beyond f64's precision; a `Value` would reorder, respace and round it.
+            r#"{"zeta": 1, "alpha": {"nested": [1, 2.50, -0.0]}, "big": 123456789012345678901234567890}"#,
+            r#"{"amount":5}"#,
+            "[1,\"two\",{\"three\":3},[],null]",
+            r#""just a string, with \"quotes\" and \u00e9""#,
+            "null",
+            "42",
+            "{}",
+        ] {
+            ce.data = data.to_owned();
+            let text = ce.to_structured();
+            let back = CloudEvent::from_structured(&text).unwrap();
+            assert_eq!(back, ce, "{data}");
+            assert_eq!(back.data, data, "the data's text as it was");
+            let json: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(json["data"], serde_json::from_str::<Value>(data).unwrap());
+            assert_eq!(json["specversion"], "1.0");
+            assert_eq!(json["id"], event.event_id.to_string());
+            assert_eq!(json["note"], "€ and \u{1F600}");
+            assert!(json.get("data_base64").is_none());
+            // The same event as binary mode reads it.
+            let binary = CloudEvent::from_binary(ce.binary_headers("ce-"), "ce-", ce.data.clone());
+            assert_eq!(binary.unwrap(), back);
+        }
+        // Empty data (an empty body in binary mode) is no `data` member, and back.
+        ce.data = String::new();
+        let text = ce.to_structured();
+        assert!(!structured_object(&ce).contains_key("data"), "{text}");
+        assert_eq!(CloudEvent::from_structured(&text).unwrap(), ce);
+        // Data that is not JSON goes as a string (and comes back as that JSON string).
+        ce.data = "not json".into();
+        assert_eq!(structured_object(&ce)["data"], "not json");
+        assert_eq!(
+            CloudEvent::from_structured(&ce.to_structured())
+                .unwrap()
+                .data,
+            r#""not json""#
+        );
+        assert!(is_structured_content_type(STRUCTURED_CONTENT_TYPE));
+        assert!(is_structured_content_type(
+            "Application/CloudEvents+JSON; charset=utf-8"
+        ));
+        assert!(!is_structured_content_type("application/json"));
+        assert!(!is_structured_content_type(
+            "application/cloudevents-batch+json"
+        ));
+    }
+
+    #[test]
+    fn structured_mode_reads_what_the_json_format_allows() {
+        let id = Uuid::now_v7();
+        let text = json!({
+            "specversion": "1.0",
+            "type": "MoneyDeposited.v2",
+            "source": "/bank",
+            "id": id.to_string(),
+            "subject": null,
+            "time": "2026-12-01T10:00:00Z",
+            "comexampleothervalue": 5,
+            "negative": -3,
+            "flag": true,
+            "unsetextension": null,
+            "data_base64": null,
+            "data": { "amount": 5 },
+        })
+        .to_string();
+        let ce = CloudEvent::from_structured(&text).unwrap();
+        assert_eq!(ce.id, id);
+        assert_eq!(ce.subject, "", "null is unset");
+        assert_eq!(ce.datacontenttype, "application/json", "implied");
+        assert_eq!(ce.extensions["comexampleothervalue"], "5");
+        assert_eq!(ce.extensions["negative"], "-3");
+        assert_eq!(ce.extensions["flag"], "true");
+        assert!(!ce.extensions.contains_key("unsetextension"));
+        assert_eq!(ce.data, r#"{"amount":5}"#);
+    }
+
+    #[test]
+    fn structured_mode_refuses_what_is_not_a_cloud_event_naming_the_attribute() {
+        let event = recorded();
+        let ce = CloudEvent::from_event(&event, event.event_id, "/bank");
+        let read = |object: &Map<String, Value>| {
+            CloudEvent::from_structured(&Value::Object(object.clone()).to_string())
+        };
+        for text in ["", "not json", "[1, 2]", r#""a string""#, "42", "null", "{"] {
+            assert!(
+                matches!(
+                    CloudEvent::from_structured(text),
+                    Err(InvalidCloudEvent::NotStructured(_))
+                ),
+                "{text:?}"
+            );
+        }
+        for name in ["id", "source", "type", "specversion"] {
+            let mut object = structured_object(&ce);
+            object.remove(name);
+            assert_eq!(
+                read(&object),
+                Err(InvalidCloudEvent::Missing(name)),
+                "{name}"
+            );
+            object.insert(name.into(), Value::Null);
+            assert_eq!(
+                read(&object),
+                Err(InvalidCloudEvent::Missing(name)),
+                "{name} null"
+            );
+            object.insert(name.into(), "".into());
+            assert_eq!(
+                read(&object),
+                Err(InvalidCloudEvent::Missing(name)),
+                "{name} empty"
+            );
+        }
+        for version in ["0.3", "1.0.2", "2.0"] {
+            let mut object = structured_object(&ce);
+            object.insert("specversion".into(), version.into());
+            assert_eq!(
+                read(&object),
+                Err(InvalidCloudEvent::Missing("specversion")),
+                "{version}"
+            );
+        }
+        let mut object = structured_object(&ce);
+        object.insert("id".into(), "A234-1234-1234".into());
+        assert_eq!(
+            read(&object),
+            Err(InvalidCloudEvent::NotAnEsframeId("A234-1234-1234".into()))
+        );
+        for (name, value, found, extension) in [
+            ("id", json!(42), "number", false),
+            ("type", json!(true), "boolean", false),
+            ("specversion", json!(1.0), "number", false),
+            ("subject", json!(["account", "ada"]), "array", false),
+            ("time", json!({ "at": 1 }), "object", false),
+            ("datacontenttype", json!(7), "number", false),
+            ("sequence", json!(1.5), "number", true),
+            ("note", json!({ "a": 1 }), "object", true),
+            ("note", json!([1]), "array", true),
+        ] {
+            let mut object = structured_object(&ce);
+            object.insert(name.into(), value.clone());
+            let err = read(&object).unwrap_err();
+            assert_eq!(
+                err,
+                InvalidCloudEvent::AttributeType {
+                    name: name.into(),
+                    found,
+                    extension
+                },
+                "{name}: {value}"
+            );
+            assert!(err.to_string().contains(&format!("`{name}`")), "{err}");
+        }
+        let mut object = structured_object(&ce);
+        object.remove("data");
+        object.insert("data_base64".into(), "eyJhbW91bnQiOjV9".into());
+        let err = read(&object).unwrap_err();
+        assert_eq!(err, InvalidCloudEvent::BinaryData);
+        assert!(err.to_string().contains("data_base64"), "{err}");
+        // The spec's rules, as in binary mode.
+        let mut object = structured_object(&ce);
+        object.insert("Upper".into(), "x".into());
+        assert_eq!(
+            read(&object),
+            Err(InvalidCloudEvent::ExtensionName("Upper".into()))
+        );
+        let mut object = structured_object(&ce);
+        object.insert("note".into(), "a\nb".into());
+        assert!(matches!(
+            read(&object),
             Err(InvalidCloudEvent::ControlCharacter { .. })
         ));
     }

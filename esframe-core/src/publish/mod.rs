@@ -19,7 +19,10 @@ mod memory;
 mod publisher;
 mod sink;
 
-pub use cloudevent::{CloudEvent, InvalidCloudEvent, SPEC_VERSION, sequence, valid_extension_name};
+pub use cloudevent::{
+    CloudEvent, InvalidCloudEvent, SPEC_VERSION, STRUCTURED_CONTENT_TYPE,
+    is_structured_content_type, sequence, valid_extension_name,
+};
 pub use incoming::{IncomingEvent, NotAnEsframeEvent};
 pub use memory::{Fault, MemorySink};
 pub use publisher::{
