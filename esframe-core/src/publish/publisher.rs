@@ -504,7 +504,9 @@ where
                 }
                 // Nothing in flight and more to read: make room by checkpointing what is
                 // acknowledged (or every read event may be done and waiting for a commit).
-                committed = self.commit_contiguous(&mut pending, &mut from, committed).await?;
+                committed = self
+                    .commit_contiguous(&mut pending, &mut from, committed)
+                    .await?;
                 self.report(&pending, committed);
                 continue;
             }
