@@ -34,6 +34,7 @@ chapters! {
     concepts_testing => "src/concepts/testing.md",
     guides_bank_account => "src/guides/bank-account.md",
     guides_http_service => "src/guides/http-service.md",
+    guides_publishing_example => "src/guides/publishing-example.md",
     guides_postgres => "src/guides/postgres.md",
     guides_store_backend => "src/guides/store-backend.md",
     reference_errors => "src/reference/errors.md",
