@@ -419,7 +419,7 @@ where
         let mut read_to = committed;
         let mut exhausted = false;
         // Read and not yet checkpointed, in log order: position → (acknowledged, recorded at).
-        let mut pending: BTreeMap<Position, (bool, Option<DateTime<Utc>>)> = BTreeMap::new();
+        let mut pending = Pending::new();
         let mut queues: HashMap<StreamId, VecDeque<Job>> = HashMap::new();
         let mut ready: VecDeque<StreamId> = VecDeque::new();
         let mut busy: HashSet<StreamId> = HashSet::new();
@@ -557,7 +557,7 @@ where
     /// Moves the checkpoint past the acknowledged prefix of `pending`, if it grew.
     async fn commit_contiguous(
         &self,
-        pending: &mut BTreeMap<Position, (bool, Option<DateTime<Utc>>)>,
+        pending: &mut Pending,
         from: &mut Option<Checkpoint>,
         committed: Position,
     ) -> Result<Position, PublishError> {
@@ -588,11 +588,7 @@ where
     }
 
     /// The status after a commit: position, what is pending, how old its oldest event is.
-    fn report(
-        &self,
-        pending: &BTreeMap<Position, (bool, Option<DateTime<Utc>>)>,
-        position: Position,
-    ) {
+    fn report(&self, pending: &Pending, position: Position) {
         let waiting = pending.values().filter(|(done, _)| !done).count();
         let oldest = pending
             .values()
@@ -605,10 +601,7 @@ where
     }
 
     /// Sends one event's messages, after a backoff when it is a retry.
-    fn send_job(
-        &self,
-        job: Job,
-    ) -> Pin<Box<dyn Future<Output = (Job, Result<(), SinkError>)> + Send + '_>> {
+    fn send_job(&self, job: Job) -> JobFuture<'_> {
         Box::pin(async move {
             if job.attempt > 0 {
                 tokio::time::sleep(self.backoff.wait(job.attempt)).await;
@@ -744,6 +737,12 @@ fn stopping(stopped: &watch::Receiver<bool>) -> bool {
 fn age(recorded_at: DateTime<Utc>) -> Duration {
     (Utc::now() - recorded_at).to_std().unwrap_or_default()
 }
+
+/// Events read and not yet checkpointed, in log order: position → (acknowledged, recorded at).
+type Pending = BTreeMap<Position, (bool, Option<DateTime<Utc>>)>;
+
+/// A job on its way to the broker, handing the job back with the outcome.
+type JobFuture<'a> = Pin<Box<dyn Future<Output = (Job, Result<(), SinkError>)> + Send + 'a>>;
 
 /// One event's messages, waiting for (or on) the broker.
 struct Job {
