@@ -106,7 +106,7 @@ pub struct PublisherStatus {
     /// Whether the publisher holds its lease (only the running one does).
     pub active: bool,
     /// Events in the log after the checkpoint, as last counted (at most once a second, while
-    /// the publisher has work; 0 once caught up). `None` if the store cannot count.
+    /// the publisher has work; 0 once caught up). `None` until first known.
     pub behind: Option<u64>,
     /// Messages acknowledged per second, over the last second or more of sending.
     pub rate: f64,
@@ -494,8 +494,9 @@ where
                         });
                     }
                     if caught_up {
+                        // Everything readable is acknowledged: nothing is behind.
                         self.update(|s| {
-                            s.behind = s.behind.map(|_| 0);
+                            s.behind = Some(0);
                             s.last_error = None;
                             s.broker_reachable = true;
                         });
