@@ -71,6 +71,7 @@ pub mod limits;
 mod payload;
 mod policy;
 mod position;
+pub mod process;
 pub mod projection;
 pub mod publish;
 mod store;

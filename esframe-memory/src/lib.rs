@@ -29,9 +29,11 @@
 //! as streams grow. Data lives as long as the last clone of the store.
 
 mod checkpoints;
+mod process;
 mod store;
 
 pub use checkpoints::{MemoryCheckpoints, MemoryLease};
+pub use process::MemoryProcessStore;
 pub use store::MemoryStore;
 
 #[doc(no_inline)]

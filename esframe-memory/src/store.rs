@@ -186,6 +186,58 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Appends to several streams atomically, in order: every batch's expectation is checked
+    /// (against the stream as the batches before it leave it) and none of their event ids may
+    /// be stored already, then all are stored, under one write lock, or
+    /// nothing is. Process managers store a batch's commands' events with it.
+    pub fn append_streams(
+        &self,
+        batches: Vec<AppendBatch>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let outcomes = {
+            let mut data = self.write();
+            // Each batch is checked against the stream as the batches before it leave it.
+            let mut added: HashMap<&StreamId, u64> = HashMap::default();
+            for batch in &batches {
+                let stored = data.streams.get(batch.stream()).map_or(0, Vec::len) as u64;
+                let current = stored + added.get(batch.stream()).copied().unwrap_or(0);
+                let actual = (current > 0).then_some(current);
+                if !batch.expected().accepts(actual) {
+                    return Err(Conflict {
+                        stream: batch.stream().clone(),
+                        expected: batch.expected(),
+                        actual,
+                    }
+                    .into());
+                }
+                *added.entry(batch.stream()).or_default() += batch.len() as u64;
+                if let Some(&index) = batch
+                    .events()
+                    .iter()
+                    .find_map(|e| data.ids.get(&e.event_id))
+                {
+                    let stored = &data.log[index];
+                    return Err(StoreError::EventIdReused {
+                        event_id: stored.event_id,
+                        stream: batch.stream().clone(),
+                        stored_stream: stored.stream_id.clone(),
+                        stored_version: stored.stream_version,
+                    });
+                }
+            }
+            batches
+                .into_iter()
+                .map(|batch| data.append(batch))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if let Some(&last) = outcomes.iter().filter_map(|o| o.positions.last()).max() {
+            self.inner.head.advance(last);
+        }
+        Ok(outcomes)
+    }
+}
+
 impl Data {
     fn append(&mut self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
         let (stream, expected) = (batch.stream().clone(), batch.expected());

@@ -159,4 +159,13 @@ pub enum PgStoreError {
     /// PostgreSQL could not be reached or refused a statement.
     #[error("PostgreSQL error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Process managers store their commands' events in their own transaction, which inline
+    /// projections cannot join.
+    #[error(
+        "process managers cannot run on a store with inline projections ({projections:?}): their events are stored in the process manager's transaction; run those projections with a ProjectionRunner, or give the process manager a store built without them"
+    )]
+    InlineProjectionsWithProcessManagers {
+        /// The inline projections.
+        projections: Vec<String>,
+    },
 }

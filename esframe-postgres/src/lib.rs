@@ -46,6 +46,7 @@ mod inbox;
 mod inline;
 mod listener;
 mod names;
+mod process;
 mod read;
 mod rows;
 mod schema;
@@ -58,6 +59,7 @@ pub use checkpoints::{PgCheckpoints, PgLease, PgTransaction};
 pub use error::PgStoreError;
 pub use horizon::{HorizonHolder, HorizonStatus};
 pub use inbox::{InboxDeadLetter, InboxError, InboxHandler, InboxOutcome, PgInbox};
+pub use process::PgProcessStore;
 pub use schema::{SCHEMA_VERSION, SchemaName};
 pub use store::PgEventStore;
 

@@ -92,10 +92,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "namespaced_streams",
         sql: include_str!("../migrations/0005_namespaced_streams.sql"),
     },
+    Migration {
+        version: 6,
+        name: "process_managers",
+        sql: include_str!("../migrations/0006_process_managers.sql"),
+    },
 ];
 
 /// The newest migration version this release knows.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// Creates the schema and applies pending migrations.
 ///

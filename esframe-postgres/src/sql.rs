@@ -14,12 +14,12 @@ pub(crate) const POSITION_SHIFT: u32 = 16;
 const _: () = assert!(esframe_core::limits::MAX_EVENTS_PER_APPEND == 1 << POSITION_SHIFT);
 
 /// Columns of a stored event, in the order [`crate::rows`] reads them.
-const EVENT_COLUMNS: &str = "global_position, event_id, aggregate_id, stream_version, aggregate_type, \
+pub(crate) const EVENT_COLUMNS: &str = "global_position, event_id, aggregate_id, stream_version, aggregate_type, \
      event_type, schema_version, payload, correlation_id, causation_id, metadata, recorded_at";
 
 /// The exclusive upper bound of readable positions: every transaction with a smaller id has
 /// finished, so no row below it can still appear.
-const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)";
+pub(crate) const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)";
 
 /// The statements. Those of one stream name it by `$1 aggregate_type, $2 aggregate_id`; the
 /// appends keep their own order (see [`append_sql`]).

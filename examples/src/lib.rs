@@ -2,6 +2,7 @@
 
 pub mod bank_account;
 pub mod http_service;
+pub mod orders;
 pub mod publishing;
 
 /// The README's code, compiled and run as doctests so the quick start stays true.

@@ -305,6 +305,50 @@ impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
         })
     }
 
+    /// Decides `command` on `state` (at stream `version`) without storing anything: the
+    /// aggregate handles it, `state` becomes the state after the emitted events, and the
+    /// events come back encoded with the ids and metadata `context` (or the command) gives,
+    /// ready to append expecting `version`. Process managers use it to decide several
+    /// commands before storing all their events in one transaction.
+    ///
+    /// A rejection after events were emitted leaves `state` with them applied: load it again.
+    pub async fn decide(
+        &self,
+        state: &mut A,
+        version: u64,
+        command: &A::Command,
+        context: CommandContext,
+    ) -> Result<Vec<NewEvent>, CommandError<A::Error>> {
+        self.decide_tracked(state, version, command, context)
+            .await
+            .map(|(_, events)| events)
+            .map_err(|(err, _)| err)
+    }
+
+    /// [`decide`](Self::decide), also returning the emitted events as values, and with an
+    /// error whether `state` was changed before it.
+    pub(crate) async fn decide_tracked(
+        &self,
+        state: &mut A,
+        version: u64,
+        command: &A::Command,
+        context: CommandContext,
+    ) -> Result<(Vec<A::Event>, Vec<NewEvent>), (CommandError<A::Error>, bool)> {
+        let stream =
+            StreamId::new(A::TYPE, command.aggregate_id()).map_err(|e| (e.into(), false))?;
+        let provenance = Provenance::of(command, context);
+        let mut decision = Decision::new(state, &stream, version);
+        let decided = A::handle(&mut decision, command, &self.services).await;
+        let emitted = decision.into_emitted();
+        if let Err(rejection) = decided {
+            return Err((CommandError::Rejected(rejection), !emitted.is_empty()));
+        }
+        let events = self
+            .encode(&stream, &emitted, &provenance)
+            .map_err(|e| (e, !emitted.is_empty()))?;
+        Ok((emitted, events))
+    }
+
     /// Handles one command on its own: load, decide, append, retry on conflict.
     async fn run_single(
         &self,

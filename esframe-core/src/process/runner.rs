@@ -1,0 +1,979 @@
+//! [`ProcessRunner`]: follows the log, routes events to instances, carries out their effects,
+//! fires timers, and quarantines instances that keep failing.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+use uuid::Uuid;
+
+use crate::{
+    Aggregate, CommandHandler, EventStore, GlobalLog, Position, RecordedEvent,
+    projection::{
+        Checkpoint, CheckpointCommit, CheckpointStore, LeaseStore, NewDeadLetter, ProjectedEvent,
+        ProjectionEvents, ProjectionKey,
+    },
+    publish::Backoff,
+};
+
+use super::{
+    Clock, InstanceRecord, InstanceStatus, ProcessManager, ProcessStore, ProcessStoreError,
+    TimerRecord,
+    batch::{BatchContext, BatchError, Counts, Pending, describe, read_at},
+    dispatch::Handlers,
+};
+
+/// Errors of a [`ProcessRunner`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessError {
+    /// The process manager's name cannot be a checkpoint key.
+    #[error("process manager name `{name}` is invalid: {reason}")]
+    InvalidName {
+        /// The name.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The store failed and kept failing.
+    #[error("process manager `{process}`: {source}")]
+    Store {
+        /// The process manager.
+        process: &'static str,
+        /// The failure.
+        #[source]
+        source: ProcessStoreError,
+    },
+    /// A batch kept failing for a reason no instance is to blame for.
+    #[error("process manager `{process}`: a batch kept failing: {message}")]
+    Stuck {
+        /// The process manager.
+        process: &'static str,
+        /// The last failure.
+        message: String,
+    },
+    /// The instance does not exist.
+    #[error("process manager `{process}` has no instance `{id}`")]
+    NoInstance {
+        /// The process manager.
+        process: &'static str,
+        /// The instance.
+        id: String,
+    },
+    /// The instance is not quarantined, so it cannot be retried or discarded.
+    #[error("instance `{id}` of process manager `{process}` is {status:?}, not quarantined")]
+    NotQuarantined {
+        /// The process manager.
+        process: &'static str,
+        /// The instance.
+        id: String,
+        /// Its status.
+        status: InstanceStatus,
+    },
+    /// An operator's retry failed again; the instance stays quarantined.
+    #[error("retrying instance `{id}` of process manager `{process}` failed again: {error}")]
+    RetryFailed {
+        /// The process manager.
+        process: &'static str,
+        /// The instance.
+        id: String,
+        /// The failure.
+        error: String,
+    },
+    /// The lease could not be taken in time.
+    #[error("process manager `{process}`: another runner holds the lease")]
+    LeaseHeld {
+        /// The process manager.
+        process: &'static str,
+    },
+    /// A wait ran out of time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// What a runner has done, and where it stands.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessStatus {
+    /// Whether it holds the lease and is handling events.
+    pub active: bool,
+    /// Its checkpoint: every event at or below it has been handled.
+    pub position: Position,
+    /// What it did since it started.
+    pub counts: Counts,
+    /// Batches retried (conflicts, store outages, instance failures before quarantine).
+    pub retries: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// Tuning of a [`ProcessRunner`].
+#[derive(Debug, Clone)]
+struct Config {
+    batch_size: usize,
+    max_attempts: u32,
+    backoff: Backoff,
+    timer_poll: Duration,
+    standby_poll: Duration,
+    clock: Clock,
+    max_transient: u32,
+}
+
+/// Builds a [`ProcessRunner`]: the process manager, its store, and a command handler per
+/// aggregate type its instances send commands to.
+pub struct ProcessRunnerBuilder<P, S> {
+    process: P,
+    store: S,
+    handlers: Handlers,
+    config: Config,
+}
+
+impl<P: ProcessManager, S: ProcessStore> ProcessRunnerBuilder<P, S> {
+    /// Adds the handler of `A`'s commands. Its `load` reads the aggregates' states; the events
+    /// are stored by the runner, in the batch's transaction.
+    pub fn handler<A: Aggregate, E: EventStore>(mut self, handler: CommandHandler<A, E>) -> Self
+    where
+        A::Event: Send + Sync,
+    {
+        self.handlers.add(handler);
+        self
+    }
+
+    /// The clock timers are due by (default: the system's). Tests use [`Clock::manual`].
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.config.clock = clock;
+        self
+    }
+
+    /// Events read per batch (default 256).
+    pub fn batch_size(mut self, events: usize) -> Self {
+        self.config.batch_size = events.max(1);
+        self
+    }
+
+    /// How many times an instance's failing input is tried before the instance is quarantined
+    /// (default 3).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The wait between retries (default 10 ms doubling to 1 s).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// How often due timers are looked for while idle (default 100 ms; a manual clock wakes
+    /// the runner when it moves).
+    pub fn timer_poll(mut self, every: Duration) -> Self {
+        self.config.timer_poll = every;
+        self
+    }
+
+    /// How often a standby runner tries to take the lease (default 500 ms).
+    pub fn standby_poll(mut self, every: Duration) -> Self {
+        self.config.standby_poll = every;
+        self
+    }
+
+    /// The runner.
+    pub fn build(self) -> Result<ProcessRunner<P, S>, ProcessError> {
+        let key = ProjectionKey::single(format!("process:{}", P::NAME)).map_err(|e| {
+            ProcessError::InvalidName {
+                name: P::NAME,
+                reason: e.reason,
+            }
+        })?;
+        let (status, _) = watch::channel(ProcessStatus::default());
+        Ok(ProcessRunner {
+            inner: Arc::new(Inner {
+                process: self.process,
+                store: self.store,
+                handlers: self.handlers,
+                config: self.config,
+                key,
+                status,
+                counts: Mutex::new(Counts::default()),
+            }),
+        })
+    }
+}
+
+/// Runs a [`ProcessManager`] against a [`ProcessStore`].
+///
+/// - Follows the global log under its own checkpoint (`process:<NAME>`) and lease: one
+///   runner is active per name; others wait and take over when it dies.
+/// - Each batch of events is decided in one transaction: the instances are read, each event
+///   is routed, folded and reacted to, the commands are decided by the aggregates' handlers
+///   on their current state (refusals go back to `react`), and then the commands' events (all
+///   streams in one statement, each expecting the version it was decided on), the instances,
+///   their timers and the checkpoint are stored together. On PostgreSQL that is exactly once;
+///   a conflict with another writer decides the batch again.
+/// - Due timers are fired the same way, each taken once (the write deletes it, checked).
+/// - An instance that fails (react, its state, a command failing other than by refusal) is
+///   retried with backoff, then quarantined: its later events are held in order, and the
+///   other instances go on. [`quarantined`](Self::quarantined), [`retry`](Self::retry) and
+///   [`discard`](Self::discard) manage them.
+/// - An event that cannot be decoded is parked as a dead letter of the runner's key.
+pub struct ProcessRunner<P, S> {
+    inner: Arc<Inner<P, S>>,
+}
+
+impl<P, S> Clone for ProcessRunner<P, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<P, S> {
+    process: P,
+    store: S,
+    handlers: Handlers,
+    config: Config,
+    key: ProjectionKey,
+    status: watch::Sender<ProcessStatus>,
+    counts: Mutex<Counts>,
+}
+
+/// An instance as its process manager sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance<S> {
+    /// The stored record (its `state` is the serialized form of `state`).
+    pub record: InstanceRecord,
+    /// The state.
+    pub state: S,
+}
+
+/// A runner started with [`ProcessRunner::spawn`].
+#[derive(Debug)]
+pub struct RunningProcess {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ProcessError>>,
+}
+
+impl RunningProcess {
+    /// Stops at the next batch boundary and gives the lease up.
+    pub async fn stop(self) -> Result<(), ProcessError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) if join.is_cancelled() => Ok(()),
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+
+    /// Stops at once (the task is aborted, as a crash would stop it).
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
+    /// Whether the task ended (with an error, or because it was stopped).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// What a step did.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Progressed,
+    Idle,
+}
+
+impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
+    /// A builder for `process` running on `store`.
+    pub fn builder(process: P, store: S) -> ProcessRunnerBuilder<P, S> {
+        ProcessRunnerBuilder {
+            process,
+            store,
+            handlers: Handlers::default(),
+            config: Config {
+                batch_size: 256,
+                max_attempts: 3,
+                backoff: Backoff {
+                    min: Duration::from_millis(10),
+                    max: Duration::from_secs(1),
+                },
+                timer_poll: Duration::from_millis(100),
+                standby_poll: Duration::from_millis(500),
+                clock: Clock::system(),
+                max_transient: 50,
+            },
+        }
+    }
+
+    /// The process manager.
+    pub fn process(&self) -> &P {
+        &self.inner.process
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The checkpoint and lease key (`process:<NAME>`).
+    pub fn key(&self) -> &ProjectionKey {
+        &self.inner.key
+    }
+
+    /// The clock timers are due by.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.config.clock
+    }
+
+    /// Where the runner stands and what it did.
+    pub fn status(&self) -> ProcessStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Runs in a task until stopped: takes the lease (waiting as a standby while another
+    /// runner holds it), then handles events and timers as they come. Transient failures
+    /// (the database gone) are retried with backoff; the task ends only when stopped or on a
+    /// failure retrying cannot mend.
+    pub fn spawn(&self) -> RunningProcess {
+        let (stop, stopped) = watch::channel(false);
+        let runner = self.clone();
+        let task = tokio::spawn(async move { runner.run(stopped).await });
+        RunningProcess { stop, task }
+    }
+
+    async fn run(&self, mut stopped: watch::Receiver<bool>) -> Result<(), ProcessError> {
+        let config = &self.inner.config;
+        let checkpoints = self.inner.store.checkpoints();
+        let mut failures = 0u32;
+        while !*stopped.borrow() {
+            let lease = match checkpoints.try_lease(&self.inner.key).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    wait_or_stop(&mut stopped, config.standby_poll).await;
+                    continue;
+                }
+                Err(err) => {
+                    failures += 1;
+                    self.failed(err.to_string());
+                    wait_or_stop(&mut stopped, config.backoff.wait(failures)).await;
+                    continue;
+                }
+            };
+            self.inner.status.send_modify(|s| s.active = true);
+            let session = self.session(&lease, &mut stopped).await;
+            self.inner.status.send_modify(|s| s.active = false);
+            checkpoints.release(lease).await;
+            match session {
+                Ok(()) => failures = 0,
+                Err(err) if is_transient(&err) => {
+                    failures += 1;
+                    self.failed(err.to_string());
+                    tracing::warn!(process = P::NAME, error = %err, "process runner restarting");
+                    wait_or_stop(&mut stopped, config.backoff.wait(failures)).await;
+                }
+                Err(err) => {
+                    self.failed(err.to_string());
+                    tracing::error!(process = P::NAME, error = %err, "process runner stopped");
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn session(
+        &self,
+        lease: &<S::Checkpoints as LeaseStore>::Lease,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<(), ProcessError> {
+        let checkpoints = self.inner.store.checkpoints();
+        let log = self.inner.store.log();
+        let config = &self.inner.config;
+        let mut moved = config.clock.moved();
+        loop {
+            if *stopped.borrow() || !checkpoints.lease_held(lease) {
+                return Ok(());
+            }
+            let events = self.step_log().await?;
+            let timers = self.step_timers().await?;
+            if events == Step::Progressed || timers == Step::Progressed {
+                continue;
+            }
+            let position = self.inner.status.borrow().position;
+            let next_due = self
+                .inner
+                .store
+                .next_due(P::NAME)
+                .await
+                .map_err(|source| self.store_error(source))?;
+            let mut sleep = config.timer_poll;
+            if let Some(due) = next_due
+                && !config.clock.is_manual()
+            {
+                let until = (due - config.clock.now()).to_std().unwrap_or_default();
+                sleep = sleep.min(until);
+            }
+            tokio::select! {
+                _ = log.wait_for_events(position) => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = clock_moved(&mut moved) => {}
+                _ = stopped.changed() => {}
+            }
+        }
+    }
+
+    /// Handles everything readable now and every timer due now, then returns, holding the
+    /// lease while it works (waiting up to 30 s for another runner to give it up). For tests,
+    /// tools and one-shot jobs; services use [`spawn`](Self::spawn).
+    pub async fn run_until_idle(&self) -> Result<ProcessStatus, ProcessError> {
+        let checkpoints = self.inner.store.checkpoints();
+        let lease = checkpoints
+            .wait_lease(&self.inner.key, Duration::from_secs(30))
+            .await
+            .map_err(|e| self.store_error(e.into()))?
+            .ok_or(ProcessError::LeaseHeld { process: P::NAME })?;
+        let result = async {
+            let head = self
+                .inner
+                .store
+                .log()
+                .head_position()
+                .await
+                .map_err(|e| self.store_error(e.into()))?;
+            loop {
+                let events = self.step_log().await?;
+                let timers = self.step_timers().await?;
+                let position = self.inner.status.borrow().position;
+                if events == Step::Idle && timers == Step::Idle {
+                    if position >= head {
+                        return Ok(());
+                    }
+                    // Events below the head not yet readable (an open transaction).
+                    self.inner
+                        .store
+                        .log()
+                        .wait_for_events(position)
+                        .await
+                        .map_err(|e| self.store_error(e.into()))?;
+                }
+            }
+        }
+        .await;
+        checkpoints.release(lease).await;
+        result.map(|()| self.status())
+    }
+
+    /// One batch of the log: read, decide, store, commit. Retries conflicts and outages up to a
+    /// bound, and an instance's failures up to `max_attempts` before quarantining it.
+    async fn step_log(&self) -> Result<Step, ProcessError> {
+        let store = &self.inner.store;
+        let checkpoints = store.checkpoints();
+        let key = &self.inner.key;
+        let mut quarantine: HashMap<String, String> = HashMap::new();
+        let mut attempts: HashMap<String, u32> = HashMap::new();
+        let mut transient = 0u32;
+        loop {
+            let from = checkpoints
+                .load(key)
+                .await
+                .map_err(|e| self.store_error(e.into()))?;
+            let position = from.map_or(Position::START, |c| c.position);
+            self.inner.status.send_modify(|s| s.position = position);
+            let batch = store
+                .log()
+                .read_all_batch(position, self.inner.config.batch_size)
+                .await
+                .map_err(|e| self.store_error(e.into()))?;
+            if batch.scanned_to <= position {
+                return Ok(Step::Idle);
+            }
+            let interest = P::Events::interest();
+            let mut pending = Vec::new();
+            let mut upto = batch.scanned_to;
+            let mut park = None;
+            for (i, event) in batch.events.iter().enumerate() {
+                if !interest.matches(event) {
+                    continue;
+                }
+                match P::Events::decode(event) {
+                    Ok(Some(decoded)) => {
+                        let projected = ProjectedEvent {
+                            event: decoded,
+                            envelope: event,
+                        };
+                        let route = self.inner.process.route(&projected);
+                        pending.push(Pending::Event {
+                            event: projected,
+                            route,
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(err) if i == 0 || pending.is_empty() => {
+                        // The batch starts with it: park it alone and move past it.
+                        pending.clear();
+                        upto = event.global_position;
+                        park = Some(NewDeadLetter {
+                            global_position: event.global_position,
+                            event_id: event.event_id,
+                            stream_id: event.stream_id.clone(),
+                            stream_version: event.stream_version,
+                            event_type: event.event_type.to_string(),
+                            error: err.to_string(),
+                            attempts: 1,
+                        });
+                        tracing::error!(process = P::NAME, event = %describe(event), error = %err, "event cannot be decoded; parked as a dead letter");
+                        break;
+                    }
+                    Err(_) => {
+                        // Handle the events before it first; it is parked by the next batch.
+                        upto = event.global_position.before();
+                        break;
+                    }
+                }
+            }
+            let to = Checkpoint {
+                position: upto,
+                version: 1,
+                replay_until: None,
+            };
+            let mut commit = CheckpointCommit::advance(key, from, to);
+            commit.park = park;
+            match self.attempt(&pending, &quarantine, None, commit).await {
+                Ok(counts) => {
+                    self.record(&counts, upto);
+                    return Ok(Step::Progressed);
+                }
+                Err(BatchError::Instance { id, error }) => {
+                    let tried = attempts.entry(id.clone()).or_default();
+                    *tried += 1;
+                    tracing::warn!(process = P::NAME, instance = %id, attempt = *tried, %error, "instance failed");
+                    self.retried(&error);
+                    if *tried >= self.inner.config.max_attempts {
+                        tracing::error!(process = P::NAME, instance = %id, %error, "instance quarantined");
+                        quarantine.insert(id, error);
+                    } else {
+                        tokio::time::sleep(self.inner.config.backoff.wait(*tried)).await;
+                    }
+                }
+                Err(BatchError::Transient(message)) => {
+                    transient += 1;
+                    self.retried(&message);
+                    if transient >= self.inner.config.max_transient {
+                        return Err(ProcessError::Stuck {
+                            process: P::NAME,
+                            message,
+                        });
+                    }
+                    tracing::debug!(process = P::NAME, %message, "batch retried");
+                    tokio::time::sleep(self.inner.config.backoff.wait(transient.min(6))).await;
+                }
+            }
+        }
+    }
+
+    /// Fires the timers due now, in one transaction per batch of them.
+    async fn step_timers(&self) -> Result<Step, ProcessError> {
+        let store = &self.inner.store;
+        let mut quarantine: HashMap<String, String> = HashMap::new();
+        let mut attempts: HashMap<String, u32> = HashMap::new();
+        let mut transient = 0u32;
+        loop {
+            let now = self.inner.config.clock.now();
+            let due = store
+                .due_timers(P::NAME, now, self.inner.config.batch_size)
+                .await
+                .map_err(|source| self.store_error(source))?;
+            if due.is_empty() {
+                return Ok(Step::Idle);
+            }
+            let pending: Vec<Pending<'_, P::Events>> =
+                due.into_iter().map(Pending::Timer).collect();
+            let commit = CheckpointCommit::nothing(&self.inner.key);
+            match self.attempt(&pending, &quarantine, None, commit).await {
+                Ok(counts) => {
+                    let position = self.inner.status.borrow().position;
+                    self.record(&counts, position);
+                    return Ok(Step::Progressed);
+                }
+                Err(BatchError::Instance { id, error }) => {
+                    let tried = attempts.entry(id.clone()).or_default();
+                    *tried += 1;
+                    self.retried(&error);
+                    if *tried >= self.inner.config.max_attempts {
+                        tracing::error!(process = P::NAME, instance = %id, %error, "instance quarantined");
+                        quarantine.insert(id, error);
+                    } else {
+                        tokio::time::sleep(self.inner.config.backoff.wait(*tried)).await;
+                    }
+                }
+                Err(BatchError::Transient(message)) => {
+                    transient += 1;
+                    self.retried(&message);
+                    if transient >= self.inner.config.max_transient {
+                        return Err(ProcessError::Stuck {
+                            process: P::NAME,
+                            message,
+                        });
+                    }
+                    tokio::time::sleep(self.inner.config.backoff.wait(transient.min(6))).await;
+                }
+            }
+        }
+    }
+
+    /// Decides `pending` in a new transaction and commits it with `commit`.
+    async fn attempt(
+        &self,
+        pending: &[Pending<'_, P::Events>],
+        quarantine: &HashMap<String, String>,
+        reactivate: Option<&str>,
+        commit: CheckpointCommit,
+    ) -> Result<Counts, BatchError> {
+        let store = &self.inner.store;
+        let checkpoints = store.checkpoints();
+        let transient = |e: String| BatchError::Transient(e);
+        let mut tx = checkpoints
+            .begin()
+            .await
+            .map_err(|e| transient(e.to_string()))?;
+        let context = BatchContext {
+            process: &self.inner.process,
+            store,
+            handlers: &self.inner.handlers,
+            now: self.inner.config.clock.now(),
+            quarantine,
+            reactivate,
+        };
+        let decision = match context.decide(&mut tx, pending).await {
+            Ok(decision) => decision,
+            Err(err) => {
+                checkpoints.rollback(tx).await;
+                return Err(err);
+            }
+        };
+        if let Err(err) = store.write(&mut tx, decision.write).await {
+            checkpoints.rollback(tx).await;
+            return Err(if err.is_transient() {
+                transient(err.to_string())
+            } else {
+                // Refused input the checks before did not catch: no instance can be named,
+                // and retrying will not help; it surfaces as a stuck batch.
+                transient(format!("the store refused the batch: {err}"))
+            });
+        }
+        checkpoints
+            .commit(tx, commit)
+            .await
+            .map_err(|e| transient(e.to_string()))?;
+        store.committed();
+        Ok(decision.counts)
+    }
+
+    fn record(&self, counts: &Counts, position: Position) {
+        let mut total = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        total.add(counts);
+        let total = *total;
+        self.inner.status.send_modify(|s| {
+            s.counts = total;
+            s.position = position;
+        });
+    }
+
+    fn retried(&self, error: &str) {
+        self.inner.status.send_modify(|s| {
+            s.retries += 1;
+            s.last_error = Some(error.to_owned());
+        });
+    }
+
+    fn failed(&self, error: String) {
+        self.inner
+            .status
+            .send_modify(|s| s.last_error = Some(error));
+    }
+
+    fn store_error(&self, source: ProcessStoreError) -> ProcessError {
+        ProcessError::Store {
+            process: P::NAME,
+            source,
+        }
+    }
+
+    /// The instance `id`, with its state.
+    pub async fn instance(&self, id: &str) -> Result<Option<Instance<P::State>>, ProcessError> {
+        let record = self
+            .inner
+            .store
+            .instance(P::NAME, id)
+            .await
+            .map_err(|source| self.store_error(source))?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let state = if record.state_version == P::STATE_VERSION {
+            serde_json::from_value(record.state.clone()).unwrap_or_default()
+        } else {
+            P::State::default()
+        };
+        Ok(Some(Instance { record, state }))
+    }
+
+    /// The timers instance `id` has scheduled.
+    pub async fn timers(&self, id: &str) -> Result<Vec<TimerRecord>, ProcessError> {
+        self.inner
+            .store
+            .timers(P::NAME, id)
+            .await
+            .map_err(|source| self.store_error(source))
+    }
+
+    /// The quarantined instances, with their errors and held events.
+    pub async fn quarantined(&self) -> Result<Vec<InstanceRecord>, ProcessError> {
+        self.inner
+            .store
+            .instances(P::NAME, InstanceStatus::Quarantined, usize::MAX)
+            .await
+            .map_err(|source| self.store_error(source))
+    }
+
+    /// Brings quarantined instance `id` back: handles its held events in order, in one
+    /// transaction. If it fails again, nothing changes and the error is returned.
+    pub async fn retry(&self, id: &str) -> Result<InstanceRecord, ProcessError> {
+        let record = self.quarantined_record(id).await?;
+        let mut stored = Vec::new();
+        for &position in &record.held {
+            let events = read_at(self.inner.store.log(), position)
+                .await
+                .map_err(|message| ProcessError::Stuck {
+                    process: P::NAME,
+                    message,
+                })?;
+            stored.extend(events);
+        }
+        let mut pending = Vec::new();
+        for event in &stored {
+            let decoded = P::Events::decode(event).map_err(|e| ProcessError::RetryFailed {
+                process: P::NAME,
+                id: id.to_owned(),
+                error: e.to_string(),
+            })?;
+            if let Some(decoded) = decoded {
+                pending.push(Pending::Event {
+                    event: ProjectedEvent {
+                        event: decoded,
+                        envelope: event,
+                    },
+                    route: super::Route::Continue(id.to_owned()),
+                });
+            }
+        }
+        let commit = CheckpointCommit::nothing(&self.inner.key);
+        let none = HashMap::new();
+        let counts = self
+            .attempt(&pending, &none, Some(id), commit)
+            .await
+            .map_err(|err| ProcessError::RetryFailed {
+                process: P::NAME,
+                id: id.to_owned(),
+                error: match err {
+                    BatchError::Instance { error, .. } | BatchError::Transient(error) => error,
+                },
+            })?;
+        let position = self.inner.status.borrow().position;
+        self.record(&counts, position);
+        self.inner
+            .store
+            .instance(P::NAME, id)
+            .await
+            .map_err(|source| self.store_error(source))?
+            .ok_or(ProcessError::NoInstance {
+                process: P::NAME,
+                id: id.to_owned(),
+            })
+    }
+
+    /// Ends quarantined instance `id` without handling its held events: it becomes a
+    /// tombstone (`Discarded`), its timers are cancelled.
+    pub async fn discard(&self, id: &str) -> Result<(), ProcessError> {
+        let mut record = self.quarantined_record(id).await?;
+        let previous = record.version;
+        record.status = InstanceStatus::Discarded;
+        record.version += 1;
+        record.held.clear();
+        record.updated_at = self.inner.config.clock.now();
+        let write = super::ProcessWrite {
+            instances: vec![(record, Some(previous))],
+            cancel_all: vec![id.to_owned()],
+            ..Default::default()
+        };
+        let checkpoints = self.inner.store.checkpoints();
+        let mut tx = checkpoints
+            .begin()
+            .await
+            .map_err(|e| self.store_error(e.into()))?;
+        if let Err(err) = self.inner.store.write(&mut tx, write).await {
+            checkpoints.rollback(tx).await;
+            return Err(self.store_error(err));
+        }
+        checkpoints
+            .commit(tx, CheckpointCommit::nothing(&self.inner.key))
+            .await
+            .map_err(|e| self.store_error(e.into()))
+    }
+
+    async fn quarantined_record(&self, id: &str) -> Result<InstanceRecord, ProcessError> {
+        let record = self
+            .inner
+            .store
+            .instance(P::NAME, id)
+            .await
+            .map_err(|source| self.store_error(source))?
+            .ok_or(ProcessError::NoInstance {
+                process: P::NAME,
+                id: id.to_owned(),
+            })?;
+        if record.status != InstanceStatus::Quarantined {
+            return Err(ProcessError::NotQuarantined {
+                process: P::NAME,
+                id: id.to_owned(),
+                status: record.status,
+            });
+        }
+        Ok(record)
+    }
+
+    /// Every readable event of the flow `correlation_id`, in log order: what started it, what
+    /// the instance's commands stored, and what followed.
+    pub async fn trace(&self, correlation_id: Uuid) -> Result<Vec<RecordedEvent>, ProcessError> {
+        self.inner
+            .store
+            .trace(correlation_id)
+            .await
+            .map_err(|e| self.store_error(e.into()))
+    }
+
+    /// Waits until every event of the flow `correlation_id` stored so far has been handled by
+    /// this process manager (its checkpoint has passed the flow's last event, and no event of
+    /// the flow was stored meanwhile), or `timeout` passes. Timers scheduled for later are not
+    /// waited for. Read-your-writes for a flow: after it, the instance's state and the
+    /// commands it sent are stored.
+    pub async fn wait_settled(
+        &self,
+        correlation_id: Uuid,
+        timeout: Duration,
+    ) -> Result<(), ProcessError> {
+        let checkpoints = self.inner.store.checkpoints();
+        let work = async {
+            loop {
+                let changed = checkpoints.changed();
+                let last = self
+                    .trace(correlation_id)
+                    .await?
+                    .last()
+                    .map(|e| e.global_position);
+                let position = checkpoints
+                    .load(&self.inner.key)
+                    .await
+                    .map_err(|e| self.store_error(e.into()))?
+                    .map_or(Position::START, |c| c.position);
+                match last {
+                    Some(last) if position >= last => {
+                        let again = self.trace(correlation_id).await?;
+                        if again.last().map(|e| e.global_position) == Some(last) {
+                            return Ok(());
+                        }
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ProcessError::Timeout(timeout))?
+    }
+
+    /// Waits until instance `id` exists and `ready` holds for it, or `timeout` passes.
+    pub async fn wait_for_instance(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut ready: impl FnMut(&Instance<P::State>) -> bool + Send,
+    ) -> Result<Instance<P::State>, ProcessError> {
+        let checkpoints = self.inner.store.checkpoints();
+        let work = async {
+            loop {
+                let changed = checkpoints.changed();
+                if let Some(instance) = self.instance(id).await?
+                    && ready(&instance)
+                {
+                    return Ok(instance);
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ProcessError::Timeout(timeout))?
+    }
+}
+
+fn is_transient(err: &ProcessError) -> bool {
+    match err {
+        ProcessError::Store { source, .. } => source.is_transient(),
+        ProcessError::Stuck { .. } => true,
+        _ => false,
+    }
+}
+
+async fn wait_or_stop(stopped: &mut watch::Receiver<bool>, wait: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = stopped.changed() => {}
+    }
+}
+
+async fn clock_moved(moved: &mut Option<watch::Receiver<()>>) {
+    match moved {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send<P: ProcessManager, S: ProcessStore>(r: ProcessRunner<P, S>) {
+    fn send<T: Send>(_: T) {}
+    send(async move { r.run_until_idle().await });
+}
+
+impl<P, S> std::fmt::Debug for ProcessRunner<P, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessRunner")
+            .field("key", &self.inner.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, S> std::fmt::Debug for ProcessRunnerBuilder<P, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessRunnerBuilder")
+            .field("handlers", &self.handlers.types())
+            .finish_non_exhaustive()
+    }
+}
