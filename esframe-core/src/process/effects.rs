@@ -42,6 +42,20 @@ impl<P: ProcessManager + ?Sized> Effects<P> {
         }
     }
 
+    /// Empty effects for a process manager that delegates to another: hand them to the inner
+    /// one's `react`, then [`absorb`](Self::absorb) them into the outer one's.
+    pub fn detached(now: DateTime<Utc>) -> Self {
+        Self::new(now)
+    }
+
+    /// Takes over everything `other` holds (commands, timer changes, completion), after what
+    /// these effects hold.
+    pub fn absorb<Q: ProcessManager + ?Sized>(&mut self, other: Effects<Q>) {
+        self.commands.extend(other.commands);
+        self.timers.extend(other.timers);
+        self.complete |= other.complete;
+    }
+
     /// The time of the input, by the runner's clock: due times are counted from it.
     pub fn now(&self) -> DateTime<Utc> {
         self.now

@@ -956,12 +956,6 @@ async fn clock_moved(moved: &mut Option<watch::Receiver<()>>) {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send<P: ProcessManager, S: ProcessStore>(r: ProcessRunner<P, S>) {
-    fn send<T: Send>(_: T) {}
-    send(async move { r.run_until_idle().await });
-}
-
 impl<P, S> std::fmt::Debug for ProcessRunner<P, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessRunner")
