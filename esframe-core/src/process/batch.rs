@@ -71,6 +71,16 @@ pub struct Counts {
     pub unrouted: u64,
     /// Events held for a quarantined instance.
     pub held: u64,
+    /// Messages published.
+    pub published: u64,
+}
+
+/// What a batch's commands and messages will store, by stream, with the instance that last
+/// added to each (blamed if the store refuses it).
+#[derive(Default)]
+struct Staging {
+    aggregates: HashMap<StreamId, (Staged, String)>,
+    messages: HashMap<StreamId, (Vec<crate::NewEvent>, String)>,
 }
 
 impl Counts {
@@ -85,6 +95,7 @@ impl Counts {
         self.ignored += other.ignored;
         self.unrouted += other.unrouted;
         self.held += other.held;
+        self.published += other.published;
     }
 }
 
@@ -160,7 +171,7 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
         }
 
         let mut decision = Decision::default();
-        let mut staging: HashMap<StreamId, (Staged, String)> = HashMap::new();
+        let mut staging = Staging::default();
         for input in pending {
             match input {
                 Pending::Event { event, route } => {
@@ -173,8 +184,16 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
                 }
             }
         }
+        for (stream, (events, owner)) in staging.messages {
+            let batch = crate::AppendBatch::new(&stream, crate::ExpectedVersion::Any, events)
+                .map_err(|err| BatchError::Instance {
+                    id: owner,
+                    error: format!("its published messages were refused: {err}"),
+                })?;
+            decision.write.appends.push(batch);
+        }
 
-        for (stream, (staged, owner)) in staging {
+        for (stream, (staged, owner)) in staging.aggregates {
             match staged.into_append(&stream) {
                 Ok(Some(batch)) => decision.write.appends.push(batch),
                 Ok(None) => {}
@@ -265,7 +284,7 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
         event: &ProjectedEvent<'_, P::Events>,
         route: &Route,
         working: &mut HashMap<String, Working<P::State>>,
-        staging: &mut HashMap<StreamId, (Staged, String)>,
+        staging: &mut Staging,
         decision: &mut Decision,
     ) -> Result<(), BatchError> {
         let Some(id) = route.instance() else {
@@ -329,22 +348,15 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
                 id: id.to_owned(),
                 error: format!("react failed on event {}: {e}", describe(event.envelope)),
             })?;
-        self.effects(
-            w,
-            effects,
-            event.event_id(),
-            event.event_id(),
-            staging,
-            decision,
-        )
-        .await
+        self.effects(w, effects, event.event_id(), None, staging, decision)
+            .await
     }
 
     async fn timer(
         &self,
         timer: &TimerRecord,
         working: &mut HashMap<String, Working<P::State>>,
-        staging: &mut HashMap<StreamId, (Staged, String)>,
+        staging: &mut Staging,
         decision: &mut Decision,
     ) -> Result<(), BatchError> {
         let Some(w) = working.get_mut(&timer.instance) else {
@@ -378,20 +390,21 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
         self.process
             .react(&w.state, Input::Timer(&fired), &mut effects)
             .map_err(|e| fail(format!("react failed on timer `{}`: {e}", timer.name)))?;
-        self.effects(w, effects, timer.id, timer.id, staging, decision)
+        self.effects(w, effects, timer.id, Some(&timer.name), staging, decision)
             .await
     }
 
     /// Carries out `effects` of instance `w`, decided on input `input_id` (the source of the
-    /// commands' ids) caused by `causation`: decides its commands, feeds refusals back to
-    /// `react`, and records timer changes and completion.
+    /// commands' ids, and their causation; `timer` names the timer it is, if one): decides its
+    /// commands, feeds refusals back to `react`, and records messages, timer changes and
+    /// completion. Commands decided after a refusal keep the original input as causation.
     async fn effects(
         &self,
         w: &mut Working<P::State>,
         effects: Effects<P>,
         input_id: Uuid,
-        causation: Uuid,
-        staging: &mut HashMap<StreamId, (Staged, String)>,
+        timer: Option<&str>,
+        staging: &mut Staging,
         decision: &mut Decision,
     ) -> Result<(), BatchError> {
         let id = w.record.id.clone();
@@ -399,17 +412,21 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
             id: id.clone(),
             error,
         };
+        let causation = input_id;
         let mut queue = VecDeque::from([(effects, input_id)]);
         let mut rounds = 0;
         while let Some((effects, input_id)) = queue.pop_front() {
             for (index, sent) in effects.commands.into_iter().enumerate() {
                 let command_id = ids::command_id(P::NAME, &id, input_id, index);
-                let context = CommandContext::new()
+                let mut context = CommandContext::new()
                     .command_id(command_id)
                     .correlation_id(w.record.correlation_id)
                     .causation_id(causation)
                     .metadata("process", P::NAME)
                     .metadata("process_instance", id.as_str());
+                if let Some(timer) = timer {
+                    context = context.metadata("process_timer", timer);
+                }
                 let handler = self.handlers.get(sent.aggregate_type).ok_or_else(|| {
                     fail(format!(
                         "it sent {sent:?}, but the runner has no command handler for aggregate type `{}` (it has: {:?}); add one with `ProcessRunnerBuilder::handler`",
@@ -419,14 +436,16 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
                 })?;
                 let stream = StreamId::new(sent.aggregate_type, &sent.aggregate_id)
                     .map_err(|e| fail(format!("it sent {sent:?}: {e}")))?;
-                if !staging.contains_key(&stream) {
+                if !staging.aggregates.contains_key(&stream) {
                     let staged = handler
                         .load(&sent.aggregate_id)
                         .await
                         .map_err(|f| command_failure(&id, &sent, f))?;
-                    staging.insert(stream.clone(), (staged, id.clone()));
+                    staging
+                        .aggregates
+                        .insert(stream.clone(), (staged, id.clone()));
                 }
-                let (staged, owner) = staging.get_mut(&stream).expect("inserted above");
+                let (staged, owner) = staging.aggregates.get_mut(&stream).expect("inserted above");
                 decision.counts.commands += 1;
                 match handler
                     .decide(staged, &sent, command_id, context)
@@ -448,6 +467,36 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
                             .map_err(|e| fail(format!("react failed on {refusal:?}: {e}")))?;
                         queue.push_back((more, refusal.command_id));
                     }
+                }
+            }
+            if !effects.messages.is_empty() {
+                let stream = StreamId::new(P::NAME, &id)
+                    .map_err(|e| fail(format!("its own stream cannot hold messages: {e}")))?;
+                let metadata = crate::EventMetadata {
+                    correlation_id: Some(w.record.correlation_id),
+                    causation_id: Some(causation),
+                    extra: Default::default(),
+                };
+                let (events, owner) = staging
+                    .messages
+                    .entry(stream)
+                    .or_insert_with(|| (Vec::new(), id.clone()));
+                *owner = id.clone();
+                for (index, message) in effects.messages.into_iter().enumerate() {
+                    let payload = message.payload.map_err(|e| {
+                        fail(format!(
+                            "message `{}` cannot be serialized: {e}",
+                            message.event_type
+                        ))
+                    })?;
+                    events.push(crate::NewEvent {
+                        event_id: ids::message_id(P::NAME, &id, input_id, index),
+                        event_type: std::borrow::Cow::Borrowed(message.event_type),
+                        schema_version: message.schema_version,
+                        payload,
+                        metadata: metadata.clone(),
+                    });
+                    decision.counts.published += 1;
                 }
             }
             for change in effects.timers {

@@ -6,7 +6,7 @@ use std::{any::Any, fmt, marker::PhantomData, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::{Aggregate, Command};
+use crate::{Aggregate, Command, Event};
 
 use super::ProcessManager;
 
@@ -15,6 +15,7 @@ use super::ProcessManager;
 /// [`ProcessRunner`](super::ProcessRunner)).
 pub struct Effects<P: ProcessManager + ?Sized> {
     pub(crate) commands: Vec<SentCommand>,
+    pub(crate) messages: Vec<Message>,
     pub(crate) timers: Vec<TimerChange>,
     pub(crate) complete: bool,
     now: DateTime<Utc>,
@@ -25,6 +26,7 @@ impl<P: ProcessManager + ?Sized> fmt::Debug for Effects<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Effects")
             .field("commands", &self.commands)
+            .field("messages", &self.messages)
             .field("timers", &self.timers)
             .field("complete", &self.complete)
             .finish()
@@ -35,6 +37,7 @@ impl<P: ProcessManager + ?Sized> Effects<P> {
     pub(crate) fn new(now: DateTime<Utc>) -> Self {
         Self {
             commands: Vec::new(),
+            messages: Vec::new(),
             timers: Vec::new(),
             complete: false,
             now,
@@ -52,6 +55,7 @@ impl<P: ProcessManager + ?Sized> Effects<P> {
     /// these effects hold.
     pub fn absorb<Q: ProcessManager + ?Sized>(&mut self, other: Effects<Q>) {
         self.commands.extend(other.commands);
+        self.messages.extend(other.messages);
         self.timers.extend(other.timers);
         self.complete |= other.complete;
     }
@@ -70,6 +74,24 @@ impl<P: ProcessManager + ?Sized> Effects<P> {
         A::Command: fmt::Debug,
     {
         self.commands.push(SentCommand::new::<A>(command));
+    }
+
+    /// Publishes `message` for other services: it is stored as an event in the instance's own
+    /// stream (aggregate type [`ProcessManager::NAME`], id the instance id), in the same
+    /// transaction as everything else the input does, with a derived id and the flow's
+    /// correlation. A [`Publisher`](crate::publish::Publisher) following the log with
+    /// `Interest::aggregates([NAME])` sends it to a broker: the log is the outbox.
+    pub fn publish<E: Event>(&mut self, message: E) {
+        self.messages.push(Message {
+            event_type: message.event_type(),
+            schema_version: message.schema_version(),
+            payload: message.to_payload().map_err(|e| e.to_string()),
+        });
+    }
+
+    /// The messages published so far.
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
     }
 
     /// Schedules timer `name` of this instance to fire `after` from [`now`](Self::now),
@@ -114,6 +136,17 @@ impl<P: ProcessManager + ?Sized> Effects<P> {
     pub fn is_complete(&self) -> bool {
         self.complete
     }
+}
+
+/// A message an instance publishes ([`Effects::publish`]), serialized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Its event type.
+    pub event_type: &'static str,
+    /// Its schema version.
+    pub schema_version: u32,
+    /// Its payload (or why it could not be serialized).
+    pub payload: Result<serde_json::Value, String>,
 }
 
 /// A timer change requested by [`Effects`].

@@ -27,6 +27,18 @@ pub fn command_id(process: &str, instance: &str, input: Uuid, index: usize) -> U
     ])
 }
 
+/// The event id of message number `index` that instance `instance` of `process` published in
+/// reaction to input `input`.
+pub fn message_id(process: &str, instance: &str, input: Uuid, index: usize) -> Uuid {
+    derive(&[
+        process.as_bytes(),
+        instance.as_bytes(),
+        input.as_bytes(),
+        b"message",
+        &(index as u64).to_be_bytes(),
+    ])
+}
+
 /// The id of timer `name` that instance `instance` of `process` scheduled in reaction to input
 /// `input`.
 pub fn timer_id(process: &str, instance: &str, input: Uuid, name: &str) -> Uuid {

@@ -24,6 +24,80 @@ use super::{Effects, FiredTimer, Refusal};
 ///
 /// A [`ProcessRunner`](super::ProcessRunner) runs it against a store; [`ProcessTest`](super::ProcessTest)
 /// tests it without one.
+///
+/// ```
+/// use esframe_core::{
+///     Event,
+///     process::{Effects, Input, ProcessManager, ProcessTest, ReactError, Route},
+///     projection::ProjectedEvent,
+/// };
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// enum SignupEvent {
+///     SignedUp { email: String },
+///     Confirmed,
+/// }
+///
+/// /// Reminds users who have not confirmed within a day.
+/// struct Reminders;
+///
+/// impl ProcessManager for Reminders {
+///     const NAME: &'static str = "signup-reminders";
+///     type Events = SignupEvent;
+///     type State = ();
+///     type Timer = ();
+///
+///     fn route(&self, event: &ProjectedEvent<'_, SignupEvent>) -> Route {
+///         match event.event {
+///             SignupEvent::SignedUp { .. } => Route::start(event.aggregate_id()),
+///             SignupEvent::Confirmed => Route::to(event.aggregate_id()),
+///         }
+///     }
+///
+///     fn evolve(&self, _: &mut (), _: &ProjectedEvent<'_, SignupEvent>) {}
+///
+///     fn react(&self, _: &(), input: Input<'_, Self>, effects: &mut Effects<Self>)
+///         -> Result<(), ReactError>
+///     {
+///         match input {
+///             Input::Event(e) if matches!(e.event, SignupEvent::SignedUp { .. }) => {
+///                 effects.schedule("remind", std::time::Duration::from_secs(86_400), ());
+///             }
+///             Input::Event(_) => effects.complete(),
+///             Input::Timer(_) => effects.complete(), // (send the reminder here)
+///             Input::Refused(_) => {}
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// let mut test = ProcessTest::new(Reminders);
+/// let signed_up = SignupEvent::SignedUp { email: "a@example.com".into() };
+/// let then = test.when_event("user", "u1", signed_up);
+/// assert!(then.scheduled("remind"));
+/// ```
+///
+/// Routing is a `match` without a catch-all, so an event type added later without a rule does
+/// not compile (E0004, non-exhaustive patterns):
+///
+/// ```compile_fail,E0004
+/// # use esframe_core::{Event, process::Route, projection::ProjectedEvent};
+/// # use serde::{Deserialize, Serialize};
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// enum SignupEvent {
+///     SignedUp { email: String },
+///     Confirmed,
+///     Unsubscribed, // new, and no rule for it yet
+/// }
+///
+/// fn route(event: &ProjectedEvent<'_, SignupEvent>) -> Route {
+///     match event.event {
+///         SignupEvent::SignedUp { .. } => Route::start(event.aggregate_id()),
+///         SignupEvent::Confirmed => Route::to(event.aggregate_id()),
+///     }
+/// }
+/// ```
 pub trait ProcessManager: Send + Sync + 'static {
     /// The name its checkpoint, lease, instances and timers are stored under. Changing it
     /// starts over from the beginning of the log.

@@ -36,8 +36,8 @@ mod testkit;
 
 pub use batch::Counts;
 pub use clock::Clock;
-pub use effects::{Effects, FiredTimer, Refusal, SentCommand, TimerChange};
-pub use ids::{command_id, timer_id};
+pub use effects::{Effects, FiredTimer, Message, Refusal, SentCommand, TimerChange};
+pub use ids::{command_id, message_id, timer_id};
 pub use manager::{Input, ProcessManager, ReactError, Route};
 pub use record::{InstanceRecord, InstanceStatus, ProcessWrite, TimerRecord};
 pub use runner::{

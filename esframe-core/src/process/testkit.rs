@@ -16,7 +16,8 @@ use crate::{
 };
 
 use super::{
-    Effects, FiredTimer, Input, ProcessManager, Refusal, Route, SentCommand, TimerChange, ids,
+    Effects, FiredTimer, Input, Message, ProcessManager, Refusal, Route, SentCommand, TimerChange,
+    ids,
 };
 
 type Refuser = Arc<dyn Fn(&SentCommand) -> Option<Refusal> + Send + Sync>;
@@ -49,6 +50,8 @@ struct TestInstance<S> {
 pub struct Then {
     /// The commands sent, in order (refused ones included).
     pub commands: Vec<SentCommand>,
+    /// The messages published ([`Effects::publish`]).
+    pub published: Vec<Message>,
     /// The commands refused (by [`ProcessTest::refusing`]).
     pub refused: Vec<SentCommand>,
     /// Timers scheduled: (instance, name, due).
@@ -75,6 +78,11 @@ impl Then {
             .iter()
             .filter_map(|c| c.command::<A>())
             .collect()
+    }
+
+    /// The messages published, by event type.
+    pub fn published_types(&self) -> Vec<&'static str> {
+        self.published.iter().map(|m| m.event_type).collect()
     }
 
     /// Whether instance `id` completed.
@@ -141,7 +149,26 @@ impl<P: ProcessManager> ProcessTest<P> {
 
     /// When event `event` of aggregate `A` instance `id` is stored.
     pub fn when<A: Aggregate>(&mut self, id: &str, event: A::Event) -> Then {
-        let recorded = self.record::<A>(id, &event);
+        self.when_event(A::TYPE, id, event)
+    }
+
+    /// Given `events` in the stream of `aggregate_type` and `id` (for events whose aggregate
+    /// is not at hand, or has no [`Aggregate`] type).
+    pub fn given_events<E: Event>(
+        mut self,
+        aggregate_type: &str,
+        id: &str,
+        events: impl IntoIterator<Item = E>,
+    ) -> Self {
+        for event in events {
+            self.when_event(aggregate_type, id, event);
+        }
+        self
+    }
+
+    /// When `event` is stored in the stream of `aggregate_type` and `id`.
+    pub fn when_event<E: Event>(&mut self, aggregate_type: &str, id: &str, event: E) -> Then {
+        let recorded = self.record(aggregate_type, id, &event);
         let mut then = Then::default();
         let decoded = match P::Events::decode(&recorded) {
             Ok(Some(decoded)) if P::Events::interest().matches(&recorded) => decoded,
@@ -292,6 +319,7 @@ impl<P: ProcessManager> ProcessTest<P> {
                     queue.push((more, refusal.command_id));
                 }
             }
+            then.published.extend(effects.messages);
             for change in effects.timers {
                 match change {
                     TimerChange::Schedule { name, due, payload } => {
@@ -325,9 +353,9 @@ impl<P: ProcessManager> ProcessTest<P> {
         }
     }
 
-    fn record<A: Aggregate>(&mut self, id: &str, event: &A::Event) -> RecordedEvent {
-        let stream =
-            StreamId::new(A::TYPE, id).unwrap_or_else(|e| panic!("invalid id in a test: {e}"));
+    fn record<E: Event>(&mut self, aggregate_type: &str, id: &str, event: &E) -> RecordedEvent {
+        let stream = StreamId::new(aggregate_type, id)
+            .unwrap_or_else(|e| panic!("invalid stream id in a test: {e}"));
         let version = self.versions.entry(stream.clone()).or_default();
         *version += 1;
         self.position += 1;

@@ -199,10 +199,15 @@ pub fn print_chain(trace: &[RecordedEvent]) -> String {
             .causation_id
             .and_then(|c| ids.get(&c).copied());
         depth[i] = parent.map_or(0, |p| depth[p] + 1);
-        let cause = match parent {
-            Some(_) => String::new(),
-            None if i == 0 => "  (command)".into(),
-            None => "  (timer or outside command)".into(),
+        let timer = event
+            .metadata
+            .extra
+            .get("process_timer")
+            .and_then(|t| t.as_str());
+        let cause = match (parent, timer) {
+            (Some(_), _) => String::new(),
+            (None, Some(timer)) => format!("  (timer `{timer}`)"),
+            (None, None) => "  (command)".into(),
         };
         let _ = writeln!(
             out,

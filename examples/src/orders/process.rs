@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use esframe_core::{
+    Event,
     process::{Effects, Input, ProcessManager, ReactError, Route},
     projection::{ProjectedEvent, ProjectionEvents},
 };
@@ -77,6 +78,24 @@ pub enum FulfilmentTimer {
     PaymentTimeout,
 }
 // ANCHOR_END: state
+
+/// What the flow tells the customer: messages for the notification service, published from the
+/// flow's own stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Event)]
+pub enum CustomerNotice {
+    /// The order is confirmed and its parcel prepared.
+    OrderOnItsWay {
+        /// The order.
+        order_id: String,
+    },
+    /// The order was cancelled.
+    OrderNotFulfilled {
+        /// The order.
+        order_id: String,
+        /// Why.
+        reason: String,
+    },
+}
 
 /// The name of the payment timer.
 pub const PAYMENT_TIMEOUT: &str = "payment-timeout";
@@ -206,7 +225,15 @@ impl ProcessManager for OrderFulfilment {
                         effects.cancel(PAYMENT_TIMEOUT);
                         compensate(state, order_id, effects);
                     }
-                    E::Order(OrderEvent::OrderConfirmed | OrderEvent::OrderCancelled { .. }) => {
+                    E::Order(OrderEvent::OrderConfirmed) => {
+                        effects.publish(CustomerNotice::OrderOnItsWay { order_id });
+                        effects.complete();
+                    }
+                    E::Order(OrderEvent::OrderCancelled { reason }) => {
+                        effects.publish(CustomerNotice::OrderNotFulfilled {
+                            order_id,
+                            reason: reason.clone(),
+                        });
                         effects.complete();
                     }
                     E::Inventory(
