@@ -743,7 +743,7 @@ async fn a_runner_killed_at_random_points_reaches_the_undisturbed_end_state_on_p
     for n in 0..200u32 {
         let id = format!("o{n}");
         // One order in 20 asks for more than there is: refused, compensated.
-        let quantity = if dice(&id) % 20 == 0 {
+        let quantity = if dice(&id).is_multiple_of(20) {
             1_000_000
         } else {
             1 + n % 3
