@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use esframe_core::{
     CommandContext, EventStore, ExpectedVersion, GlobalLog, NewEvent, Position, RecordedEvent,
     StreamId,
-    process::{Clock, InstanceStatus, ProcessError, ProcessRunner, ProcessStore},
+    process::{Clock, InstanceStatus, ProcessError, ProcessManager, ProcessRunner, ProcessStore},
 };
 use esframe_examples::orders::{
     OrderFulfilment, OrderServices, Stage,
@@ -880,4 +880,123 @@ async fn a_standby_runner_takes_over_and_each_due_timer_fires_once_on_postgres()
         assert!(second.timers(&id).await.unwrap().is_empty());
     }
     check_end_state(&shop, &second, &orders, 1_000).await;
+}
+
+// --- A runner process killed with SIGKILL -----------------------------------------------------
+
+/// Set in a child's environment: [`process_runner_child`] runs a runner on this schema.
+const CHILD_SCHEMA: &str = "ESFRAME_PM_CHILD_SCHEMA";
+
+/// Not a test of its own: the entry point of the child process the SIGKILL test starts (this
+/// test binary run again with `process_runner_child --exact`). Without [`CHILD_SCHEMA`] it does
+/// nothing. The child runs the order runner until its stdin closes, so it never outlives the
+/// test that started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_runner_child() {
+    let Ok(schema) = std::env::var(CHILD_SCHEMA) else {
+        return;
+    };
+    let pool = common::pool(8).await;
+    let store = PgEventStore::builder(pool)
+        .schema(schema)
+        .expect("valid schema")
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .await
+        .expect("open the store");
+    let services = OrderServices::new(store.clone());
+    let runner = services
+        .runner(
+            OrderFulfilment::default(),
+            PgProcessStore::new(&store).expect("no inline projections"),
+            Clock::system(),
+        )
+        .expect("a runner");
+    let running = runner.spawn();
+    let _ = tokio::task::spawn_blocking(|| {
+        use std::io::Read;
+        let mut byte = [0u8; 1];
+        while std::io::stdin().read(&mut byte).is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    let _ = running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_process_killed_with_sigkill_loses_and_repeats_nothing_on_postgres() {
+    let shop = pg_shop("pm_sigkill").await;
+    shop.restock("pen", 100_000).await;
+    let schema = shop.store.schema().to_string();
+    let gateway = shop.gateway(answer_for);
+    // Orders keep arriving while runner processes are started and killed.
+    let writer = {
+        let services = shop.services.clone();
+        tokio::spawn(async move {
+            let mut orders = BTreeMap::new();
+            for n in 0..300u32 {
+                let id = format!("o{n}");
+                services.place(&id, "pen", 1, 500).await.expect("place");
+                orders.insert(id, ("pen".to_owned(), 1));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            orders
+        })
+    };
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut kills = 0;
+    let mut ended_while_killing = 0;
+    while !writer.is_finished() || kills < 20 {
+        let mut child = std::process::Command::new(&exe)
+            .args(["process_runner_child", "--exact", "--nocapture"])
+            .env(CHILD_SCHEMA, &schema)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start a runner process");
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(150..600))).await;
+        child.kill().expect("SIGKILL the runner process");
+        let status = child.wait().expect("reap it");
+        assert!(
+            std::os::unix::process::ExitStatusExt::signal(&status) == Some(9),
+            "the runner process ended by itself: {status:?}"
+        );
+        kills += 1;
+        ended_while_killing = shop
+            .process_store
+            .instances(OrderFulfilment::NAME, InstanceStatus::Completed, usize::MAX)
+            .await
+            .unwrap()
+            .len();
+    }
+    let orders = writer.await.unwrap();
+    assert!(
+        ended_while_killing > 0,
+        "the killed runners did some of the work ({kills} kills)"
+    );
+    let runner = shop.runner();
+    let running = runner.spawn();
+    wait_until(&runner, Some(Duration::from_secs(31)), |_| {
+        all_flows_ended(&shop, &orders)
+    })
+    .await;
+    let head = runner.store().log().head_position().await.unwrap();
+    wait_until(&runner, None, |s| s.position >= head).await;
+    running.stop().await.unwrap();
+    gateway.abort();
+    check_end_state(&shop, &runner, &orders, 100_000).await;
+    for id in orders.keys() {
+        let last = types_of(&shop.store, "order", id).await.pop().unwrap();
+        let expected = if answer_for(id) == Answer::Capture {
+            "OrderConfirmed"
+        } else {
+            "OrderCancelled"
+        };
+        assert_eq!(last, expected, "{id}");
+        assert_eq!(
+            types_of(&shop.store, OrderFulfilment::NAME, id).await.len(),
+            1,
+            "{id}: one customer notice"
+        );
+    }
 }
