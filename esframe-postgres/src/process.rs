@@ -358,15 +358,12 @@ impl ProcessStore for PgProcessStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(AssertSqlSafe(self.sql.load.as_str()))
+        sqlx::query(AssertSqlSafe(self.sql.load.as_str()))
             .bind(process)
             .bind(ids)
+            .try_map(|row: PgRow| instance(&row))
             .fetch_all(&mut **tx)
             .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(instance)
-            .collect::<Result<_, _>>()
             .map_err(db_error)
     }
 
@@ -483,16 +480,13 @@ impl ProcessStore for PgProcessStore {
         status: InstanceStatus,
         limit: usize,
     ) -> Result<Vec<InstanceRecord>, ProcessStoreError> {
-        let rows = sqlx::query(AssertSqlSafe(self.sql.by_status.as_str()))
+        sqlx::query(AssertSqlSafe(self.sql.by_status.as_str()))
             .bind(process)
             .bind(status.as_str())
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .try_map(|row: PgRow| instance(&row))
             .fetch_all(self.store.pool())
             .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(instance)
-            .collect::<Result<_, _>>()
             .map_err(db_error)
     }
 
@@ -502,16 +496,13 @@ impl ProcessStore for PgProcessStore {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<TimerRecord>, ProcessStoreError> {
-        let rows = sqlx::query(AssertSqlSafe(self.sql.due.as_str()))
+        sqlx::query(AssertSqlSafe(self.sql.due.as_str()))
             .bind(process)
             .bind(now)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .try_map(|row: PgRow| timer(&row))
             .fetch_all(self.store.pool())
             .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(timer)
-            .collect::<Result<_, _>>()
             .map_err(db_error)
     }
 
@@ -528,15 +519,12 @@ impl ProcessStore for PgProcessStore {
         process: &str,
         instance: &str,
     ) -> Result<Vec<TimerRecord>, ProcessStoreError> {
-        let rows = sqlx::query(AssertSqlSafe(self.sql.timers.as_str()))
+        sqlx::query(AssertSqlSafe(self.sql.timers.as_str()))
             .bind(process)
             .bind(instance)
+            .try_map(|row: PgRow| timer(&row))
             .fetch_all(self.store.pool())
             .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(timer)
-            .collect::<Result<_, _>>()
             .map_err(db_error)
     }
 

@@ -471,9 +471,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         let store = &self.inner.store;
         let checkpoints = store.checkpoints();
         let key = &self.inner.key;
-        let mut quarantine: HashMap<String, String> = HashMap::new();
-        let mut attempts: HashMap<String, u32> = HashMap::new();
-        let mut transient = 0u32;
+        let mut retries = Retries::default();
         loop {
             let from = checkpoints
                 .load(key)
@@ -540,35 +538,15 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             };
             let mut commit = CheckpointCommit::advance(key, from, to);
             commit.park = park;
-            match self.attempt(&pending, &quarantine, None, commit).await {
+            match self
+                .attempt(&pending, &retries.quarantine, None, commit)
+                .await
+            {
                 Ok(counts) => {
                     self.record(&counts, upto);
                     return Ok(Step::Progressed);
                 }
-                Err(BatchError::Instance { id, error }) => {
-                    let tried = attempts.entry(id.clone()).or_default();
-                    *tried += 1;
-                    tracing::warn!(process = P::NAME, instance = %id, attempt = *tried, %error, "instance failed");
-                    self.retried(&error);
-                    if *tried >= self.inner.config.max_attempts {
-                        tracing::error!(process = P::NAME, instance = %id, %error, "instance quarantined");
-                        quarantine.insert(id, error);
-                    } else {
-                        tokio::time::sleep(self.inner.config.backoff.wait(*tried)).await;
-                    }
-                }
-                Err(BatchError::Transient(message)) => {
-                    transient += 1;
-                    self.retried(&message);
-                    if transient >= self.inner.config.max_transient {
-                        return Err(ProcessError::Stuck {
-                            process: P::NAME,
-                            message,
-                        });
-                    }
-                    tracing::debug!(process = P::NAME, %message, "batch retried");
-                    tokio::time::sleep(self.inner.config.backoff.wait(transient.min(6))).await;
-                }
+                Err(failure) => retries.failed(self, failure).await?,
             }
         }
     }
@@ -576,9 +554,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
     /// Fires the timers due now, in one transaction per batch of them.
     async fn step_timers(&self) -> Result<Step, ProcessError> {
         let store = &self.inner.store;
-        let mut quarantine: HashMap<String, String> = HashMap::new();
-        let mut attempts: HashMap<String, u32> = HashMap::new();
-        let mut transient = 0u32;
+        let mut retries = Retries::default();
         loop {
             let now = self.inner.config.clock.now();
             let due = store
@@ -591,34 +567,16 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             let pending: Vec<Pending<'_, P::Events>> =
                 due.into_iter().map(Pending::Timer).collect();
             let commit = CheckpointCommit::nothing(&self.inner.key);
-            match self.attempt(&pending, &quarantine, None, commit).await {
+            match self
+                .attempt(&pending, &retries.quarantine, None, commit)
+                .await
+            {
                 Ok(counts) => {
                     let position = self.inner.status.borrow().position;
                     self.record(&counts, position);
                     return Ok(Step::Progressed);
                 }
-                Err(BatchError::Instance { id, error }) => {
-                    let tried = attempts.entry(id.clone()).or_default();
-                    *tried += 1;
-                    self.retried(&error);
-                    if *tried >= self.inner.config.max_attempts {
-                        tracing::error!(process = P::NAME, instance = %id, %error, "instance quarantined");
-                        quarantine.insert(id, error);
-                    } else {
-                        tokio::time::sleep(self.inner.config.backoff.wait(*tried)).await;
-                    }
-                }
-                Err(BatchError::Transient(message)) => {
-                    transient += 1;
-                    self.retried(&message);
-                    if transient >= self.inner.config.max_transient {
-                        return Err(ProcessError::Stuck {
-                            process: P::NAME,
-                            message,
-                        });
-                    }
-                    tokio::time::sleep(self.inner.config.backoff.wait(transient.min(6))).await;
-                }
+                Err(failure) => retries.failed(self, failure).await?,
             }
         }
     }
@@ -927,6 +885,55 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| ProcessError::Timeout(timeout))?
+    }
+}
+
+/// The failures of one step's batch so far: which instances failed how often, which are to be
+/// quarantined, how many failures no instance was to blame for.
+#[derive(Default)]
+struct Retries {
+    quarantine: HashMap<String, String>,
+    attempts: HashMap<String, u32>,
+    transient: u32,
+}
+
+impl Retries {
+    /// Counts `failure` and waits before the batch is decided again, or quarantines the
+    /// instance at fault after its last attempt; a batch failing too often for no instance's
+    /// fault is `Stuck`.
+    async fn failed<P: ProcessManager, S: ProcessStore>(
+        &mut self,
+        runner: &ProcessRunner<P, S>,
+        failure: BatchError,
+    ) -> Result<(), ProcessError> {
+        let config = &runner.inner.config;
+        match failure {
+            BatchError::Instance { id, error } => {
+                let tried = self.attempts.entry(id.clone()).or_default();
+                *tried += 1;
+                tracing::warn!(process = P::NAME, instance = %id, attempt = *tried, %error, "instance failed");
+                runner.retried(&error);
+                if *tried >= config.max_attempts {
+                    tracing::error!(process = P::NAME, instance = %id, %error, "instance quarantined");
+                    self.quarantine.insert(id, error);
+                } else {
+                    tokio::time::sleep(config.backoff.wait(*tried)).await;
+                }
+            }
+            BatchError::Transient(message) => {
+                self.transient += 1;
+                runner.retried(&message);
+                if self.transient >= config.max_transient {
+                    return Err(ProcessError::Stuck {
+                        process: P::NAME,
+                        message,
+                    });
+                }
+                tracing::debug!(process = P::NAME, %message, "batch retried");
+                tokio::time::sleep(config.backoff.wait(self.transient.min(6))).await;
+            }
+        }
+        Ok(())
     }
 }
 
