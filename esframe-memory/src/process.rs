@@ -217,6 +217,14 @@ impl ProcessStore for MemoryProcessStore {
             .collect())
     }
 
+    async fn flow_head(&self, correlation_id: Uuid) -> Result<Option<Position>, StoreError> {
+        Ok(self
+            .trace(correlation_id)
+            .await?
+            .last()
+            .map(|e| e.global_position))
+    }
+
     async fn trace(&self, correlation_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
         let all = self.store.load_log(Position::START, usize::MAX).await?;
         Ok(all

@@ -53,6 +53,7 @@ struct Sql {
     next_due: String,
     timers: String,
     trace: String,
+    flow_head: String,
 }
 
 const INSTANCE_COLUMNS: &str = "process, instance_id, status, state, state_version, version, \
@@ -149,6 +150,9 @@ impl Sql {
             timers: format!(
                 "SELECT {TIMER_COLUMNS} FROM {s}.process_timers t
                  WHERE t.process = $1 AND t.instance_id = $2 ORDER BY t.name"
+            ),
+            flow_head: format!(
+                "SELECT max(global_position) FROM {s}.events WHERE correlation_id = $1"
             ),
             trace: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events
@@ -526,6 +530,15 @@ impl ProcessStore for PgProcessStore {
             .fetch_all(self.store.pool())
             .await
             .map_err(db_error)
+    }
+
+    async fn flow_head(&self, correlation_id: Uuid) -> Result<Option<Position>, StoreError> {
+        let head: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.flow_head.as_str()))
+            .bind(correlation_id)
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(|e| StoreError::unavailable(None, e))?;
+        Ok(head.map(position))
     }
 
     async fn trace(&self, correlation_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {

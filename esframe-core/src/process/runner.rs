@@ -816,11 +816,11 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             .map_err(|e| self.store_error(e.into()))
     }
 
-    /// Waits until every event of the flow `correlation_id` stored so far has been handled by
-    /// this process manager (its checkpoint has passed the flow's last event, and no event of
-    /// the flow was stored meanwhile), or `timeout` passes. Timers scheduled for later are not
-    /// waited for. Read-your-writes for a flow: after it, the instance's state and the
-    /// commands it sent are stored.
+    /// Waits until every event of the flow `correlation_id` committed so far has been handled
+    /// by this process manager, or `timeout` passes: read-your-writes for a flow. After it,
+    /// the instance's state and whatever it sent in reaction are stored, and what those
+    /// commands stored has been handled too (it carries the flow's correlation id). Timers
+    /// scheduled for later are not waited for.
     pub async fn wait_settled(
         &self,
         correlation_id: Uuid,
@@ -830,24 +830,21 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         let work = async {
             loop {
                 let changed = checkpoints.changed();
-                let last = self
-                    .trace(correlation_id)
-                    .await?
-                    .last()
-                    .map(|e| e.global_position);
+                // The checkpoint first: what a batch sends commits with its checkpoint, so a
+                // head read after it includes the reactions to everything below it.
                 let position = checkpoints
                     .load(&self.inner.key)
                     .await
                     .map_err(|e| self.store_error(e.into()))?
                     .map_or(Position::START, |c| c.position);
-                match last {
-                    Some(last) if position >= last => {
-                        let again = self.trace(correlation_id).await?;
-                        if again.last().map(|e| e.global_position) == Some(last) {
-                            return Ok(());
-                        }
-                    }
-                    _ => {}
+                let head = self
+                    .inner
+                    .store
+                    .flow_head(correlation_id)
+                    .await
+                    .map_err(|e| self.store_error(e.into()))?;
+                if head.is_some_and(|head| head <= position) {
+                    return Ok(());
                 }
                 tokio::select! {
                     _ = changed => {}

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
-    GlobalLog, RecordedEvent, StoreError,
+    GlobalLog, Position, RecordedEvent, StoreError,
     projection::{CheckpointError, CheckpointStore, ProjectionStore},
 };
 
@@ -122,6 +122,13 @@ pub trait ProcessStore: Clone + Send + Sync + 'static {
         process: &str,
         instance: &str,
     ) -> impl Future<Output = Result<Vec<TimerRecord>, ProcessStoreError>> + Send;
+
+    /// The global position of the last committed event carrying `correlation_id`, readable
+    /// yet or not (PostgreSQL: regardless of the log's horizon).
+    fn flow_head(
+        &self,
+        correlation_id: Uuid,
+    ) -> impl Future<Output = Result<Option<Position>, StoreError>> + Send;
 
     /// Every readable event carrying `correlation_id`, in log order (not upcast).
     fn trace(

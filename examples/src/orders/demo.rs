@@ -3,7 +3,7 @@
 use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
 use esframe_core::{
-    CommandContext, CommandError, CommandHandler, EventStore, RecordedEvent,
+    CommandContext, CommandError, CommandHandler, EventStore, RecordedEvent, StreamId,
     process::{ProcessError, ProcessRunner, ProcessStore},
 };
 use uuid::Uuid;
@@ -79,19 +79,26 @@ impl<E: EventStore> OrderServices<E> {
         Ok(flow)
     }
 
-    /// The payment provider's answer to the request of `order_id` (found in `flow`'s
-    /// events): `capture` or decline. It carries the flow's correlation id and the request as
-    /// causation.
+    /// The payment provider's answer to the request of `order_id`: `capture` or decline. It
+    /// carries the request's correlation id (the flow's) and the request as causation. Without a
+    /// request, the payment refuses it (`PaymentError::NotRequested`).
     pub async fn answer_payment(
         &self,
-        trace: &[RecordedEvent],
         order_id: &str,
         capture: bool,
     ) -> Result<(), CommandError<super::domain::PaymentError>> {
-        let request = trace
-            .iter()
-            .find(|e| e.event_type == "PaymentRequested" && e.aggregate_id() == order_id)
-            .expect("the payment was requested");
+        let stream = StreamId::new("payment", order_id)?;
+        let events = self
+            .payments
+            .store()
+            .read_stream(&stream, 1)
+            .await
+            .map_err(CommandError::Store)?;
+        let Some(request) = events.iter().find(|e| e.event_type == "PaymentRequested") else {
+            return Err(CommandError::Rejected(
+                super::domain::PaymentError::NotRequested,
+            ));
+        };
         let context = CommandContext::new()
             .correlation_id(request.metadata.correlation_id.unwrap_or(request.event_id))
             .causation_id(request.event_id);
@@ -158,9 +165,8 @@ pub async fn run_demo<E: EventStore, S: ProcessStore>(
         }
         match scenario {
             Scenario::HappyPath | Scenario::PaymentDeclined => {
-                let trace = runner.trace(flow).await?;
                 let capture = scenario == Scenario::HappyPath;
-                services.answer_payment(&trace, order_id, capture).await?;
+                services.answer_payment(order_id, capture).await?;
             }
             Scenario::PaymentTimeout => runner.clock().advance(Duration::from_secs(31)),
             Scenario::OutOfStock => {}
