@@ -30,6 +30,7 @@ chapters! {
     concepts_versioning => "src/concepts/versioning.md",
     concepts_projections => "src/concepts/projections.md",
     concepts_publishing => "src/concepts/publishing.md",
+    concepts_process_managers => "src/concepts/process-managers.md",
     concepts_global_log => "src/concepts/global-log.md",
     concepts_testing => "src/concepts/testing.md",
     guides_bank_account => "src/guides/bank-account.md",

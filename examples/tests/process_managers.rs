@@ -1022,3 +1022,82 @@ async fn a_runner_process_killed_with_sigkill_loses_and_repeats_nothing_on_postg
         );
     }
 }
+
+/// An instance whose timer fails (here: the runner that fires it has no payment handler) is
+/// quarantined holding no events; retried by a runner that has one, it is active again and
+/// its timer fires.
+#[tokio::test]
+async fn an_instance_quarantined_by_its_timer_is_retried_and_the_timer_fires() {
+    let shop = memory_shop();
+    shop.restock("pen", 10).await;
+    shop.services.place("o1", "pen", 1, 100).await.unwrap();
+    let full = shop.runner();
+    full.run_until_idle().await.unwrap();
+    assert_eq!(
+        full.instance("o1").await.unwrap().unwrap().state.stage,
+        Stage::Paying
+    );
+    let without_payments =
+        ProcessRunner::builder(OrderFulfilment::default(), shop.process_store.clone())
+            .handler(shop.services.orders.clone())
+            .handler(shop.services.inventory.clone())
+            .clock(shop.clock.clone())
+            .max_attempts(2)
+            .backoff(esframe_core::publish::Backoff {
+                min: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+            })
+            .build()
+            .unwrap();
+    shop.clock.advance(Duration::from_secs(31));
+    without_payments.run_until_idle().await.unwrap();
+    let quarantined = without_payments.quarantined().await.unwrap();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(quarantined[0].held.is_empty());
+    assert!(
+        quarantined[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("payment"))
+    );
+    assert_eq!(
+        full.timers("o1").await.unwrap().len(),
+        1,
+        "the timer is kept"
+    );
+
+    let retried = full.retry("o1").await.unwrap();
+    assert_eq!(retried.status, InstanceStatus::Active);
+    full.run_until_idle().await.unwrap();
+    full.run_until_idle().await.unwrap();
+    let done = full.instance("o1").await.unwrap().unwrap();
+    assert_eq!(done.record.status, InstanceStatus::Completed, "{done:?}");
+    assert_eq!(
+        types_of(&shop.store, "payment", "o1").await,
+        ["PaymentRequested", "PaymentExpired"]
+    );
+}
+
+/// A process manager added to a store with history starts after it when asked to: the
+/// orders placed before its first run start no instance.
+#[tokio::test]
+async fn a_new_process_manager_can_start_after_the_history() {
+    let shop = memory_shop();
+    shop.restock("pen", 10).await;
+    shop.services.place("old", "pen", 1, 100).await.unwrap();
+    let runner = ProcessRunner::builder(OrderFulfilment::default(), shop.process_store.clone())
+        .handler(shop.services.orders.clone())
+        .handler(shop.services.inventory.clone())
+        .handler(shop.services.payments.clone())
+        .clock(shop.clock.clone())
+        .start_from_now()
+        .build()
+        .unwrap();
+    runner.run_until_idle().await.unwrap();
+    shop.services.place("new", "pen", 1, 100).await.unwrap();
+    runner.run_until_idle().await.unwrap();
+    assert!(runner.instance("old").await.unwrap().is_none());
+    let new = runner.instance("new").await.unwrap().expect("started");
+    assert_eq!(new.state.stage, Stage::Paying);
+    assert_eq!(types_of(&shop.store, "payment", "old").await.len(), 0);
+}

@@ -136,6 +136,9 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
                 Pending::Timer(t) => Some(t.instance.clone()),
             })
             .collect();
+        // An instance brought back from quarantine is loaded even with nothing held (one
+        // quarantined by a failing timer holds no events).
+        ids.extend(self.reactivate.map(str::to_owned));
         ids.sort_unstable();
         ids.dedup();
         let records = self

@@ -119,6 +119,7 @@ struct Config {
     standby_poll: Duration,
     clock: Clock,
     max_transient: u32,
+    from_now: bool,
 }
 
 /// Builds a [`ProcessRunner`]: the process manager, its store, and a command handler per
@@ -176,6 +177,15 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunnerBuilder<P, S> {
     /// How often a standby runner tries to take the lease (default 500 ms).
     pub fn standby_poll(mut self, every: Duration) -> Self {
         self.config.standby_poll = every;
+        self
+    }
+
+    /// On its first run (no checkpoint stored under its name), start after the events stored
+    /// so far instead of from the beginning of the log. A process manager added to a system
+    /// with history would otherwise start an instance for every past event its routing may
+    /// start one for, and send their commands. Default: from the beginning, like projections.
+    pub fn start_from_now(mut self) -> Self {
+        self.config.from_now = true;
         self
     }
 
@@ -303,6 +313,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 standby_poll: Duration::from_millis(500),
                 clock: Clock::system(),
                 max_transient: 50,
+                from_now: false,
             },
         }
     }
@@ -477,6 +488,10 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 .load(key)
                 .await
                 .map_err(|e| self.store_error(e.into()))?;
+            if from.is_none() && self.inner.config.from_now {
+                self.start_at_head().await?;
+                continue;
+            }
             let position = from.map_or(Position::START, |c| c.position);
             self.inner.status.send_modify(|s| s.position = position);
             let batch = store
@@ -548,6 +563,35 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 }
                 Err(failure) => retries.failed(self, failure).await?,
             }
+        }
+    }
+
+    /// Stores a first checkpoint at the log's head: the events stored so far are not handled.
+    async fn start_at_head(&self) -> Result<(), ProcessError> {
+        let store = &self.inner.store;
+        let checkpoints = store.checkpoints();
+        let head = store
+            .log()
+            .head_position()
+            .await
+            .map_err(|e| self.store_error(e.into()))?;
+        let tx = checkpoints
+            .begin()
+            .await
+            .map_err(|e| self.store_error(e.into()))?;
+        let to = Checkpoint {
+            position: head,
+            version: 1,
+            replay_until: None,
+        };
+        tracing::info!(process = P::NAME, position = %head, "starting after the events stored so far");
+        match checkpoints
+            .commit(tx, CheckpointCommit::advance(&self.inner.key, None, to))
+            .await
+        {
+            // Another runner stored the first checkpoint meanwhile: use it.
+            Ok(()) | Err(crate::projection::CheckpointError::Moved { .. }) => Ok(()),
+            Err(err) => Err(self.store_error(err.into())),
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use esframe_core::{
     Event,
-    process::{Effects, Input, ProcessManager, ReactError, Route},
+    process::{Effects, Input, ProcessManager, ReactError, Refusal, Route},
     projection::{ProjectedEvent, ProjectionEvents},
 };
 use serde::{Deserialize, Serialize};
@@ -97,6 +97,9 @@ pub enum CustomerNotice {
     },
 }
 
+/// An event of the flow, as the process manager receives it.
+pub type FlowEvent<'a> = ProjectedEvent<'a, FulfilmentEvent>;
+
 /// The name of the payment timer.
 pub const PAYMENT_TIMEOUT: &str = "payment-timeout";
 
@@ -122,28 +125,27 @@ impl ProcessManager for OrderFulfilment {
     type State = Fulfilment;
     type Timer = FulfilmentTimer;
 
-    fn route(&self, event: &ProjectedEvent<'_, FulfilmentEvent>) -> Route {
+    fn route(&self, event: &FlowEvent<'_>) -> Route {
+        use super::domain::{InventoryEvent as I, OrderEvent as O};
         use FulfilmentEvent as E;
         let stream_id = event.aggregate_id();
         match &event.event {
-            E::Order(OrderEvent::OrderPlaced { .. }) => Route::start(stream_id),
-            E::Order(OrderEvent::OrderConfirmed | OrderEvent::OrderCancelled { .. }) => {
-                Route::to(stream_id)
-            }
-            E::Inventory(InventoryEvent::Restocked { .. }) => Route::Skip,
-            E::Inventory(
-                InventoryEvent::StockReserved { order_id, .. }
-                | InventoryEvent::StockReleased { order_id, .. },
-            ) => Route::to(order_id),
+            E::Order(O::OrderPlaced { .. }) => Route::start(stream_id),
+            E::Order(O::OrderConfirmed) => Route::to(stream_id),
+            E::Order(O::OrderCancelled { .. }) => Route::to(stream_id),
+            E::Inventory(I::Restocked { .. }) => Route::Skip,
+            E::Inventory(I::StockReserved { order_id, .. }) => Route::to(order_id),
+            E::Inventory(I::StockReleased { order_id, .. }) => Route::to(order_id),
             // Payments and shipments are keyed by the order id.
             E::Payment(_) | E::Shipment(_) => Route::to(stream_id),
         }
     }
 
-    fn evolve(&self, state: &mut Fulfilment, event: &ProjectedEvent<'_, FulfilmentEvent>) {
+    fn evolve(&self, state: &mut Fulfilment, event: &FlowEvent<'_>) {
+        use super::domain::{InventoryEvent as I, OrderEvent as O, PaymentEvent as P};
         use FulfilmentEvent as E;
-        match &event.event {
-            E::Order(OrderEvent::OrderPlaced {
+        let stage = match &event.event {
+            E::Order(O::OrderPlaced {
                 sku,
                 quantity,
                 amount,
@@ -151,25 +153,27 @@ impl ProcessManager for OrderFulfilment {
                 state.sku.clone_from(sku);
                 state.quantity = *quantity;
                 state.amount = *amount;
+                return;
             }
-            E::Inventory(InventoryEvent::StockReserved { .. }) => state.stage = Stage::Paying,
-            E::Payment(PaymentEvent::PaymentCaptured { .. }) => state.stage = Stage::Shipping,
-            E::Shipment(_) => state.stage = Stage::Confirming,
-            E::Payment(PaymentEvent::PaymentDeclined { reason }) => {
-                state.stage = Stage::Compensating;
+            E::Inventory(I::StockReserved { .. }) => Stage::Paying,
+            E::Payment(P::PaymentCaptured { .. }) => Stage::Shipping,
+            E::Shipment(_) => Stage::Confirming,
+            E::Payment(P::PaymentDeclined { reason }) => {
                 state.cancel_reason = Some(format!("payment declined: {reason}"));
+                Stage::Compensating
             }
-            E::Payment(PaymentEvent::PaymentExpired) => {
-                state.stage = Stage::Compensating;
-                state.cancel_reason = Some("the payment provider did not answer".into());
+            E::Payment(P::PaymentExpired) => {
+                let reason = "the payment provider did not answer";
+                state.cancel_reason = Some(reason.into());
+                Stage::Compensating
             }
-            E::Order(OrderEvent::OrderConfirmed) => state.stage = Stage::Confirmed,
-            E::Order(OrderEvent::OrderCancelled { .. }) => state.stage = Stage::Cancelled,
-            E::Inventory(
-                InventoryEvent::StockReleased { .. } | InventoryEvent::Restocked { .. },
-            )
-            | E::Payment(PaymentEvent::PaymentRequested { .. }) => {}
-        }
+            E::Order(O::OrderConfirmed) => Stage::Confirmed,
+            E::Order(O::OrderCancelled { .. }) => Stage::Cancelled,
+            E::Inventory(I::StockReleased { .. })
+            | E::Inventory(I::Restocked { .. })
+            | E::Payment(P::PaymentRequested { .. }) => return,
+        };
+        state.stage = stage;
     }
 
     fn react(
@@ -178,100 +182,98 @@ impl ProcessManager for OrderFulfilment {
         input: Input<'_, Self>,
         effects: &mut Effects<Self>,
     ) -> Result<(), ReactError> {
-        use FulfilmentEvent as E;
-        let order_id = |event: &ProjectedEvent<'_, FulfilmentEvent>| match &event.event {
-            E::Inventory(
-                InventoryEvent::StockReserved { order_id, .. }
-                | InventoryEvent::StockReleased { order_id, .. },
-            ) => order_id.clone(),
-            _ => event.aggregate_id().to_owned(),
-        };
         match input {
-            Input::Event(event) => {
-                let order_id = order_id(event);
-                match &event.event {
-                    E::Order(OrderEvent::OrderPlaced { sku, quantity, .. }) => {
-                        effects.send::<Inventory>(InventoryCommand::Reserve {
-                            sku: sku.clone(),
-                            order_id,
-                            quantity: *quantity,
-                        });
-                    }
-                    E::Inventory(InventoryEvent::StockReserved { .. }) => {
-                        effects.send::<Payment>(PaymentCommand::Request {
-                            order_id,
-                            amount: state.amount,
-                        });
-                        effects.schedule(
-                            PAYMENT_TIMEOUT,
-                            self.payment_timeout,
-                            FulfilmentTimer::PaymentTimeout,
-                        );
-                    }
-                    E::Payment(PaymentEvent::PaymentCaptured { .. }) => {
-                        effects.cancel(PAYMENT_TIMEOUT);
-                        effects.send::<Shipment>(ShipmentCommand::Prepare {
-                            order_id,
-                            sku: state.sku.clone(),
-                            quantity: state.quantity,
-                        });
-                    }
-                    E::Shipment(ShipmentEvent::ShipmentPrepared { .. }) => {
-                        effects.send::<Order>(OrderCommand::Confirm { order_id });
-                    }
-                    E::Payment(
-                        PaymentEvent::PaymentDeclined { .. } | PaymentEvent::PaymentExpired,
-                    ) => {
-                        effects.cancel(PAYMENT_TIMEOUT);
-                        compensate(state, order_id, effects);
-                    }
-                    E::Order(OrderEvent::OrderConfirmed) => {
-                        effects.publish(CustomerNotice::OrderOnItsWay { order_id });
-                        effects.complete();
-                    }
-                    E::Order(OrderEvent::OrderCancelled { reason }) => {
-                        effects.publish(CustomerNotice::OrderNotFulfilled {
-                            order_id,
-                            reason: reason.clone(),
-                        });
-                        effects.complete();
-                    }
-                    E::Inventory(
-                        InventoryEvent::StockReleased { .. } | InventoryEvent::Restocked { .. },
-                    )
-                    | E::Payment(PaymentEvent::PaymentRequested { .. }) => {}
-                }
-            }
+            Input::Event(event) => self.on_event(state, event, effects),
             Input::Timer(timer) => match timer.timer {
                 FulfilmentTimer::PaymentTimeout => {
-                    // The payment decides: a capture that came first refuses the expiry.
-                    effects.send::<Payment>(PaymentCommand::Expire {
-                        order_id: timer.instance.clone(),
-                    });
+                    // The payment decides: a capture that came first refuses this.
+                    let order_id = timer.instance.clone();
+                    effects.send::<Payment>(PaymentCommand::Expire { order_id });
                 }
             },
-            Input::Refused(refusal) => {
-                if let Some(InventoryCommand::Reserve { order_id, .. }) =
-                    refusal.command::<Inventory>()
-                {
-                    let reason = match refusal.error::<Inventory>() {
-                        Some(InventoryError::OutOfStock { .. }) => "out of stock".to_owned(),
-                        _ => refusal.message().to_owned(),
-                    };
-                    effects.send::<Order>(OrderCommand::Cancel {
-                        order_id: order_id.clone(),
-                        reason,
-                    });
-                } else if refusal.command::<Payment>().is_some() {
-                    // An expiry refused because the provider answered first: its answer's
-                    // event carries the flow on.
-                } else {
-                    return Err(ReactError::new(format!("unexpected refusal: {refusal:?}")));
-                }
-            }
+            Input::Refused(refusal) => match cancellation(refusal) {
+                Some(cancel) => effects.send::<Order>(cancel),
+                // An expiry refused because the provider answered first: the
+                // answer's event carries the flow on.
+                None if refusal.is::<Payment>() => {}
+                None => return Err(format!("unexpected refusal: {refusal:?}").into()),
+            },
         }
         Ok(())
     }
+}
+
+impl OrderFulfilment {
+    /// The next step after `event`.
+    fn on_event(
+        &self,
+        state: &Fulfilment,
+        event: &FlowEvent<'_>, // already folded into `state`
+        effects: &mut Effects<Self>,
+    ) {
+        use super::domain::{InventoryEvent as I, OrderEvent as O, PaymentEvent as P};
+        use FulfilmentEvent as E;
+        let order_id = match &event.event {
+            E::Inventory(I::StockReserved { order_id, .. }) => order_id.clone(),
+            _ => event.aggregate_id().to_owned(),
+        };
+        match &event.event {
+            E::Order(O::OrderPlaced { sku, quantity, .. }) => {
+                effects.send::<Inventory>(InventoryCommand::Reserve {
+                    sku: sku.clone(),
+                    order_id,
+                    quantity: *quantity,
+                });
+            }
+            E::Inventory(I::StockReserved { .. }) => {
+                let amount = state.amount;
+                effects.send::<Payment>(PaymentCommand::Request { order_id, amount });
+                let timer = FulfilmentTimer::PaymentTimeout;
+                effects.schedule(PAYMENT_TIMEOUT, self.payment_timeout, timer);
+            }
+            E::Payment(P::PaymentCaptured { .. }) => {
+                effects.cancel(PAYMENT_TIMEOUT);
+                effects.send::<Shipment>(ShipmentCommand::Prepare {
+                    order_id,
+                    sku: state.sku.clone(),
+                    quantity: state.quantity,
+                });
+            }
+            E::Shipment(ShipmentEvent::ShipmentPrepared { .. }) => {
+                effects.send::<Order>(OrderCommand::Confirm { order_id });
+            }
+            E::Payment(P::PaymentDeclined { .. } | P::PaymentExpired) => {
+                effects.cancel(PAYMENT_TIMEOUT);
+                compensate(state, order_id, effects);
+            }
+            E::Order(O::OrderConfirmed) => {
+                effects.publish(CustomerNotice::OrderOnItsWay { order_id });
+                effects.complete();
+            }
+            E::Order(O::OrderCancelled { reason }) => {
+                let reason = reason.clone();
+                let notice = CustomerNotice::OrderNotFulfilled { order_id, reason };
+                effects.publish(notice);
+                effects.complete();
+            }
+            // Nothing follows these.
+            E::Inventory(_) | E::Payment(P::PaymentRequested { .. }) => {}
+        }
+    }
+}
+
+/// The order's cancellation, when its stock reservation was refused.
+fn cancellation(refusal: &Refusal) -> Option<OrderCommand> {
+    let command = refusal.command::<Inventory>()?;
+    let InventoryCommand::Reserve { order_id, .. } = command else {
+        return None;
+    };
+    let reason = match refusal.error::<Inventory>() {
+        Some(InventoryError::OutOfStock { .. }) => "out of stock".to_owned(),
+        _ => refusal.message().to_owned(),
+    };
+    let order_id = order_id.clone();
+    Some(OrderCommand::Cancel { order_id, reason })
 }
 // ANCHOR_END: process
 
