@@ -224,7 +224,9 @@ impl PgInbox {
         };
         let (aggregate_type, id) = event.stream_id.parts();
         let version = i64::try_from(event.stream_version).unwrap_or(i64::MAX);
-        let mut tx = self.pool.begin().await.map_err(database)?;
+        let mut tx = crate::transaction::begin(&self.pool)
+            .await
+            .map_err(database)?;
         let last: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.lock.as_str()))
             .bind(&self.consumer)
             .bind(aggregate_type)

@@ -253,7 +253,7 @@ impl PgEventStore {
         snapshot: Option<&Snapshot>,
     ) -> Result<Attempt, Failure> {
         let stream = batch.stream();
-        let mut tx = match self.inner.pool.begin().await {
+        let mut tx = match crate::transaction::begin(&self.inner.pool).await {
             Ok(tx) => tx,
             Err(err) => return Ok(Attempt::NoConnection(err)),
         };

@@ -53,6 +53,7 @@ mod schema;
 mod sql;
 mod stash;
 mod store;
+mod transaction;
 
 pub use builder::PgEventStoreBuilder;
 pub use checkpoints::{PgCheckpoints, PgLease, PgTransaction};

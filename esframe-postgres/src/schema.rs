@@ -110,7 +110,7 @@ pub const SCHEMA_VERSION: i32 = 6;
 /// this code does not know) is refused rather than used.
 pub(crate) async fn migrate(pool: &PgPool, schema: &SchemaName) -> Result<(), PgStoreError> {
     let quoted = schema.quoted();
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::transaction::begin(pool).await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('esframe.migrate.' || $1, 0))")
         .bind(schema.as_str())
         .execute(&mut *tx)

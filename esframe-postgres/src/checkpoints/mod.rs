@@ -262,7 +262,9 @@ impl CheckpointStore for PgCheckpoints {
     }
 
     async fn begin(&self) -> Result<PgTransaction, CheckpointError> {
-        self.inner.pool.begin().await.map_err(unavailable)
+        crate::transaction::begin(&self.inner.pool)
+            .await
+            .map_err(unavailable)
     }
 
     async fn commit(
