@@ -102,6 +102,16 @@ impl PgEventStore {
         &self.inner.pool
     }
 
+    /// Begins a transaction on the store's pool, for [`append_in`](Self::append_in) and your own
+    /// writes. Unlike `pool().begin()` in sqlx 0.9, it is safe to cancel: a task aborted while
+    /// it waits for `BEGIN` never leaves a pooled connection inside a transaction (which the
+    /// pool's next user, an append say, would silently join).
+    pub async fn begin(&self) -> Result<crate::PgTransaction, StoreError> {
+        crate::transaction::begin(&self.inner.pool)
+            .await
+            .map_err(|err| StoreError::unavailable(None, err))
+    }
+
     /// The schema holding the tables.
     pub fn schema(&self) -> &SchemaName {
         &self.inner.schema
