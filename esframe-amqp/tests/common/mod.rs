@@ -1,9 +1,11 @@
 //! Test support: the real broker at `AMQP_URL`, a fresh PostgreSQL schema per test at
-//! `DATABASE_URL`, and a handler that records what it applies.
+//! `DATABASE_URL`, and a handler that records what it applies; a private RabbitMQ node for the
+//! tests that stop the broker ([`private_broker`]).
 
 #![allow(dead_code, unreachable_pub)]
 
 pub mod child;
+pub mod private_broker;
 
 use std::{
     collections::HashMap,
