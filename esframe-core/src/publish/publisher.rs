@@ -2,13 +2,15 @@
 //! never passes a message the broker has not acknowledged.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
-use futures_util::{StreamExt, stream};
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::{sync::watch, task::JoinHandle};
 use uuid::Uuid;
 
@@ -104,7 +106,7 @@ pub struct PublisherStatus {
     /// Whether the publisher holds its lease (only the running one does).
     pub active: bool,
     /// Events in the log after the checkpoint, as last counted (at most once a second, while
-    /// the publisher has work; 0 once caught up). `None` if the store cannot count.
+    /// the publisher has work; 0 once caught up). `None` until first known.
     pub behind: Option<u64>,
     /// Messages acknowledged per second, over the last second or more of sending.
     pub rate: f64,
@@ -312,32 +314,16 @@ where
             .head_position()
             .await
             .map_err(|source| self.store_error(source))?;
-        let mut attempt = 0;
         loop {
-            match self.step().await {
-                Ok(Step::Published { position, .. }) | Ok(Step::Idle { position })
-                    if position >= head =>
-                {
-                    return Ok(position);
-                }
-                Ok(Step::Idle { position }) => {
-                    // The head is not readable yet (an older transaction is still open).
-                    self.store
-                        .wait_for_events(position)
-                        .await
-                        .map_err(|source| self.store_error(source))?;
-                }
-                Ok(Step::Published { complete, .. }) => {
-                    if complete {
-                        attempt = 0;
-                    } else {
-                        attempt += 1;
-                        tokio::time::sleep(self.backoff.wait(attempt)).await;
-                    }
-                }
-                Err(err @ PublishError::Refused { .. }) => return Err(err),
-                Err(err) => return Err(err),
+            let position = self.pump(&|| true).await?;
+            if position >= head {
+                return Ok(position);
             }
+            // The head is not readable yet (an older transaction is still open).
+            self.store
+                .wait_for_events(position)
+                .await
+                .map_err(|source| self.store_error(source))?;
         }
     }
 
@@ -376,29 +362,22 @@ where
                     self.checkpoints.release(lease).await;
                     continue 'lease;
                 }
-                let wait = match self.step().await {
-                    Ok(Step::Published { complete: true, .. }) => {
+                let keep_going = || !stopping(&stopped) && self.checkpoints.lease_held(&lease);
+                let wait = match self.pump(&keep_going).await {
+                    Ok(position) => {
                         attempt = 0;
-                        None
-                    }
-                    Ok(Step::Published {
-                        complete: false, ..
-                    }) => {
-                        attempt += 1;
-                        Some(self.backoff.wait(attempt))
-                    }
-                    Ok(Step::Idle { position }) => {
-                        attempt = 0;
-                        let woken = self.store.wait_for_events(position);
-                        tokio::select! {
-                            _ = woken => {}
-                            _ = stopped.changed() => {}
+                        if keep_going() {
+                            let woken = self.store.wait_for_events(position);
+                            tokio::select! {
+                                _ = woken => {}
+                                _ = stopped.changed() => {}
+                            }
                         }
                         None
                     }
                     Err(err) => {
                         attempt += 1;
-                        tracing::warn!(publisher = %name, error = %err, "publisher step failed; retrying");
+                        tracing::warn!(publisher = %name, error = %err, "publisher failed; retrying");
                         if matches!(err, PublishError::Refused { .. }) {
                             // `send_event` counted this failure already; keep the fuller text.
                             self.update(|s| s.last_error = Some(err.to_string()));
@@ -423,91 +402,214 @@ where
         self.checkpoints.release(lease).await;
     }
 
-    /// Reads one batch after the checkpoint, sends it, and moves the checkpoint to the highest
-    /// position up to which every message was acknowledged.
-    async fn step(&self) -> Result<Step, PublishError> {
-        let from = self
+    /// Sends everything readable after the checkpoint, as a pipeline: batches are read ahead
+    /// (up to four batches of events not yet acknowledged), each stream has at most one message
+    /// in flight, and the checkpoint follows the highest position up to which every event was
+    /// acknowledged, committed every 20 ms or so. An unreachable broker is retried per message
+    /// with backoff, holding back only its stream. Returns the checkpoint once nothing readable
+    /// is left or `keep_going` says stop; a refusal stops reading, lets the messages in flight
+    /// finish, commits what is contiguous and fails.
+    async fn pump(&self, keep_going: &(dyn Fn() -> bool + Sync)) -> Result<Position, PublishError> {
+        let mut from = self
             .checkpoints
             .load(&self.key)
             .await
             .map_err(|source| self.checkpoint_error(source))?;
-        let after = from.map_or(Position::START, |c| c.position);
-        let batch = self
-            .store
-            .read_all_batch(after, self.batch_size)
-            .await
-            .map_err(|source| self.store_error(source))?;
-        if batch.scanned_to == after {
-            self.update(|s| {
-                s.position = after;
-                s.head = s.head.max(after);
-                s.pending = 0;
-                s.lag = None;
-            });
-            // Nothing readable after the checkpoint: nothing is behind.
-            self.update(|s| s.behind = Some(0));
-            return Ok(Step::Idle { position: after });
+        let mut committed = from.map_or(Position::START, |c| c.position);
+        let mut read_to = committed;
+        let mut exhausted = false;
+        // Read and not yet checkpointed, in log order: position → (acknowledged, recorded at).
+        let mut pending = Pending::new();
+        let mut queues: HashMap<StreamId, VecDeque<Job>> = HashMap::new();
+        let mut ready: VecDeque<StreamId> = VecDeque::new();
+        let mut busy: HashSet<StreamId> = HashSet::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut refused: Option<(Job, SinkError)> = None;
+        let mut last_commit = std::time::Instant::now();
+        let max_pending = self.batch_size.saturating_mul(4);
+        self.update(|s| s.position = committed);
+        loop {
+            if !exhausted && refused.is_none() && pending.len() < max_pending {
+                let batch = self
+                    .store
+                    .read_all_batch(read_to, self.batch_size)
+                    .await
+                    .map_err(|source| self.store_error(source))?;
+                if batch.scanned_to == read_to {
+                    exhausted = true;
+                } else {
+                    exhausted = batch.events.len() < self.batch_size;
+                    for event in &batch.events {
+                        let messages = self.messages(event);
+                        let position = event.global_position;
+                        let done = messages.is_empty();
+                        pending.insert(position, (done, Some(event.recorded_at)));
+                        if done {
+                            continue;
+                        }
+                        let queue = queues.entry(event.stream_id.clone()).or_default();
+                        if queue.is_empty() && !busy.contains(&event.stream_id) {
+                            ready.push_back(event.stream_id.clone());
+                        }
+                        queue.push_back(Job {
+                            stream: event.stream_id.clone(),
+                            position,
+                            messages,
+                            attempt: 0,
+                        });
+                    }
+                    // Events the upcasters retired: nothing to send, but the checkpoint may
+                    // pass them.
+                    pending.entry(batch.scanned_to).or_insert((true, None));
+                    read_to = batch.scanned_to;
+                    self.update(|s| s.head = s.head.max(read_to));
+                }
+            }
+            if refused.is_none() {
+                while inflight.len() < self.streams_in_flight {
+                    let Some(stream) = ready.pop_front() else {
+                        break;
+                    };
+                    let Some(job) = queues.get_mut(&stream).and_then(VecDeque::pop_front) else {
+                        continue;
+                    };
+                    busy.insert(stream);
+                    inflight.push(self.send_job(job));
+                }
+            }
+            if inflight.is_empty() {
+                let caught_up = (exhausted && ready.is_empty()) || refused.is_some();
+                if caught_up || !keep_going() {
+                    committed = self
+                        .commit_contiguous(&mut pending, &mut from, committed)
+                        .await?;
+                    self.report(&pending, committed);
+                    if let Some((job, source)) = refused {
+                        return Err(PublishError::Refused {
+                            name: self.key.name().to_owned(),
+                            stream: job.stream,
+                            stream_version: job.messages[0].stream_version,
+                            position: job.position,
+                            source,
+                        });
+                    }
+                    if caught_up {
+                        // Everything readable is acknowledged: nothing is behind.
+                        self.update(|s| {
+                            s.behind = Some(0);
+                            s.last_error = None;
+                            s.broker_reachable = true;
+                        });
+                    }
+                    return Ok(committed);
+                }
+                // Nothing in flight and more to read: make room by checkpointing what is
+                // acknowledged (or every read event may be done and waiting for a commit).
+                committed = self
+                    .commit_contiguous(&mut pending, &mut from, committed)
+                    .await?;
+                self.report(&pending, committed);
+                continue;
+            }
+            let Some((mut job, result)) = inflight.next().await else {
+                continue;
+            };
+            busy.remove(&job.stream);
+            let stream = job.stream.clone();
+            match result {
+                Ok(()) => {
+                    if let Some(slot) = pending.get_mut(&job.position) {
+                        slot.0 = true;
+                    }
+                    if queues.get(&stream).is_some_and(|q| !q.is_empty()) {
+                        ready.push_back(stream);
+                    }
+                }
+                Err(err) if err.is_transient() => {
+                    // The same message again, after a backoff; its stream waits for it.
+                    job.attempt += 1;
+                    queues.entry(stream.clone()).or_default().push_front(job);
+                    ready.push_back(stream);
+                }
+                Err(err) => {
+                    if refused.is_none() {
+                        refused = Some((job, err));
+                    }
+                }
+            }
+            if last_commit.elapsed() >= Duration::from_millis(20) {
+                committed = self
+                    .commit_contiguous(&mut pending, &mut from, committed)
+                    .await?;
+                last_commit = std::time::Instant::now();
+                self.report(&pending, committed);
+                self.sample(committed).await;
+            }
+            if !keep_going() {
+                committed = self
+                    .commit_contiguous(&mut pending, &mut from, committed)
+                    .await?;
+                self.report(&pending, committed);
+                return Ok(committed);
+            }
         }
-        let oldest = batch.events.first().map(|e| e.recorded_at);
+    }
+
+    /// Moves the checkpoint past the acknowledged prefix of `pending`, if it grew.
+    async fn commit_contiguous(
+        &self,
+        pending: &mut Pending,
+        from: &mut Option<Checkpoint>,
+        committed: Position,
+    ) -> Result<Position, PublishError> {
+        let mut reached = committed;
+        while let Some((&position, &(true, _))) = pending.first_key_value() {
+            reached = position;
+            pending.pop_first();
+        }
+        if reached <= committed {
+            return Ok(committed);
+        }
+        let to = Checkpoint {
+            position: reached,
+            version: 1,
+            replay_until: None,
+        };
+        let tx = self
+            .checkpoints
+            .begin()
+            .await
+            .map_err(|source| self.checkpoint_error(source))?;
+        self.checkpoints
+            .commit(tx, CheckpointCommit::advance(&self.key, *from, to))
+            .await
+            .map_err(|source| self.checkpoint_error(source))?;
+        *from = Some(to);
+        Ok(reached)
+    }
+
+    /// The status after a commit: position, what is pending, how old its oldest event is.
+    fn report(&self, pending: &Pending, position: Position) {
+        let waiting = pending.values().filter(|(done, _)| !done).count();
+        let oldest = pending
+            .values()
+            .find_map(|(done, at)| if *done { None } else { *at });
         self.update(|s| {
-            s.position = after;
-            s.head = s.head.max(batch.scanned_to);
-            s.pending = batch.events.len();
+            s.position = position;
+            s.pending = waiting;
             s.lag = oldest.map(age);
         });
-        let messages: Vec<Vec<OutgoingMessage>> =
-            batch.events.iter().map(|e| self.messages(e)).collect();
-        let acked = self.send(&batch.events, &messages).await;
-        // The checkpoint moves to just before the first event not fully acknowledged.
-        let first_missing = acked.iter().position(|result| result.is_err());
-        let reached = match first_missing {
-            None => batch.scanned_to,
-            Some(0) => after,
-            Some(i) => batch.events[i - 1].global_position,
-        };
-        if reached > after {
-            let to = Checkpoint {
-                position: reached,
-                version: 1,
-                replay_until: None,
-            };
-            let tx = self
-                .checkpoints
-                .begin()
-                .await
-                .map_err(|source| self.checkpoint_error(source))?;
-            self.checkpoints
-                .commit(tx, CheckpointCommit::advance(&self.key, from, to))
-                .await
-                .map_err(|source| self.checkpoint_error(source))?;
-        }
-        let pending = first_missing.map_or(0, |i| batch.events.len() - i);
-        self.sample(reached).await;
-        self.update(|s| {
-            s.position = reached;
-            s.pending = pending;
-            if pending == 0 {
-                s.lag = None;
-                s.last_error = None;
-                s.broker_reachable = true;
+    }
+
+    /// Sends one event's messages, after a backoff when it is a retry.
+    fn send_job(&self, job: Job) -> JobFuture<'_> {
+        Box::pin(async move {
+            if job.attempt > 0 {
+                tokio::time::sleep(self.backoff.wait(job.attempt)).await;
             }
-        });
-        match first_missing.map(|i| (i, &acked[i])) {
-            Some((i, Err(error))) if !error.is_transient() => {
-                let event = &batch.events[i];
-                Err(PublishError::Refused {
-                    name: self.key.name().to_owned(),
-                    stream: event.stream_id.clone(),
-                    stream_version: event.stream_version,
-                    position: event.global_position,
-                    source: error.take(),
-                })
-            }
-            other => Ok(Step::Published {
-                position: reached,
-                complete: other.is_none(),
-            }),
-        }
+            let result = self.send_event(&job.messages).await;
+            (job, result)
+        })
     }
 
     /// The messages an event leaves as: none if the interest or the transform drops it.
@@ -544,62 +646,6 @@ where
                 }
             })
             .collect()
-    }
-
-    /// Sends the batch, one message per stream at a time; per event, whether all its messages
-    /// were acknowledged.
-    async fn send(
-        &self,
-        events: &[RecordedEvent],
-        messages: &[Vec<OutgoingMessage>],
-    ) -> Vec<Result<(), Failure>> {
-        let mut by_stream: HashMap<&StreamId, Vec<usize>> = HashMap::new();
-        let mut streams = Vec::new();
-        for (i, event) in events.iter().enumerate() {
-            if messages[i].is_empty() {
-                continue;
-            }
-            by_stream
-                .entry(&event.stream_id)
-                .or_insert_with(|| {
-                    streams.push(&event.stream_id);
-                    Vec::new()
-                })
-                .push(i);
-        }
-        let mut acked: Vec<Result<(), Failure>> = (0..events.len()).map(|_| Ok(())).collect();
-        // A `Vec` of futures, not a lazy `map`: the closure's higher-ranked signature would
-        // keep the spawned publisher's future from being `Send`.
-        let mut runs = Vec::with_capacity(streams.len());
-        for stream in streams {
-            let indexes = by_stream.remove(stream).unwrap_or_default();
-            runs.push(async move {
-                let mut results = Vec::with_capacity(indexes.len());
-                let mut failed = None;
-                for i in indexes {
-                    if failed.is_some() {
-                        // Never past a failure within a stream: order first.
-                        results.push((i, Err(Failure::Skipped)));
-                        continue;
-                    }
-                    match self.send_event(&messages[i]).await {
-                        Ok(()) => results.push((i, Ok(()))),
-                        Err(err) => {
-                            failed = Some(());
-                            results.push((i, Err(Failure::Sink(Arc::new(Mutex::new(Some(err)))))));
-                        }
-                    }
-                }
-                results
-            });
-        }
-        let mut runs = stream::iter(runs).buffer_unordered(self.streams_in_flight);
-        while let Some(results) = runs.next().await {
-            for (i, result) in results {
-                acked[i] = result;
-            }
-        }
-        acked
     }
 
     async fn send_event(&self, messages: &[OutgoingMessage]) -> Result<(), SinkError> {
@@ -693,44 +739,18 @@ fn age(recorded_at: DateTime<Utc>) -> Duration {
     (Utc::now() - recorded_at).to_std().unwrap_or_default()
 }
 
-/// What one step did.
-enum Step {
-    /// Nothing after the checkpoint is readable yet.
-    Idle { position: Position },
-    /// A batch was sent; `complete` unless a message failed.
-    Published { position: Position, complete: bool },
-}
+/// Events read and not yet checkpointed, in log order: position → (acknowledged, recorded at).
+type Pending = BTreeMap<Position, (bool, Option<DateTime<Utc>>)>;
 
-/// Why an event was not acknowledged.
-enum Failure {
-    /// An earlier message of its stream failed, so it was not sent.
-    Skipped,
-    /// Its message failed (kept once, to be reported).
-    Sink(Arc<Mutex<Option<SinkError>>>),
-}
+/// A job on its way to the broker, handing the job back with the outcome.
+type JobFuture<'a> = Pin<Box<dyn Future<Output = (Job, Result<(), SinkError>)> + Send + 'a>>;
 
-impl Failure {
-    fn is_transient(&self) -> bool {
-        match self {
-            Self::Skipped => true,
-            Self::Sink(error) => error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .is_none_or(SinkError::is_transient),
-        }
-    }
-
-    fn take(&self) -> SinkError {
-        let taken = match self {
-            Self::Skipped => None,
-            Self::Sink(error) => error.lock().unwrap_or_else(PoisonError::into_inner).take(),
-        };
-        taken.unwrap_or_else(|| SinkError::Unreachable {
-            message: "an earlier message of the stream failed".to_owned(),
-            source: None,
-        })
-    }
+/// One event's messages, waiting for (or on) the broker.
+struct Job {
+    stream: StreamId,
+    position: Position,
+    messages: Vec<OutgoingMessage>,
+    attempt: u32,
 }
 
 /// A publisher running on its own task. Dropping it asks the publisher to stop at the next
