@@ -7,7 +7,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use esframe_core::publish::{MessageSink, OutgoingMessage, Published, SinkError};
@@ -65,9 +65,22 @@ pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct AmqpSink {
     config: Arc<Config>,
-    link: Arc<Mutex<Option<Link>>>,
+    link: Arc<Mutex<LinkState>>,
     links: Arc<AtomicU64>,
 }
+
+/// The shared connection, or when the last attempt to make one failed.
+#[derive(Default)]
+struct LinkState {
+    link: Option<Link>,
+    /// When the last connection attempt failed, and how.
+    failed: Option<(Instant, String)>,
+}
+
+/// After a failed connection attempt, publishes fail at once with its error for this long
+/// instead of each making an attempt of its own: with many streams in flight against a broker
+/// that does not answer, attempts one after another would take streams × connect timeout.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -217,12 +230,17 @@ impl AmqpSink {
 
     /// Whether the sink holds a connection that is open.
     pub async fn is_connected(&self) -> bool {
-        self.link.lock().await.as_ref().is_some_and(Link::usable)
+        self.link
+            .lock()
+            .await
+            .link
+            .as_ref()
+            .is_some_and(Link::usable)
     }
 
     /// Closes the connection (the next publish opens a new one).
     pub async fn close(&self) {
-        let link = self.link.lock().await.take();
+        let link = self.link.lock().await.link.take();
         if let Some(mut link) = link
             && let Some(connection) = link.connection.take()
         {
@@ -239,18 +257,45 @@ impl AmqpSink {
     /// [`SinkError::Unreachable`], so that the publisher's status shows the loss; the next
     /// publish connects again.
     async fn channel(&self) -> Result<(Channel, u64), SinkError> {
-        let mut link = self.link.lock().await;
-        if let Some(open) = link.as_ref() {
+        let mut state = self.link.lock().await;
+        if let Some(open) = state.link.as_ref() {
             if open.usable() {
                 return Ok((open.channel.clone(), open.id));
             }
-            *link = None;
+            state.link = None;
             return Err(SinkError::Unreachable {
                 message: "the connection to the broker was lost; reconnecting on the next publish"
                     .to_owned(),
                 source: None,
             });
         }
+        if let Some((at, error)) = &state.failed
+            && at.elapsed() < RECONNECT_PAUSE
+        {
+            return Err(SinkError::Unreachable {
+                message: format!(
+                    "not connecting again yet: the attempt {} ms ago failed: {error}",
+                    at.elapsed().as_millis()
+                ),
+                source: None,
+            });
+        }
+        match self.open_link().await {
+            Ok(link) => {
+                let opened = (link.channel.clone(), link.id);
+                state.link = Some(link);
+                state.failed = None;
+                Ok(opened)
+            }
+            Err(err) => {
+                state.failed = Some((Instant::now(), err.to_string()));
+                Err(err)
+            }
+        }
+    }
+
+    /// A new connection and confirming channel.
+    async fn open_link(&self) -> Result<Link, SinkError> {
         let config = &self.config;
         let connection =
             connect_within(&config.uri, &config.connection_name, config.connect_timeout)
@@ -275,20 +320,19 @@ impl AmqpSink {
         };
         let id = self.links.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(exchange = %config.exchange, link = id, "AMQP sink connected");
-        *link = Some(Link {
+        Ok(Link {
             id,
-            channel: channel.clone(),
+            channel,
             connection: Some(connection),
-        });
-        Ok((channel, id))
+        })
     }
 
     /// Drops the link `id` if it is still the current one, so that the next publish connects
     /// again.
     async fn discard(&self, id: u64) {
-        let mut link = self.link.lock().await;
-        if link.as_ref().is_some_and(|l| l.id == id) {
-            *link = None;
+        let mut state = self.link.lock().await;
+        if state.link.as_ref().is_some_and(|l| l.id == id) {
+            state.link = None;
         }
     }
 

@@ -284,3 +284,53 @@ async fn unroutable_messages_and_missing_exchanges_are_refused_and_a_dead_broker
     sink.close().await;
     broker.finish(&[]).await;
 }
+
+/// A broker that accepts connections and never answers: the publishes of many streams waiting
+/// on it make one connection attempt between them, not one each after the other (which would
+/// take streams × the connect timeout), and the next attempt comes after a short pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_to_a_silent_broker_share_one_connection_attempt() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket); // open, and silent
+        }
+    });
+    let sink = AmqpSink::new(
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        "nowhere",
+    )
+    .connect_timeout(Duration::from_millis(300));
+    let message = message("esframe.account.Deposited");
+    let publishes: Vec<_> = (0..8)
+        .map(|_| {
+            let (sink, message) = (sink.clone(), message.clone());
+            tokio::spawn(async move { sink.publish(&message).await })
+        })
+        .collect();
+    for publish in publishes {
+        let failed = publish.await.unwrap();
+        assert!(
+            matches!(failed, Err(SinkError::Unreachable { .. })),
+            "{failed:?}"
+        );
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "eight publishes made one connection attempt"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let again = sink.publish(&message).await;
+    assert!(
+        matches!(again, Err(SinkError::Unreachable { .. })),
+        "{again:?}"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    silent.abort();
+}
