@@ -11,7 +11,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use esframe_core::{
     CommandContext, EventStore, ExpectedVersion, GlobalLog, NewEvent, Position, RecordedEvent,
     StreamId,
-    process::{Clock, InstanceStatus, ProcessError, ProcessManager, ProcessRunner, ProcessStore},
+    process::{
+        Clock, InstanceStatus, ProcessError, ProcessManager, ProcessRunner, ProcessRunnerBuilder,
+        ProcessStore,
+    },
 };
 use esframe_examples::orders::{
     OrderFulfilment, OrderServices, Stage,
@@ -24,6 +27,9 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Every aggregate the order flow sends commands to.
+const ALL: &[&str] = &["order", "inventory", "payment", "shipment"];
 
 /// What the payment provider answers for an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +56,29 @@ impl<E: EventStore + GlobalLog, S: ProcessStore> Shop<E, S> {
                 self.clock.clone(),
             )
             .expect("a valid runner")
+    }
+
+    /// A builder with the handlers of `aggregates` only (some of `ALL`), the shop's clock and
+    /// retries a few milliseconds apart.
+    fn builder(&self, aggregates: &[&str]) -> ProcessRunnerBuilder<OrderFulfilment, S> {
+        let mut builder =
+            ProcessRunner::builder(OrderFulfilment::default(), self.process_store.clone())
+                .clock(self.clock.clone())
+                .backoff(esframe_core::publish::Backoff {
+                    min: Duration::from_millis(1),
+                    max: Duration::from_millis(5),
+                });
+        let services = &self.services;
+        for aggregate in aggregates {
+            builder = match *aggregate {
+                "order" => builder.handler(services.orders.clone()),
+                "inventory" => builder.handler(services.inventory.clone()),
+                "payment" => builder.handler(services.payments.clone()),
+                "shipment" => builder.handler(services.shipments.clone()),
+                other => panic!("no aggregate {other}"),
+            };
+        }
+        builder
     }
 
     async fn restock(&self, sku: &str, quantity: u32) {
@@ -362,19 +391,7 @@ fn poison_sku() -> String {
 
 async fn quarantine<E: EventStore + GlobalLog, S: ProcessStore>(shop: Shop<E, S>) {
     shop.restock("pen", 1_000).await;
-    let runner = ProcessRunner::builder(OrderFulfilment::default(), shop.process_store.clone())
-        .handler(shop.services.orders.clone())
-        .handler(shop.services.inventory.clone())
-        .handler(shop.services.payments.clone())
-        .handler(shop.services.shipments.clone())
-        .clock(shop.clock.clone())
-        .max_attempts(3)
-        .backoff(esframe_core::publish::Backoff {
-            min: Duration::from_millis(1),
-            max: Duration::from_millis(5),
-        })
-        .build()
-        .unwrap();
+    let runner = shop.builder(ALL).max_attempts(3).build().unwrap();
     let running = runner.spawn();
     let gateway = shop.gateway(|_| Answer::Capture);
     shop.services
@@ -458,15 +475,9 @@ async fn a_poison_instance_is_quarantined_while_100_others_complete_on_postgres(
 async fn a_quarantined_instance_retried_after_a_fix_completes() {
     let shop = memory_shop();
     shop.restock("pen", 10).await;
-    let broken = ProcessRunner::builder(OrderFulfilment::default(), shop.process_store.clone())
-        .handler(shop.services.orders.clone())
-        .handler(shop.services.inventory.clone())
-        .clock(shop.clock.clone())
+    let broken = shop
+        .builder(&["order", "inventory"])
         .max_attempts(2)
-        .backoff(esframe_core::publish::Backoff {
-            min: Duration::from_millis(1),
-            max: Duration::from_millis(2),
-        })
         .build()
         .unwrap();
     shop.services.place("o1", "pen", 2, 100).await.unwrap();
@@ -843,12 +854,7 @@ async fn a_standby_runner_takes_over_and_each_due_timer_fires_once_on_postgres()
     let shop = pg_shop("pm_standby").await;
     shop.restock("pen", 1_000).await;
     let build = || {
-        ProcessRunner::builder(OrderFulfilment::default(), shop.process_store.clone())
-            .handler(shop.services.orders.clone())
-            .handler(shop.services.inventory.clone())
-            .handler(shop.services.payments.clone())
-            .handler(shop.services.shipments.clone())
-            .clock(shop.clock.clone())
+        shop.builder(ALL)
             .standby_poll(Duration::from_millis(50))
             .batch_size(16)
             .build()
@@ -1037,18 +1043,11 @@ async fn an_instance_quarantined_by_its_timer_is_retried_and_the_timer_fires() {
         full.instance("o1").await.unwrap().unwrap().state.stage,
         Stage::Paying
     );
-    let without_payments =
-        ProcessRunner::builder(OrderFulfilment::default(), shop.process_store.clone())
-            .handler(shop.services.orders.clone())
-            .handler(shop.services.inventory.clone())
-            .clock(shop.clock.clone())
-            .max_attempts(2)
-            .backoff(esframe_core::publish::Backoff {
-                min: Duration::from_millis(1),
-                max: Duration::from_millis(2),
-            })
-            .build()
-            .unwrap();
+    let without_payments = shop
+        .builder(&["order", "inventory"])
+        .max_attempts(2)
+        .build()
+        .unwrap();
     shop.clock.advance(Duration::from_secs(31));
     without_payments.run_until_idle().await.unwrap();
     let quarantined = without_payments.quarantined().await.unwrap();
@@ -1085,11 +1084,8 @@ async fn a_new_process_manager_can_start_after_the_history() {
     let shop = memory_shop();
     shop.restock("pen", 10).await;
     shop.services.place("old", "pen", 1, 100).await.unwrap();
-    let runner = ProcessRunner::builder(OrderFulfilment::default(), shop.process_store.clone())
-        .handler(shop.services.orders.clone())
-        .handler(shop.services.inventory.clone())
-        .handler(shop.services.payments.clone())
-        .clock(shop.clock.clone())
+    let runner = shop
+        .builder(&["order", "inventory", "payment"])
         .start_from_now()
         .build()
         .unwrap();
