@@ -268,8 +268,26 @@ impl PgProcessStore {
     }
 }
 
+/// A database failure: unavailable (retry) when the connection or the server failed or the
+/// transaction lost a race; refused when the server answered that it will not store what was
+/// written (a value it cannot hold, a constraint), which retrying cannot mend.
 fn db_error(err: sqlx::Error) -> ProcessStoreError {
-    ProcessStoreError::Store(StoreError::unavailable(None, err))
+    let refused = match &err {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            !["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                && code.as_ref() != "55P03"
+        }),
+        _ => false,
+    };
+    if refused && !crate::error::connection_lost(&err) {
+        ProcessStoreError::Refused {
+            message: err.to_string(),
+        }
+    } else {
+        ProcessStoreError::Store(StoreError::unavailable(None, err))
+    }
 }
 
 fn position(raw: i64) -> Position {

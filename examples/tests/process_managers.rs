@@ -1097,3 +1097,90 @@ async fn a_new_process_manager_can_start_after_the_history() {
     assert_eq!(new.state.stage, Stage::Paying);
     assert_eq!(types_of(&shop.store, "payment", "old").await.len(), 0);
 }
+
+/// Keeps each order's product in its state; the state of the product `poison` holds a NUL
+/// character, which PostgreSQL's `jsonb` cannot store.
+struct Products;
+
+impl ProcessManager for Products {
+    const NAME: &'static str = "products";
+    type Events = esframe_examples::orders::domain::OrderEvent;
+    type State = String;
+    type Timer = ();
+
+    fn route(
+        &self,
+        event: &esframe_core::projection::ProjectedEvent<'_, Self::Events>,
+    ) -> esframe_core::process::Route {
+        use esframe_examples::orders::domain::OrderEvent as O;
+        match event.event {
+            O::OrderPlaced { .. } => esframe_core::process::Route::start(event.aggregate_id()),
+            O::OrderConfirmed | O::OrderCancelled { .. } => esframe_core::process::Route::Skip,
+        }
+    }
+
+    fn evolve(
+        &self,
+        state: &mut String,
+        event: &esframe_core::projection::ProjectedEvent<'_, Self::Events>,
+    ) {
+        if let esframe_examples::orders::domain::OrderEvent::OrderPlaced { sku, .. } = &event.event
+        {
+            *state = if sku == "poison" {
+                "\0".to_owned()
+            } else {
+                sku.clone()
+            };
+        }
+    }
+
+    fn react(
+        &self,
+        _: &String,
+        _: esframe_core::process::Input<'_, Self>,
+        effects: &mut esframe_core::process::Effects<Self>,
+    ) -> Result<(), esframe_core::process::ReactError> {
+        effects.complete();
+        Ok(())
+    }
+}
+
+/// A batch whose write PostgreSQL refuses (one instance's state it cannot store) is narrowed
+/// down to that instance, which is quarantined; the others in the same batch complete, and the
+/// runner goes on.
+#[tokio::test]
+async fn an_instance_whose_state_the_database_refuses_is_quarantined_alone_on_postgres() {
+    let shop = pg_shop("pm_refused").await;
+    for n in 0..20 {
+        let sku = if n == 7 { "poison" } else { "pen" };
+        shop.services
+            .place(&format!("o{n}"), sku, 1, 100)
+            .await
+            .unwrap();
+    }
+    let runner = ProcessRunner::builder(Products, shop.process_store.clone())
+        .clock(shop.clock.clone())
+        .max_attempts(2)
+        .backoff(esframe_core::publish::Backoff {
+            min: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+        })
+        .build()
+        .unwrap();
+    runner.run_until_idle().await.expect("the runner goes on");
+    let quarantined = runner.quarantined().await.unwrap();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(quarantined[0].id, "o7");
+    let error = quarantined[0].error.clone().unwrap_or_default();
+    assert!(error.contains("refused"), "{error}");
+    for n in (0..20).filter(|n| *n != 7) {
+        let instance = runner.instance(&format!("o{n}")).await.unwrap().unwrap();
+        assert_eq!(instance.record.status, InstanceStatus::Completed, "o{n}");
+        assert_eq!(instance.state, "pen");
+    }
+    let status = runner.status();
+    // o7 is stored too, quarantined at its first event; the batch decided again after the
+    // narrowing skipped the instances already written as repeats, not as late events.
+    assert_eq!(status.counts.started, 20, "{status:?}");
+    assert_eq!(status.counts.ignored, 0, "{status:?}");
+}

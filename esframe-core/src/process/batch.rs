@@ -31,6 +31,16 @@ pub(crate) enum Pending<'a, E> {
     Timer(TimerRecord),
 }
 
+impl<E> Pending<'_, E> {
+    /// The instance the input goes to, if any.
+    pub(crate) fn instance(&self) -> Option<&str> {
+        match self {
+            Pending::Event { route, .. } => route.instance(),
+            Pending::Timer(t) => Some(&t.instance),
+        }
+    }
+}
+
 /// Why a batch could not be decided.
 #[derive(Debug)]
 pub(crate) enum BatchError {
@@ -39,6 +49,9 @@ pub(crate) enum BatchError {
     Instance { id: String, error: String },
     /// The store failed in a way that may pass: retry the whole batch.
     Transient(String),
+    /// The store refused the batch's write and will again; which instance's writes it refuses
+    /// is not known yet.
+    Refused(String),
 }
 
 /// What deciding a batch produced.
@@ -120,6 +133,8 @@ pub(crate) struct BatchContext<'a, P, S> {
     pub(crate) quarantine: &'a HashMap<String, String>,
     /// An instance to bring back from quarantine first (an operator's retry).
     pub(crate) reactivate: Option<&'a str>,
+    /// Decide only this instance's inputs (finding the one whose writes the store refuses).
+    pub(crate) only: Option<&'a str>,
 }
 
 impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
@@ -131,10 +146,8 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
     ) -> Result<Decision, BatchError> {
         let mut ids: Vec<String> = pending
             .iter()
-            .filter_map(|p| match p {
-                Pending::Event { route, .. } => route.instance().map(str::to_owned),
-                Pending::Timer(t) => Some(t.instance.clone()),
-            })
+            .filter_map(|p| p.instance().map(str::to_owned))
+            .filter(|id| self.only.is_none_or(|only| only == id))
             .collect();
         // An instance brought back from quarantine is loaded even with nothing held (one
         // quarantined by a failing timer holds no events).
@@ -176,6 +189,11 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
         let mut decision = Decision::default();
         let mut staging = Staging::default();
         for input in pending {
+            if let Some(only) = self.only
+                && input.instance() != Some(only)
+            {
+                continue;
+            }
             match input {
                 Pending::Event { event, route } => {
                     self.event(event, route, &mut working, &mut staging, &mut decision)
@@ -317,6 +335,9 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
             decision.counts.started += 1;
         }
         let w = working.get_mut(id).expect("inserted above");
+        if position <= w.record.last_position {
+            return Ok(()); // handled before: a repeat after an at-least-once restart
+        }
         if w.record.status.is_ended() {
             w.record.ignored += 1;
             w.dirty = true;
@@ -330,9 +351,6 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
                 decision.counts.held += 1;
             }
             return Ok(());
-        }
-        if position <= w.record.last_position {
-            return Ok(()); // handled before: a repeat after an at-least-once restart
         }
         if let Some(error) = self.quarantine.get(id) {
             quarantine(w, error, Some(position));

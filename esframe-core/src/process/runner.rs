@@ -554,12 +554,16 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             let mut commit = CheckpointCommit::advance(key, from, to);
             commit.park = park;
             match self
-                .attempt(&pending, &retries.quarantine, None, commit)
+                .attempt(&pending, &retries.quarantine, None, None, commit)
                 .await
             {
                 Ok(counts) => {
                     self.record(&counts, upto);
                     return Ok(Step::Progressed);
+                }
+                Err(BatchError::Refused(message)) => {
+                    let failure = self.refused(&pending, &retries.quarantine, message).await;
+                    retries.failed(self, failure).await?;
                 }
                 Err(failure) => retries.failed(self, failure).await?,
             }
@@ -612,7 +616,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 due.into_iter().map(Pending::Timer).collect();
             let commit = CheckpointCommit::nothing(&self.inner.key);
             match self
-                .attempt(&pending, &retries.quarantine, None, commit)
+                .attempt(&pending, &retries.quarantine, None, None, commit)
                 .await
             {
                 Ok(counts) => {
@@ -620,9 +624,58 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                     self.record(&counts, position);
                     return Ok(Step::Progressed);
                 }
+                Err(BatchError::Refused(message)) => {
+                    let failure = self.refused(&pending, &retries.quarantine, message).await;
+                    retries.failed(self, failure).await?;
+                }
                 Err(failure) => retries.failed(self, failure).await?,
             }
         }
+    }
+
+    /// Finds the instance whose writes the store refuses: the only one in `pending`, or the
+    /// first whose inputs, decided and written alone (checkpoint unmoved), are refused again.
+    /// The instances written on the way keep their writes: the batch, decided again, skips
+    /// their inputs as repeats. Without a culprit (the store refused them all alone, or
+    /// failed otherwise) the refusal is treated as transient.
+    async fn refused(
+        &self,
+        pending: &[Pending<'_, P::Events>],
+        quarantine: &HashMap<String, String>,
+        message: String,
+    ) -> BatchError {
+        let mut ids: Vec<&str> = Vec::new();
+        for id in pending.iter().filter_map(Pending::instance) {
+            if !ids.contains(&id) && !quarantine.contains_key(id) {
+                ids.push(id);
+            }
+        }
+        if let [id] = ids[..] {
+            return BatchError::Instance {
+                id: id.to_owned(),
+                error: message,
+            };
+        }
+        for id in ids {
+            let commit = CheckpointCommit::nothing(&self.inner.key);
+            match self
+                .attempt(pending, quarantine, None, Some(id), commit)
+                .await
+            {
+                Ok(counts) => {
+                    let position = self.inner.status.borrow().position;
+                    self.record(&counts, position);
+                }
+                Err(BatchError::Refused(error)) => {
+                    return BatchError::Instance {
+                        id: id.to_owned(),
+                        error,
+                    };
+                }
+                Err(_) => break,
+            }
+        }
+        BatchError::Transient(message)
     }
 
     /// Decides `pending` in a new transaction and commits it with `commit`.
@@ -631,6 +684,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         pending: &[Pending<'_, P::Events>],
         quarantine: &HashMap<String, String>,
         reactivate: Option<&str>,
+        only: Option<&str>,
         commit: CheckpointCommit,
     ) -> Result<Counts, BatchError> {
         let store = &self.inner.store;
@@ -647,6 +701,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             now: self.inner.config.clock.now(),
             quarantine,
             reactivate,
+            only,
         };
         let decision = match context.decide(&mut tx, pending).await {
             Ok(decision) => decision,
@@ -660,9 +715,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             return Err(if err.is_transient() {
                 transient(err.to_string())
             } else {
-                // Refused input the checks before did not catch: no instance can be named,
-                // and retrying will not help; it surfaces as a stuck batch.
-                transient(format!("the store refused the batch: {err}"))
+                BatchError::Refused(err.to_string())
             });
         }
         checkpoints
@@ -778,13 +831,15 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         let commit = CheckpointCommit::nothing(&self.inner.key);
         let none = HashMap::new();
         let counts = self
-            .attempt(&pending, &none, Some(id), commit)
+            .attempt(&pending, &none, Some(id), None, commit)
             .await
             .map_err(|err| ProcessError::RetryFailed {
                 process: P::NAME,
                 id: id.to_owned(),
                 error: match err {
-                    BatchError::Instance { error, .. } | BatchError::Transient(error) => error,
+                    BatchError::Instance { error, .. }
+                    | BatchError::Transient(error)
+                    | BatchError::Refused(error) => error,
                 },
             })?;
         let position = self.inner.status.borrow().position;
@@ -961,7 +1016,7 @@ impl Retries {
                     tokio::time::sleep(config.backoff.wait(*tried)).await;
                 }
             }
-            BatchError::Transient(message) => {
+            BatchError::Transient(message) | BatchError::Refused(message) => {
                 self.transient += 1;
                 runner.retried(&message);
                 if self.transient >= config.max_transient {

@@ -29,6 +29,14 @@ pub enum ProcessStoreError {
     /// The event store failed (a conflict on a stream: nothing was written).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The store refused what was written, and will refuse it again (a value it cannot hold,
+    /// say): nothing was written. The runner finds the instance whose writes it refuses and
+    /// quarantines it.
+    #[error("the store refused the write: {message}")]
+    Refused {
+        /// The store's reason.
+        message: String,
+    },
     /// The checkpoint store failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -41,6 +49,7 @@ impl ProcessStoreError {
         use crate::StoreErrorKind::{Conflict, OutcomeUnknown, Unavailable};
         match self {
             Self::Moved { .. } => true,
+            Self::Refused { .. } => false,
             Self::Store(e) => matches!(e.kind(), Conflict | Unavailable | OutcomeUnknown),
             Self::Checkpoint(e) => e.is_transient() || matches!(e, CheckpointError::Moved { .. }),
         }
