@@ -275,7 +275,38 @@ async fn scenarios<E: EventStore + GlobalLog, S: ProcessStore>(shop: Shop<E, S>)
         BTreeMap::from([("order-1-t".to_owned(), 2)])
     );
     // Correlation and causation flowed: every event of order 1's flow carries its id, and
-    // each was caused by the one before it (a chain of six).
+    // each was caused by the one before it (a chain of seven, the customer notice last).
+    let flow = runner
+        .instance("order-1-t")
+        .await
+        .unwrap()
+        .unwrap()
+        .record
+        .correlation_id;
+    let trace = runner.trace(flow).await.unwrap();
+    let types: Vec<&str> = trace.iter().map(|e| e.event_type.as_ref()).collect();
+    assert_eq!(
+        types,
+        [
+            "OrderPlaced",
+            "StockReserved",
+            "PaymentRequested",
+            "PaymentCaptured",
+            "ShipmentPrepared",
+            "OrderConfirmed",
+            "OrderOnItsWay"
+        ]
+    );
+    for pair in trace.windows(2) {
+        assert_eq!(pair[1].metadata.correlation_id, Some(flow));
+        assert_eq!(
+            pair[1].metadata.causation_id,
+            Some(pair[0].event_id),
+            "{} was caused by {}",
+            pair[1].event_type,
+            pair[0].event_type
+        );
+    }
     assert!(
         report.contains("└─ OrderConfirmed [order/order-1-t v2]"),
         "{report}"
