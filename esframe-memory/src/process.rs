@@ -117,9 +117,7 @@ impl ProcessStore for MemoryProcessStore {
         if !write.appends.is_empty() {
             self.store.append_streams(write.appends)?;
         }
-        let mut process_of = BTreeMap::new();
         for (record, _) in write.instances {
-            process_of.insert(record.id.clone(), record.process.clone());
             data.instances
                 .insert((record.process.clone(), record.id.clone()), record);
         }
@@ -127,12 +125,13 @@ impl ProcessStore for MemoryProcessStore {
             data.timers
                 .remove(&(timer.process, timer.instance, timer.name));
         }
+        let process = write.process;
         for instance in write.cancel_all {
-            data.timers.retain(|(_, i, _), _| *i != instance);
+            data.timers
+                .retain(|(p, i, _), _| !(*p == process && *i == instance));
         }
         for (instance, name) in write.cancel {
-            data.timers
-                .retain(|(_, i, n), _| !(*i == instance && *n == name));
+            data.timers.remove(&(process.clone(), instance, name));
         }
         for timer in write.schedule {
             data.timers.insert(

@@ -438,30 +438,22 @@ impl ProcessStore for PgProcessStore {
                 });
             }
         }
-        let process = write
-            .instances
-            .first()
-            .map(|(r, _)| r.process.clone())
-            .or_else(|| write.fired.first().map(|t| t.process.clone()))
-            .or_else(|| write.schedule.first().map(|t| t.process.clone()));
-        if let Some(process) = &process {
-            if !write.cancel_all.is_empty() {
-                sqlx::query(AssertSqlSafe(self.sql.cancel_all.as_str()))
-                    .bind(process)
-                    .bind(&write.cancel_all)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-            }
-            for (instance, name) in &write.cancel {
-                sqlx::query(AssertSqlSafe(self.sql.cancel.as_str()))
-                    .bind(process)
-                    .bind(instance)
-                    .bind(name)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-            }
+        if !write.cancel_all.is_empty() {
+            sqlx::query(AssertSqlSafe(self.sql.cancel_all.as_str()))
+                .bind(&write.process)
+                .bind(&write.cancel_all)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
+        }
+        for (instance, name) in &write.cancel {
+            sqlx::query(AssertSqlSafe(self.sql.cancel.as_str()))
+                .bind(&write.process)
+                .bind(instance)
+                .bind(name)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
         }
         for t in &write.schedule {
             sqlx::query(AssertSqlSafe(self.sql.schedule.as_str()))

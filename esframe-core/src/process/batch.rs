@@ -187,6 +187,7 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
         }
 
         let mut decision = Decision::default();
+        decision.write.process = P::NAME.to_owned();
         let mut staging = Staging::default();
         for input in pending {
             if let Some(only) = self.only
@@ -260,7 +261,7 @@ impl<P: ProcessManager, S: ProcessStore> BatchContext<'_, P, S> {
 
     /// The state of a stored instance: deserialized, or rebuilt from its events if it was
     /// stored by another [`ProcessManager::STATE_VERSION`].
-    async fn state_of(&self, record: &InstanceRecord) -> Result<P::State, BatchError> {
+    pub(crate) async fn state_of(&self, record: &InstanceRecord) -> Result<P::State, BatchError> {
         let fail = |error: String| BatchError::Instance {
             id: record.id.clone(),
             error,

@@ -102,6 +102,8 @@ pub struct TimerRecord {
 /// store allows.
 #[derive(Debug, Default)]
 pub struct ProcessWrite {
+    /// The process manager whose instances and timers it writes.
+    pub process: String,
     /// The commands' events, one batch per stream, each expecting the version its command was
     /// decided on. Stored first, in one statement.
     pub appends: Vec<AppendBatch>,
@@ -111,9 +113,10 @@ pub struct ProcessWrite {
     pub instances: Vec<(InstanceRecord, Option<u64>)>,
     /// Timers to schedule (replacing one of the same instance and name).
     pub schedule: Vec<TimerRecord>,
-    /// Timers to cancel: `(instance, name)`.
+    /// Timers to cancel: `(instance, name)`, of [`process`](Self::process).
     pub cancel: Vec<(String, String)>,
-    /// Every timer of these instances is cancelled (they completed).
+    /// Every timer of these instances of [`process`](Self::process) is cancelled (they
+    /// completed).
     pub cancel_all: Vec<String>,
     /// Timers that fired: each must still be stored with this id, else the write fails as
     /// `Moved` (another runner took it).

@@ -89,6 +89,16 @@ pub enum ProcessError {
         /// The process manager.
         process: &'static str,
     },
+    /// The instance's stored state cannot be read (nor rebuilt from its events).
+    #[error("instance `{id}` of process manager `{process}`: {error}")]
+    UnreadableState {
+        /// The process manager.
+        process: &'static str,
+        /// The instance.
+        id: String,
+        /// Why.
+        error: String,
+    },
     /// A wait ran out of time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -771,11 +781,27 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         let Some(record) = record else {
             return Ok(None);
         };
-        let state = if record.state_version == P::STATE_VERSION {
-            serde_json::from_value(record.state.clone()).unwrap_or_default()
-        } else {
-            P::State::default()
+        // The batch's own reading: deserialized, or rebuilt from the instance's events when
+        // it was stored by another state version.
+        let none = HashMap::new();
+        let context = BatchContext {
+            process: &self.inner.process,
+            store: &self.inner.store,
+            handlers: &self.inner.handlers,
+            now: self.inner.config.clock.now(),
+            quarantine: &none,
+            reactivate: None,
+            only: None,
         };
+        let state = context.state_of(&record).await.map_err(|err| match err {
+            BatchError::Instance { error, .. }
+            | BatchError::Transient(error)
+            | BatchError::Refused(error) => ProcessError::UnreadableState {
+                process: P::NAME,
+                id: id.to_owned(),
+                error,
+            },
+        })?;
         Ok(Some(Instance { record, state }))
     }
 
@@ -865,6 +891,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         record.held.clear();
         record.updated_at = self.inner.config.clock.now();
         let write = super::ProcessWrite {
+            process: P::NAME.to_owned(),
             instances: vec![(record, Some(previous))],
             cancel_all: vec![id.to_owned()],
             ..Default::default()
