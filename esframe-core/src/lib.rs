@@ -103,8 +103,9 @@ pub use payload::{Payload, PayloadError};
 pub use policy::{CachePolicy, ConcurrencyMode, RetryPolicy, SnapshotPolicy};
 pub use position::Position;
 pub use store::{
-    AppendBatch, AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, GlobalLog, LoadedEvent,
-    LoadedStream, Snapshot, SnapshotStore, resolve_stored_ids,
+    AppendBatch, AppendOutcome, EventStore, ExpectedVersion, GlobalBatch, GlobalLog,
+    InvalidPartition, LoadedEvent, LoadedStream, LogPartition, MAX_PARTITIONS, PARTITION_BUCKETS,
+    Snapshot, SnapshotStore, resolve_stored_ids, stream_bucket,
 };
 pub use stream_id::{InvalidStreamId, MAX_STREAM_ID_LEN, StreamId, StreamIdPart};
 pub use subscription::{DEFAULT_BATCH_SIZE, Subscription};

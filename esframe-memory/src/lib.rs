@@ -32,7 +32,7 @@ mod checkpoints;
 mod process;
 mod store;
 
-pub use checkpoints::{MemoryCheckpoints, MemoryLease};
+pub use checkpoints::{DEFAULT_MEMORY_LEASE_TIME, MemoryCheckpoints, MemoryLease};
 pub use process::MemoryProcessStore;
 pub use store::MemoryStore;
 

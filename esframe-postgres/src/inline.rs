@@ -104,9 +104,11 @@ impl<P: Projection<PgTransaction>> InlineProjection for Registered<P> {
     }
 }
 
-/// The advisory-lock key of a projection partition's lease, shared by runners (exclusive, for
-/// the session) and inline appends (shared, for the transaction), so that a rebuild of an
-/// inline projection and appends that update it never interleave.
+/// The advisory-lock key of a projection partition's lease, taken exclusively by a runner's
+/// transaction that takes the lease and shared by inline appends' transactions (both
+/// transaction-scoped), so that a rebuild of an inline projection and appends that update it
+/// never interleave: PostgreSQL queues the lock fairly, and the appends also read the lease
+/// row, so they wait while it is held.
 pub(crate) fn lease_key(schema: &SchemaName, key: &ProjectionKey) -> String {
     format!(
         "esframe.projection.{schema}.{}.{}",
@@ -128,6 +130,11 @@ pub(crate) async fn register(
             .bind(projection.name())
             .bind(i32::from(projection.key().partition()))
             .bind(i32::try_from(projection.version()).unwrap_or(i32::MAX))
+            .execute(pool)
+            .await?;
+        sqlx::query(AssertSqlSafe(Arc::clone(&sql.register_inline_lease)))
+            .bind(projection.name())
+            .bind(i32::from(projection.key().partition()))
             .execute(pool)
             .await?;
     }

@@ -56,7 +56,7 @@ mod store;
 mod transaction;
 
 pub use builder::PgEventStoreBuilder;
-pub use checkpoints::{PgCheckpoints, PgLease, PgTransaction};
+pub use checkpoints::{DEFAULT_LEASE_TIME, PgCheckpoints, PgLease, PgTransaction};
 pub use error::PgStoreError;
 pub use horizon::{HorizonHolder, HorizonStatus};
 pub use inbox::{InboxDeadLetter, InboxError, InboxHandler, InboxOutcome, PgInbox};

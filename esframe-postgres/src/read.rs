@@ -6,7 +6,8 @@
 use std::{sync::Arc, time::Duration};
 
 use esframe_core::{
-    LoadedEvent, LoadedStream, Position, RecordedEvent, Snapshot, StoreError, StreamId,
+    GlobalBatch, LoadedEvent, LoadedStream, LogPartition, Position, RecordedEvent, Snapshot,
+    StoreError, StreamId,
 };
 use futures_util::TryStreamExt;
 use sqlx::{AssertSqlSafe, Row};
@@ -157,6 +158,94 @@ impl PgEventStore {
             .await
         })
         .map_err(|failure| failure.unavailable(None))
+    }
+
+    /// One partition's events: the statement of `sql::read_partition` in a transaction of its
+    /// own that turns bitmap scans off (`SET LOCAL`, so nothing outlives it, through a pooler
+    /// too). PostgreSQL's planner otherwise reads every row of each bucket after `after` and
+    /// sorts them (it cannot tell how few the merge will take), which makes a catch-up
+    /// quadratic; with ordered index scans merged, a read touches the rows it returns and one
+    /// more per bucket.
+    pub(crate) async fn load_partition_rows(
+        &self,
+        after: Position,
+        limit: usize,
+        partition: LogPartition,
+    ) -> Result<GlobalBatch, StoreError> {
+        let buckets: Vec<i16> = partition
+            .buckets()
+            .map(|b| i16::try_from(b).unwrap_or(i16::MAX))
+            .collect();
+        let sql = self.inner.sql.read_partition(buckets.len());
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let read = async {
+            let mut tx = crate::transaction::begin(&self.inner.pool).await?;
+            sqlx::query("SET LOCAL enable_bitmapscan = off")
+                .execute(&mut *tx)
+                .await?;
+            let mut query = sqlx::query(AssertSqlSafe(Arc::clone(&sql)))
+                .bind(to_i64(after.get()))
+                .bind(limit);
+            for bucket in &buckets {
+                query = query.bind(*bucket);
+            }
+            let mut events = Vec::new();
+            let mut horizon: Option<i64> = None;
+            {
+                let mut rows = query.fetch(&mut *tx);
+                let mut decode = rows::EventRows::new();
+                while let Some(row) = rows.try_next().await? {
+                    horizon = Some(row.try_get_unchecked(rows::PARTITION_HORIZON_COLUMN)?);
+                    if row.try_get_unchecked::<Option<i64>, _>(0)?.is_some() {
+                        events.push(decode.event(&row)?);
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, Failure>((events, horizon))
+        };
+        let (events, horizon) = read
+            .instrument(tracing::debug_span!("esframe.read_partition", partition = %partition, after = after.get()))
+            .await
+            .map_err(|failure| failure.unavailable(None))?;
+        // All of the partition below the horizon was read unless the limit cut it.
+        let last = events.last().map(|e: &RecordedEvent| e.global_position);
+        let scanned_to = if events.len() as i64 >= limit {
+            last.unwrap_or(after)
+        } else {
+            let below_horizon = horizon
+                .and_then(|h| u64::try_from(h).ok())
+                .map_or(after, |h| Position::new(h.saturating_sub(1)));
+            below_horizon.max(last.unwrap_or(after)).max(after)
+        };
+        Ok(GlobalBatch { events, scanned_to })
+    }
+
+    pub(crate) async fn count_partition_after(
+        &self,
+        after: Position,
+        partition: LogPartition,
+    ) -> Result<u64, StoreError> {
+        let buckets: Vec<i16> = partition
+            .buckets()
+            .map(|b| i16::try_from(b).unwrap_or(i16::MAX))
+            .collect();
+        let count: i64 = on_connection!(self, |conn| {
+            async {
+                Ok::<_, Failure>(
+                    sqlx::query_scalar(AssertSqlSafe(Arc::clone(
+                        &self.inner.sql.count_partition_after,
+                    )))
+                    .bind(to_i64(after.get()))
+                    .bind(&buckets)
+                    .fetch_one(&mut *conn)
+                    .await?,
+                )
+            }
+            .await
+        })
+        .map_err(|failure| failure.unavailable(None))?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     pub(crate) async fn read_head(&self) -> Result<Position, StoreError> {

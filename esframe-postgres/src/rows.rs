@@ -35,6 +35,9 @@ mod col {
     pub(super) const RECORDED_AT: usize = 11;
 }
 
+/// The column of a partition read that holds the horizon, after `EVENT_COLUMNS`.
+pub(crate) const PARTITION_HORIZON_COLUMN: usize = 12;
+
 /// Decodes the event rows of one read. A read of one stream takes its id from the query;
 /// otherwise the last stream id is kept, so that a run of rows of one stream (an append's
 /// events) validates and allocates it once.

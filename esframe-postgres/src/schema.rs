@@ -97,10 +97,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "process_managers",
         sql: include_str!("../migrations/0006_process_managers.sql"),
     },
+    Migration {
+        version: 7,
+        name: "partitioned_projections",
+        sql: include_str!("../migrations/0007_partitioned_projections.sql"),
+    },
 ];
 
 /// The newest migration version this release knows.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// Creates the schema and applies pending migrations.
 ///

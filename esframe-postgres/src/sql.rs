@@ -56,10 +56,17 @@ pub(crate) struct Queries {
     pub(crate) inline_recheck: Arc<str>,
     /// Records an inline projection's version in its checkpoint row if it has none.
     pub(crate) register_inline: Arc<str>,
+    /// Creates an inline projection's lease row (free), which appends lock `FOR SHARE`.
+    pub(crate) register_inline_lease: Arc<str>,
     pub(crate) head: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) delete_snapshot: Arc<str>,
+    /// Counts one partition's events after `$1`: `$2` its buckets.
+    pub(crate) count_partition_after: Arc<str>,
+    /// The reads of one partition, by its number of buckets ([`read_partition_sql`]).
+    partition_reads: std::sync::Mutex<std::collections::HashMap<usize, Arc<str>>>,
+    schema: String,
 }
 
 impl Queries {
@@ -159,12 +166,25 @@ impl Queries {
             )
             .into(),
             head: format!("SELECT max(global_position) FROM {s}.events").into(),
+            // The lease row is read `FOR SHARE`, which sees its latest committed version (not
+            // the statement's snapshot) and holds a takeover back until the append ends; the
+            // row exists from the projection's registration on.
             inline_guard: format!(
-                "SELECT pg_try_advisory_xact_lock_shared(hashtextextended($1, 0)) AS free,
+                "SELECT pg_try_advisory_xact_lock_shared(hashtextextended($1, 0))
+                            AND NOT coalesce((SELECT l.holder IS NOT NULL AND l.expires_at > now()
+                                              FROM {s}.projection_leases l
+                                              WHERE l.projection = $2 AND l.partition = $3
+                                              FOR SHARE), false) AS free,
                         cp.replay_until IS NOT NULL AS unfinished, cp.version
                  FROM (SELECT 1) one
                  LEFT JOIN {s}.projection_checkpoints cp
                         ON cp.projection = $2 AND cp.partition = $3"
+            )
+            .into(),
+            register_inline_lease: format!(
+                "INSERT INTO {s}.projection_leases (projection, partition, holder, token, expires_at)
+                 VALUES ($1, $2, NULL, 0, now())
+                 ON CONFLICT (projection, partition) DO NOTHING"
             )
             .into(),
             inline_recheck: format!(
@@ -200,8 +220,58 @@ impl Queries {
                  WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3"
             )
             .into(),
+            count_partition_after: format!(
+                "SELECT count(*) FROM {s}.events
+                 WHERE stream_bucket = ANY($2::int2[]) AND global_position > $1"
+            )
+            .into(),
+            partition_reads: std::sync::Mutex::default(),
+            schema: s,
         }
     }
+
+    /// The read of a partition of `buckets` buckets ([`read_partition_sql`]), built once.
+    pub(crate) fn read_partition(&self, buckets: usize) -> Arc<str> {
+        let mut reads = self
+            .partition_reads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            reads
+                .entry(buckets)
+                .or_insert_with(|| read_partition_sql(&self.schema, buckets).into()),
+        )
+    }
+}
+
+/// The read of one partition of the log: at most `$2` events after `$1` below the horizon, of
+/// the buckets `$3, $4, ...` (`buckets` of them). One index scan per bucket on
+/// `(stream_bucket, global_position)`, each in position order, merged by the planner (Merge
+/// Append, which pulls from each scan only as far as the limit needs) so that only the rows
+/// returned, plus one per bucket, are read. Run with bitmap scans off (see
+/// `PgEventStore::load_partition_rows`).
+/// Columns: `EVENT_COLUMNS`, then the horizon; with no event, one row of NULLs and the horizon,
+/// so that the reader knows how far it has looked.
+fn read_partition_sql(s: &str, buckets: usize) -> String {
+    let branches: Vec<String> = (0..buckets)
+        .map(|i| {
+            format!(
+                "(SELECT {EVENT_COLUMNS} FROM {s}.events
+                  WHERE stream_bucket = ${}::int2 AND global_position > $1
+                    AND global_position < h.horizon
+                  ORDER BY global_position)",
+                i + 3
+            )
+        })
+        .collect();
+    format!(
+        "WITH h AS MATERIALIZED (SELECT {HORIZON} AS horizon)
+         SELECT e.*, h.horizon FROM h
+         LEFT JOIN LATERAL (
+             SELECT * FROM ({}) AS u ORDER BY global_position LIMIT $2
+         ) AS e ON true",
+        branches.join(" UNION ALL ")
+    )
 }
 
 /// One statement that checks the expected version, inserts every event with one

@@ -4,8 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use esframe_core::{
-    AppendBatch, AppendOutcome, EventStore, GlobalLog, LoadedEvent, LoadedStream, Position,
-    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, Upcasters,
+    AppendBatch, AppendOutcome, EventStore, GlobalBatch, GlobalLog, LoadedEvent, LoadedStream,
+    LogPartition, Position, RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId,
+    Upcasters,
 };
 use sqlx::{PgPool, Postgres, pool::PoolConnection, postgres::PgPoolOptions};
 use tokio::sync::watch;
@@ -216,6 +217,28 @@ impl GlobalLog for PgEventStore {
 
     async fn wait_for_events(&self, after: Position) -> Result<(), StoreError> {
         self.wait_past(after).await
+    }
+
+    /// One index scan per bucket of the partition, merged in log order (`sql::read_partition`):
+    /// only the partition's rows are read.
+    async fn load_log_partition(
+        &self,
+        after: Position,
+        limit: usize,
+        partition: LogPartition,
+    ) -> Result<GlobalBatch, StoreError> {
+        self.load_partition_rows(after, limit, partition).await
+    }
+
+    async fn count_partition_events_after(
+        &self,
+        after: Position,
+        partition: LogPartition,
+    ) -> Result<Option<u64>, StoreError> {
+        if partition.is_all() {
+            return self.count_after(after).await.map(Some);
+        }
+        self.count_partition_after(after, partition).await.map(Some)
     }
 }
 

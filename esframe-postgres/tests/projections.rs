@@ -215,9 +215,7 @@ fn ledger_key() -> ProjectionKey {
 }
 
 fn checkpoints(store: &PgEventStore) -> PgCheckpoints {
-    store
-        .checkpoints()
-        .lease_check_interval(Duration::from_millis(50))
+    store.checkpoints().lease_time(Duration::from_millis(600))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,7 +2,7 @@
 
 use super::{
     Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, DeadLetter, DeadLetterStore,
-    Delivery, LeaseStore, ProjectionKey,
+    Delivery, LeaseInfo, LeaseStore, ProjectionKey,
 };
 
 /// Runs projections whose read model lives outside the checkpoint store (another database, a
@@ -28,6 +28,10 @@ impl<C: CheckpointStore> CheckpointStore for AtLeastOnce<C> {
 
     async fn load(&self, key: &ProjectionKey) -> Result<Option<Checkpoint>, CheckpointError> {
         self.0.load(key).await
+    }
+
+    async fn partition_count(&self, name: &str, proposed: u16) -> Result<u16, CheckpointError> {
+        self.0.partition_count(name, proposed).await
     }
 
     async fn begin(&self) -> Result<(), CheckpointError> {
@@ -67,6 +71,21 @@ impl<C: LeaseStore> LeaseStore for AtLeastOnce<C> {
 
     async fn release(&self, lease: Self::Lease) {
         self.0.release(lease).await;
+    }
+    fn fence(&self, lease: &Self::Lease) -> Option<u64> {
+        self.0.fence(lease)
+    }
+    async fn heartbeat(&self, group: &str, member: &str) -> Result<u32, CheckpointError> {
+        self.0.heartbeat(group, member).await
+    }
+    async fn leave(&self, group: &str, member: &str) {
+        self.0.leave(group, member).await;
+    }
+    async fn leases(&self, name: &str) -> Result<Vec<LeaseInfo>, CheckpointError> {
+        self.0.leases(name).await
+    }
+    async fn note_error(&self, key: &ProjectionKey, error: Option<&str>) {
+        self.0.note_error(key, error).await;
     }
 }
 

@@ -49,6 +49,17 @@ pub struct CheckpointCommit {
     /// Delete the partition's dead letters above this global position: a reset before a replay
     /// that will handle those events again.
     pub clear_dead_letters_after: Option<Position>,
+    /// The committing runner's fencing token ([`LeaseStore::fence`](super::LeaseStore::fence)):
+    /// if the partition's lease has changed hands since, the commit fails with
+    /// [`CheckpointError::Fenced`] and nothing of the transaction is kept.
+    pub fence: Option<u64>,
+    /// Split the projection anew into this many partitions, atomically with the rest: the
+    /// stored count ([`CheckpointStore::partition_count`]) becomes it, every partition of the
+    /// new count gets `advance`'s target as its checkpoint (only `key`'s is compared with
+    /// `advance`'s `from`), checkpoints of partitions past the count are deleted, and the
+    /// projection's dead letters of every partition above `clear_dead_letters_after` are
+    /// deleted. A rebuild's reset.
+    pub repartition: Option<u16>,
 }
 
 impl CheckpointCommit {
@@ -69,7 +80,16 @@ impl CheckpointCommit {
             park: None,
             resolve: None,
             clear_dead_letters_after: None,
+            fence: None,
+            repartition: None,
         }
+    }
+
+    /// The commit, fenced with `token` ([`CheckpointCommit::fence`]).
+    #[must_use]
+    pub fn fenced(mut self, token: Option<u64>) -> Self {
+        self.fence = token;
+        self
     }
 }
 
@@ -100,6 +120,16 @@ pub trait CheckpointStore: Clone + Send + Sync + 'static {
         &self,
         key: &ProjectionKey,
     ) -> impl Future<Output = Result<Option<Checkpoint>, CheckpointError>> + Send;
+
+    /// How many partitions projection `name` is split into. If none is stored yet, stores
+    /// `proposed` when the projection has no checkpoint (a new projection), and 1 when it has
+    /// (a projection that ran before partitions were recorded ran unsplit); either way,
+    /// atomically, so that concurrent callers all get the same answer.
+    fn partition_count(
+        &self,
+        name: &str,
+        proposed: u16,
+    ) -> impl Future<Output = Result<u16, CheckpointError>> + Send;
 
     /// Starts a transaction for handlers to write through.
     fn begin(&self) -> impl Future<Output = Result<Self::Tx, CheckpointError>> + Send;

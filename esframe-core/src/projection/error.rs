@@ -23,6 +23,19 @@ pub enum CheckpointError {
         /// Where it was.
         found: String,
     },
+    /// The commit's fencing token is not the partition's lease's any more: another runner took
+    /// the lease. Nothing of the transaction was kept.
+    #[error(
+        "commit to projection `{key}` refused by the lease's fence: this runner's token is {token}, the lease is now {current}; another runner took it over"
+    )]
+    Fenced {
+        /// The projection partition.
+        key: ProjectionKey,
+        /// The committing runner's token.
+        token: u64,
+        /// The lease's token now (or "free" when no one holds it).
+        current: String,
+    },
     /// The dead letter being resolved was retried or discarded by someone else meanwhile;
     /// nothing of the transaction was kept.
     #[error("dead letter {id} of projection `{key}` was retried or discarded meanwhile")]
@@ -127,9 +140,45 @@ pub enum ProjectionError {
         /// The projection partition.
         projection: ProjectionKey,
     },
+    /// The projection is stored split into a different number of partitions than the runner
+    /// asks for. Changing the count is a rebuild: run [`ProjectionRunner::rebuild`] with the
+    /// new count (with every runner of the projection stopped), or let the runner do it with
+    /// [`ProjectionRunner::repartition`].
+    ///
+    /// [`ProjectionRunner::rebuild`]: super::ProjectionRunner::rebuild
+    /// [`ProjectionRunner::repartition`]: super::ProjectionRunner::repartition
+    #[error(
+        "projection `{projection}` is stored in {stored} partition(s), but this runner asks for {requested}; changing the number of partitions is a rebuild: stop the projection's runners and call `rebuild`, or start them with `repartition(true)`"
+    )]
+    PartitionCountChanged {
+        /// The projection's name.
+        projection: String,
+        /// The stored count.
+        stored: u16,
+        /// The runner's count.
+        requested: u16,
+    },
     /// The projection's name cannot be kept by any checkpoint store.
     #[error(transparent)]
     InvalidKey(#[from] InvalidProjectionKey),
+    /// The runner's number of partitions is out of range
+    /// ([`ProjectionRunner::partitions`](super::ProjectionRunner::partitions)).
+    #[error("invalid number of partitions: {0}")]
+    InvalidPartitions(#[from] crate::InvalidPartition),
+    /// A partition's checkpoint is of an older projection version than this code's while the
+    /// projection runs: another runner wrote it with older code. A partitioned projection's
+    /// version change rebuilds every partition at once, when a runner starts.
+    #[error(
+        "partition `{projection}` is at projection version {stored}, older than this code's {code}, while running; restart the runner to rebuild every partition at the new version"
+    )]
+    PartitionVersionBehind {
+        /// The partition.
+        projection: ProjectionKey,
+        /// The stored version.
+        stored: u32,
+        /// This code's version.
+        code: u32,
+    },
     /// No dead letter has this id.
     #[error("no dead letter with id {id}")]
     NoSuchDeadLetter {

@@ -53,4 +53,60 @@ pub trait LeaseStore: Clone + Send + Sync + 'static {
 
     /// Gives the lease up at once.
     fn release(&self, lease: Self::Lease) -> impl Future<Output = ()> + Send;
+
+    /// The lease's fencing token: it grows each time the partition's lease changes hands. A
+    /// commit that carries it ([`CheckpointCommit::fence`](super::CheckpointCommit::fence))
+    /// fails with [`CheckpointError::Fenced`] once another runner has taken the lease, so a
+    /// runner that lost its lease without noticing (paused past its expiry, cut off from the
+    /// database) can never commit again. `None` for leases that cannot be lost unnoticed (the
+    /// memory store's, given up only when dropped).
+    fn fence(&self, lease: &Self::Lease) -> Option<u64>;
+
+    /// Announces `member` as a live worker of `group` (a partitioned projection's name) for
+    /// the store's lease time, and returns how many live members the group has, this one
+    /// included. Partitioned runners call it on every rebalance to learn their fair share.
+    fn heartbeat(
+        &self,
+        group: &str,
+        member: &str,
+    ) -> impl Future<Output = Result<u32, CheckpointError>> + Send;
+
+    /// Removes `member` from `group` at once (a clean shutdown), so the others take its share
+    /// without waiting for its heartbeat to expire.
+    fn leave(&self, group: &str, member: &str) -> impl Future<Output = ()> + Send;
+
+    /// The leases of projection `name`'s partitions the store knows of (held, or with a
+    /// recorded error), by partition.
+    fn leases(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<LeaseInfo>, CheckpointError>> + Send;
+
+    /// Records the last error of a partition's runner (`None`: it recovered), shown by the
+    /// projection's status. Best effort: a failure to record it is ignored.
+    fn note_error(
+        &self,
+        key: &ProjectionKey,
+        error: Option<&str>,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (key, error);
+        async {}
+    }
+}
+
+/// A partition's lease as [`LeaseStore::leases`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// The partition.
+    pub partition: u16,
+    /// Who holds it (the store's description of the holding process); `None` if it is free or
+    /// expired.
+    pub holder: Option<String>,
+    /// Time left before it expires if its holder stops renewing it (`None`: it does not
+    /// expire).
+    pub expires_in: Option<Duration>,
+    /// The fencing token ([`LeaseStore::fence`]).
+    pub token: Option<u64>,
+    /// The last error its runners recorded ([`LeaseStore::note_error`]).
+    pub last_error: Option<String>,
 }

@@ -50,11 +50,11 @@ pub use dead_letter::{DeadLetter, DeadLetterStore, NewDeadLetter};
 pub use error::{CheckpointError, ProjectionError};
 pub use interest::Interest;
 pub use key::{InvalidProjectionKey, MAX_PROJECTION_NAME_LEN, ProjectionKey};
-pub use lease::LeaseStore;
+pub use lease::{LeaseInfo, LeaseStore};
 pub use progress::{RebuildProgress, RebuildReport};
 pub use runner::{
-    DEFAULT_PROJECTION_BATCH_SIZE, DeadLetterRetry, HandlerRetry, OnFailure, ProjectionRunner,
-    RunningProjection,
+    DEFAULT_PROJECTION_BATCH_SIZE, DeadLetterRetry, HandlerRetry, OnFailure, PartitionStatus,
+    ProjectionRunner, ProjectionStatus, RunningProjection,
 };
 pub use typed::{ProjectedEvent, ProjectionEvents, Typed, TypedProjection};
 // `#[derive(ProjectionEvents)]`, re-exported here beside its trait (as serde does), so that

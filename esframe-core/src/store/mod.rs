@@ -16,6 +16,7 @@
 mod append;
 mod idempotency;
 mod loaded;
+mod partition;
 mod read;
 mod types;
 
@@ -24,6 +25,9 @@ use std::future::Future;
 pub use append::AppendBatch;
 pub use idempotency::resolve_stored_ids;
 pub use loaded::{LoadedEvent, LoadedStream};
+pub use partition::{
+    InvalidPartition, LogPartition, MAX_PARTITIONS, PARTITION_BUCKETS, stream_bucket,
+};
 pub use types::{AppendOutcome, ExpectedVersion, GlobalBatch, Snapshot};
 
 use crate::{NewEvent, Position, RecordedEvent, StoreError, StreamId, Subscription, Upcasters};
@@ -193,6 +197,91 @@ pub trait GlobalLog: EventStore {
             Ok(GlobalBatch {
                 events: self.upcasters().apply_all(stored)?,
                 scanned_to,
+            })
+        }
+    }
+
+    /// **Backend.** The stored events of `partition` after `after`, at most `limit` (at least
+    /// 1), in log order, exactly as stored, with `scanned_to` the last position the read has
+    /// looked at: every event of the partition up to it is returned, so the next read starts
+    /// after it even when it returned nothing. The default reads the whole log and keeps the
+    /// partition's events ([`LogPartition::contains`]); a backend that can read one partition
+    /// alone (PostgreSQL: an index by stream bucket) overrides it, so that N readers of N
+    /// partitions do not read the log N times.
+    fn load_log_partition(
+        &self,
+        after: Position,
+        limit: usize,
+        partition: LogPartition,
+    ) -> impl Future<Output = Result<GlobalBatch, StoreError>> + Send {
+        async move {
+            let limit = limit.max(1);
+            let chunk = limit.max(256);
+            let (mut events, mut scanned_to) = (Vec::new(), after);
+            loop {
+                let stored = self.load_log(scanned_to, chunk).await?;
+                let full = stored.len() >= chunk;
+                for event in stored {
+                    scanned_to = event.global_position;
+                    if partition.contains(&event.stream_id) {
+                        events.push(event);
+                        if events.len() == limit {
+                            return Ok(GlobalBatch { events, scanned_to });
+                        }
+                    }
+                }
+                if !full {
+                    return Ok(GlobalBatch { events, scanned_to });
+                }
+            }
+        }
+    }
+
+    /// **Backend.** How many stored events of `partition` have a position after `after`, if
+    /// the store can count them; for the whole log, [`GlobalLog::count_events_after`]. The
+    /// default counts what [`GlobalLog::load_log_partition`] reads.
+    fn count_partition_events_after(
+        &self,
+        after: Position,
+        partition: LogPartition,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send {
+        async move {
+            if partition.is_all() {
+                return self.count_events_after(after).await;
+            }
+            let (mut count, mut from) = (0u64, after);
+            loop {
+                let read = self.load_log_partition(from, 4096, partition).await?;
+                count += read.events.len() as u64;
+                if read.scanned_to <= from {
+                    return Ok(Some(count));
+                }
+                from = read.scanned_to;
+            }
+        }
+    }
+
+    /// [`GlobalLog::read_all_batch`] of one partition: at most `limit` events of `partition`
+    /// after `after`, in log order, at their current versions, and how far the read looked
+    /// (`scanned_to`, which can be past the last event returned, or past `after` with none).
+    fn read_partition_batch(
+        &self,
+        after: Position,
+        limit: usize,
+        partition: LogPartition,
+    ) -> impl Future<Output = Result<GlobalBatch, StoreError>> + Send {
+        async move {
+            if partition.is_all() {
+                return self.read_all_batch(after, limit).await;
+            }
+            let stored = self
+                .load_log_partition(after, limit.max(1), partition)
+                .await?;
+            read::check_log(after, &stored.events)?;
+            let last = stored.events.last().map_or(after, |e| e.global_position);
+            Ok(GlobalBatch {
+                scanned_to: stored.scanned_to.max(last).max(after),
+                events: self.upcasters().apply_all(stored.events)?,
             })
         }
     }

@@ -176,7 +176,11 @@ macro_rules! projection_suite {
             an_interrupted_rebuild_goes_on_as_a_replay_and_drops_stale_dead_letters,
             a_panicking_handler_is_retried_and_parked_instead_of_killing_the_runner,
             dead_letters_belong_to_their_projection,
-            partitions_keep_their_own_checkpoints_leases_and_dead_letters
+            partitions_keep_their_own_checkpoints_leases_and_dead_letters,
+            the_partitions_of_the_log_hold_each_stream_whole_and_every_event_once,
+            a_commit_with_a_stale_fencing_token_is_refused,
+            the_partition_count_is_stored_and_a_change_needs_a_rebuild,
+            partitioned_runners_share_the_partitions_and_apply_every_event_once
         }
     };
 }

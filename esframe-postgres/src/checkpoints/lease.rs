@@ -1,5 +1,6 @@
-//! [`PgLease`]: a projection partition's lease, a session advisory lock held by a connection of
-//! its own and checked by a background task.
+//! [`PgLease`]: a projection partition's lease, a row of `projection_leases` with an expiry and
+//! a fencing token, renewed by a background task. No session state: every statement runs on
+//! any pooled connection, so leases work through a connection pooler.
 
 use std::{
     sync::{
@@ -9,18 +10,21 @@ use std::{
     time::Duration,
 };
 
-use esframe_core::projection::{CheckpointError, LeaseStore, ProjectionKey};
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
-use tokio::{sync::oneshot, task::JoinHandle};
+use esframe_core::projection::{CheckpointError, LeaseInfo, LeaseStore, ProjectionKey};
+use sqlx::{AssertSqlSafe, PgPool, Row};
+use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 
 use crate::{error::sqlstate, inline::lease_key};
 
 use super::{PgCheckpoints, unavailable};
 
-/// A projection's lease: an advisory lock held by a connection of its own, which a background
-/// task checks. Dropping it closes that connection, which frees the lock.
+/// A projection partition's lease: its row in `projection_leases`, renewed every third of the
+/// lease time by a background task. Dropping it gives it up (the task clears the row's
+/// holder); if the process dies, the row expires after the lease time and another runner takes
+/// it, with a new token, which refuses any later commit of this one.
 #[derive(Debug)]
 pub struct PgLease {
+    token: u64,
     held: Arc<AtomicBool>,
     release: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -28,79 +32,83 @@ pub struct PgLease {
 
 impl Drop for PgLease {
     fn drop(&mut self) {
-        self.task.abort();
+        // The keep-alive clears the row and ends; if it cannot, the row expires.
+        if let Some(release) = self.release.take() {
+            let _ = release.send(());
+        }
     }
 }
 
+/// Milliseconds as a bound parameter.
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
 impl PgCheckpoints {
-    /// Takes the lease's advisory lock on a new connection: at once or not at all (`wait`
-    /// `None`), or waiting in the lock queue for up to `wait`.
+    /// Takes the lease's row if it is free or expired, waiting up to `wait` for the lease's
+    /// advisory lock, which appends updating the projection inline hold shared (so they and a
+    /// rebuild never interleave; PostgreSQL queues the lock fairly, so a steady flow of such
+    /// appends does not starve a rebuild). The lock is transaction-scoped.
     async fn lease(
         &self,
         key: &ProjectionKey,
-        wait: Option<Duration>,
+        wait: Duration,
     ) -> Result<Option<PgLease>, CheckpointError> {
-        let options = self.inner.pool.connect_options();
-        let mut conn = PgConnection::connect_with(&options)
+        let sql = &self.inner.sql;
+        let mut tx = crate::transaction::begin(&self.inner.pool)
             .await
             .map_err(unavailable)?;
-        // If the holder's host dies without closing the connection, the server must notice
-        // within seconds, not the operating system's default two hours, to free the lock.
-        sqlx::raw_sql(
-            "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
-             SET tcp_keepalives_count = 3",
-        )
-        .execute(&mut conn)
+        sqlx::query(AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = {}",
+            millis(wait).min(i64::from(i32::MAX))
+        )))
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let lock = lease_key(&self.inner.schema, key);
-        let taken = match wait {
-            None => sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(&lock)
-                .fetch_one(&mut conn)
-                .await
-                .map_err(unavailable)?,
-            Some(wait) => {
-                let millis = wait.as_millis().clamp(1, i32::MAX as u128);
-                sqlx::query(AssertSqlSafe(format!("SET lock_timeout = {millis}")))
-                    .execute(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-                let locked = sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-                    .bind(&lock)
-                    .execute(&mut conn)
-                    .await;
-                match locked {
-                    Ok(_) => {
-                        sqlx::query("RESET lock_timeout")
-                            .execute(&mut conn)
-                            .await
-                            .map_err(unavailable)?;
-                        true
-                    }
-                    Err(sqlx::Error::Database(err))
-                        if err.code().as_deref() == Some(sqlstate::LOCK_NOT_AVAILABLE) =>
-                    {
-                        false
-                    }
-                    Err(err) => return Err(unavailable(err)),
-                }
+        let locked = sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(lease_key(&self.inner.schema, key))
+            .execute(&mut *tx)
+            .await;
+        match locked {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(err))
+                if err.code().as_deref() == Some(sqlstate::LOCK_NOT_AVAILABLE) =>
+            {
+                return Ok(None);
             }
-        };
-        if !taken {
-            let _ = conn.close().await;
-            return Ok(None);
+            Err(err) => return Err(unavailable(err)),
         }
+        let token: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.lease_acquire.as_str()))
+            .bind(key.name())
+            .bind(i32::from(key.partition()))
+            .bind(self.inner.holder.as_ref())
+            .bind(millis(self.inner.lease_time))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        let token = u64::try_from(token).unwrap_or(0);
         let held = Arc::new(AtomicBool::new(true));
         let (release, released) = oneshot::channel();
         let task = tokio::spawn(keep_lease(
-            conn,
-            lock,
-            Arc::clone(&held),
+            KeepAlive {
+                pool: self.inner.pool.clone(),
+                renew: sql.lease_renew.clone(),
+                free: sql.lease_release.clone(),
+                key: key.clone(),
+                token,
+                held: Arc::clone(&held),
+                lease_time: self.inner.lease_time,
+            },
             released,
-            self.inner.lease_check,
         ));
         Ok(Some(PgLease {
+            token,
             held,
             release: Some(release),
             task,
@@ -108,30 +116,73 @@ impl PgCheckpoints {
     }
 }
 
-/// The lease's keep-alive: checks the connection, and on release unlocks and closes it.
-async fn keep_lease(
-    mut conn: PgConnection,
-    key: String,
+/// What the keep-alive task needs.
+struct KeepAlive {
+    pool: PgPool,
+    renew: String,
+    free: String,
+    key: ProjectionKey,
+    token: u64,
     held: Arc<AtomicBool>,
-    mut release: oneshot::Receiver<()>,
-    every: Duration,
-) {
+    lease_time: Duration,
+}
+
+impl KeepAlive {
+    /// Extends the row's expiry; `false` if the row has another token now.
+    async fn renew(&self) -> Result<bool, sqlx::Error> {
+        let renewed = sqlx::query(AssertSqlSafe(self.renew.as_str()))
+            .bind(self.key.name())
+            .bind(i32::from(self.key.partition()))
+            .bind(i64::try_from(self.token).unwrap_or(i64::MAX))
+            .bind(millis(self.lease_time))
+            .execute(&self.pool)
+            .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    /// Clears the row's holder, if it still has this token.
+    async fn free(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(AssertSqlSafe(self.free.as_str()))
+            .bind(self.key.name())
+            .bind(i32::from(self.key.partition()))
+            .bind(i64::try_from(self.token).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Renews the lease every third of the lease time; on release, clears the row's holder. Gives
+/// the lease up (the `held` flag) when the row has another token, or when no renewal has
+/// succeeded for the lease time (it may have expired and been taken).
+async fn keep_lease(lease: KeepAlive, mut release: oneshot::Receiver<()>) {
+    let every = lease.lease_time / 3;
+    let mut renewed = Instant::now();
     loop {
         tokio::select! {
             _ = &mut release => {
-                let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
-                    .bind(&key)
-                    .execute(&mut conn)
-                    .await;
-                held.store(false, Ordering::SeqCst);
-                let _ = conn.close().await;
+                lease.held.store(false, Ordering::SeqCst);
+                let _ = tokio::time::timeout(Duration::from_secs(5), lease.free()).await;
                 return;
             }
             () = tokio::time::sleep(every) => {
-                let alive = tokio::time::timeout(every.max(Duration::from_secs(1)), conn.ping()).await;
-                if !matches!(alive, Ok(Ok(()))) {
-                    tracing::warn!(lease = key, "projection lease connection lost; the lease is given up");
-                    held.store(false, Ordering::SeqCst);
+                match tokio::time::timeout(every.max(Duration::from_millis(100)), lease.renew()).await {
+                    Ok(Ok(true)) => renewed = Instant::now(),
+                    Ok(Ok(false)) => {
+                        tracing::warn!(projection = %lease.key, token = lease.token, "projection lease taken over by another runner; giving it up");
+                        lease.held.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::warn!(projection = %lease.key, error = %err, "cannot renew the projection lease; retrying");
+                    }
+                    Err(_) => {
+                        tracing::warn!(projection = %lease.key, "renewing the projection lease timed out; retrying");
+                    }
+                }
+                if renewed.elapsed() + every >= lease.lease_time {
+                    tracing::warn!(projection = %lease.key, "projection lease not renewed within its lease time; giving it up");
+                    lease.held.store(false, Ordering::SeqCst);
                     return;
                 }
             }
@@ -143,18 +194,28 @@ impl LeaseStore for PgCheckpoints {
     type Lease = PgLease;
 
     async fn try_lease(&self, key: &ProjectionKey) -> Result<Option<PgLease>, CheckpointError> {
-        self.lease(key, None).await
+        // Appends updating the projection inline hold its lock for a moment only.
+        self.lease(key, Duration::from_millis(500)).await
     }
 
-    /// Queues for the lock (up to `wait`, by `lock_timeout`) instead of polling: PostgreSQL
-    /// grants locks in order, so a waiting rebuild is not starved by a steady flow of appends
-    /// that update the projection inline, which wait behind it instead.
+    /// Queues for the lease's advisory lock (up to `wait`) and then takes the row if it is free,
+    /// checking again every 10 ms until `wait` has passed.
     async fn wait_lease(
         &self,
         key: &ProjectionKey,
         wait: Duration,
     ) -> Result<Option<PgLease>, CheckpointError> {
-        self.lease(key, Some(wait)).await
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(lease) = self.lease(key, left.max(Duration::from_millis(1))).await? {
+                return Ok(Some(lease));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn lease_held(&self, lease: &PgLease) -> bool {
@@ -165,9 +226,67 @@ impl LeaseStore for PgCheckpoints {
         if let Some(release) = lease.release.take()
             && release.send(()).is_ok()
         {
-            // Wait for the unlock, briefly: if the connection hangs, dropping the lease closes
-            // it anyway.
+            // Wait for the row to be cleared, briefly: if it cannot be, it expires.
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease.task).await;
+        }
+    }
+
+    fn fence(&self, lease: &PgLease) -> Option<u64> {
+        Some(lease.token)
+    }
+
+    async fn heartbeat(&self, group: &str, member: &str) -> Result<u32, CheckpointError> {
+        let others: i64 = sqlx::query_scalar(AssertSqlSafe(self.inner.sql.heartbeat.as_str()))
+            .bind(group)
+            .bind(member)
+            .bind(millis(self.inner.lease_time))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(u32::try_from(others + 1).unwrap_or(u32::MAX))
+    }
+
+    async fn leave(&self, group: &str, member: &str) {
+        let left = sqlx::query(AssertSqlSafe(self.inner.sql.leave.as_str()))
+            .bind(group)
+            .bind(member)
+            .execute(&self.inner.pool)
+            .await;
+        if let Err(err) = left {
+            tracing::debug!(error = %err, group, member, "cannot leave the group; the membership expires");
+        }
+    }
+
+    async fn leases(&self, name: &str) -> Result<Vec<LeaseInfo>, CheckpointError> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.leases.as_str()))
+            .bind(name)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| -> Result<LeaseInfo, sqlx::Error> {
+                let expires_in: Option<f64> = row.try_get("expires_in")?;
+                Ok(LeaseInfo {
+                    partition: u16::try_from(row.try_get::<i32, _>("partition")?).unwrap_or(0),
+                    holder: row.try_get("holder")?,
+                    expires_in: expires_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                    token: u64::try_from(row.try_get::<i64, _>("token")?).ok(),
+                    last_error: row.try_get("last_error")?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn note_error(&self, key: &ProjectionKey, error: Option<&str>) {
+        let noted = sqlx::query(AssertSqlSafe(self.inner.sql.note_error.as_str()))
+            .bind(key.name())
+            .bind(i32::from(key.partition()))
+            .bind(error)
+            .execute(&self.inner.pool)
+            .await;
+        if let Err(err) = noted {
+            tracing::debug!(projection = %key, error = %err, "cannot record the partition's last error");
         }
     }
 }

@@ -31,9 +31,12 @@ pub type PgTransaction = Transaction<'static, Postgres>;
 /// the transaction either committed both or neither; if two runners ever overlap, the second
 /// commit finds the checkpoint moved and is rolled back whole.
 ///
-/// Leases are session-level advisory locks, each on a connection of its own that is checked
-/// every [`PgCheckpoints::lease_check_interval`]: when the holder dies, PostgreSQL ends its
-/// session and frees the lock, and a standing-by runner takes over.
+/// Leases are rows of `projection_leases` with an expiry ([`PgCheckpoints::lease_time`],
+/// default 10 s) renewed in the background, and a fencing token that every checkpoint commit
+/// carries: when the holder dies, its lease expires and a standing-by runner takes over with a
+/// new token, which refuses any later commit of the old holder (paused, or cut off from the
+/// database). Nothing is kept in a session, so checkpoints and leases work through a
+/// connection pooler.
 ///
 /// Get one from [`PgEventStore::checkpoints`](crate::PgEventStore::checkpoints). Cheap to clone.
 #[derive(Clone)]
@@ -46,7 +49,9 @@ struct Inner {
     schema: SchemaName,
     sql: Queries,
     commits: watch::Sender<u64>,
-    lease_check: Duration,
+    lease_time: Duration,
+    /// Who this process is, in the lease rows it writes.
+    holder: Arc<str>,
     poll: Duration,
 }
 
@@ -54,7 +59,8 @@ impl std::fmt::Debug for PgCheckpoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgCheckpoints")
             .field("schema", &self.inner.schema)
-            .field("lease_check", &self.inner.lease_check)
+            .field("lease_time", &self.inner.lease_time)
+            .field("holder", &self.inner.holder)
             .field("poll", &self.inner.poll)
             .finish_non_exhaustive()
     }
@@ -71,6 +77,19 @@ struct Queries {
     get: String,
     discard: String,
     note_failure: String,
+    lease_acquire: String,
+    lease_renew: String,
+    lease_release: String,
+    fence: String,
+    heartbeat: String,
+    leave: String,
+    leases: String,
+    note_error: String,
+    partition_count: String,
+    repartition_delete: String,
+    repartition_insert: String,
+    repartition_count: String,
+    repartition_clear: String,
 }
 
 const DEAD_LETTER_COLUMNS: &str = "id, projection, partition, global_position, event_id, \
@@ -81,7 +100,79 @@ impl Queries {
         let s = schema.quoted();
         let cp = format!("{s}.projection_checkpoints");
         let dl = format!("{s}.projection_dead_letters");
+        let leases = format!("{s}.projection_leases");
+        let members = format!("{s}.projection_members");
+        let partitions = format!("{s}.projection_partitions");
         Self {
+            lease_acquire: format!(
+                "INSERT INTO {leases} AS l (projection, partition, holder, token, expires_at)
+                 VALUES ($1, $2, $3, 1, now() + $4 * interval '1 millisecond')
+                 ON CONFLICT (projection, partition) DO UPDATE SET
+                     holder = excluded.holder, token = l.token + 1,
+                     expires_at = excluded.expires_at
+                 WHERE l.holder IS NULL OR l.expires_at < now()
+                 RETURNING token"
+            ),
+            lease_renew: format!(
+                "UPDATE {leases} SET expires_at = now() + $4 * interval '1 millisecond'
+                 WHERE projection = $1 AND partition = $2 AND token = $3 AND holder IS NOT NULL"
+            ),
+            lease_release: format!(
+                "UPDATE {leases} SET holder = NULL, expires_at = now()
+                 WHERE projection = $1 AND partition = $2 AND token = $3"
+            ),
+            fence: format!(
+                "SELECT token FROM {leases} WHERE projection = $1 AND partition = $2 FOR SHARE"
+            ),
+            heartbeat: format!(
+                "WITH beat AS (
+                     INSERT INTO {members} (projection, member, expires_at)
+                     VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+                     ON CONFLICT (projection, member) DO UPDATE SET expires_at = excluded.expires_at
+                 ), gone AS (
+                     DELETE FROM {members}
+                     WHERE projection = $1 AND expires_at < now() - interval '1 minute'
+                 )
+                 SELECT count(*) FROM {members}
+                 WHERE projection = $1 AND member <> $2 AND expires_at >= now()"
+            ),
+            leave: format!("DELETE FROM {members} WHERE projection = $1 AND member = $2"),
+            leases: format!(
+                "SELECT partition, token, last_error,
+                        CASE WHEN holder IS NOT NULL AND expires_at > now() THEN holder END AS holder,
+                        CASE WHEN holder IS NOT NULL AND expires_at > now()
+                             THEN extract(epoch FROM expires_at - now())::float8 END AS expires_in
+                 FROM {leases} WHERE projection = $1 ORDER BY partition"
+            ),
+            note_error: format!(
+                "UPDATE {leases} SET last_error = $3 WHERE projection = $1 AND partition = $2"
+            ),
+            partition_count: format!(
+                "WITH stored AS (SELECT partitions FROM {partitions} WHERE projection = $1),
+                 added AS (
+                     INSERT INTO {partitions} (projection, partitions)
+                     SELECT $1, CASE WHEN EXISTS (SELECT 1 FROM {cp} WHERE projection = $1)
+                                     THEN 1 ELSE $2 END
+                     WHERE NOT EXISTS (SELECT 1 FROM stored)
+                     ON CONFLICT (projection) DO NOTHING
+                     RETURNING partitions
+                 )
+                 SELECT partitions FROM stored UNION ALL SELECT partitions FROM added"
+            ),
+            repartition_delete: format!(
+                "DELETE FROM {cp} WHERE projection = $1 AND partition <> $2"
+            ),
+            repartition_insert: format!(
+                "INSERT INTO {cp} (projection, partition, version, position, replay_until)
+                 SELECT $1, p, $3, $4, $5 FROM generate_series(0, $6 - 1) AS p WHERE p <> $2"
+            ),
+            repartition_count: format!(
+                "INSERT INTO {partitions} (projection, partitions) VALUES ($1, $2)
+                 ON CONFLICT (projection) DO UPDATE SET partitions = excluded.partitions"
+            ),
+            repartition_clear: format!(
+                "DELETE FROM {dl} WHERE projection = $1 AND global_position > $2"
+            ),
             load: format!(
                 "SELECT position, version, replay_until FROM {cp}
                  WHERE projection = $1 AND partition = $2"
@@ -139,6 +230,23 @@ fn refused(err: sqlx::Error) -> CheckpointError {
     }
 }
 
+/// How long a lease lasts without renewal, by default.
+pub const DEFAULT_LEASE_TIME: Duration = Duration::from_secs(10);
+
+/// This process, as lease rows name it: host and process id.
+fn holder_name() -> Arc<str> {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "host".to_owned());
+    Arc::from(format!("{host}:{}", std::process::id()))
+}
+
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -190,17 +298,20 @@ impl PgCheckpoints {
                 pool,
                 schema,
                 commits,
-                lease_check: Duration::from_secs(1),
+                lease_time: DEFAULT_LEASE_TIME,
+                holder: holder_name(),
                 poll: Duration::from_millis(5),
             }),
         }
     }
 
-    /// How often a held lease's connection is checked (default 1 s). A runner notices a lost
-    /// lease within this time; the checkpoint's compare-and-set keeps it from doing harm before.
+    /// How long a lease (and a partitioned runner's membership) lasts without being renewed
+    /// (default [`DEFAULT_LEASE_TIME`], 10 s; at least 30 ms). Held leases are renewed every
+    /// third of it. When a runner dies, another takes its partitions over after about this
+    /// long; a runner whose renewals fail for this long gives its lease up.
     #[must_use]
-    pub fn lease_check_interval(self, interval: Duration) -> Self {
-        self.reconfigure(|inner| inner.lease_check = interval)
+    pub fn lease_time(self, lease_time: Duration) -> Self {
+        self.reconfigure(|inner| inner.lease_time = lease_time.max(Duration::from_millis(30)))
     }
 
     /// How often [`wait_for_projections`](esframe_core::projection::wait_for_projections)
@@ -217,7 +328,8 @@ impl PgCheckpoints {
             schema: self.inner.schema.clone(),
             sql: Queries::new(&self.inner.schema),
             commits: self.inner.commits.clone(),
-            lease_check: self.inner.lease_check,
+            lease_time: self.inner.lease_time,
+            holder: Arc::clone(&self.inner.holder),
             poll: self.inner.poll,
         };
         change(&mut inner);
@@ -261,6 +373,26 @@ impl CheckpointStore for PgCheckpoints {
         .map_err(unavailable)
     }
 
+    async fn partition_count(&self, name: &str, proposed: u16) -> Result<u16, CheckpointError> {
+        // Two first callers race: the loser's statement sees neither row; the next sees the
+        // winner's.
+        for _ in 0..3 {
+            let count: Option<i32> =
+                sqlx::query_scalar(AssertSqlSafe(self.inner.sql.partition_count.as_str()))
+                    .bind(name)
+                    .bind(i32::from(proposed))
+                    .fetch_optional(&self.inner.pool)
+                    .await
+                    .map_err(unavailable)?;
+            if let Some(count) = count {
+                return Ok(u16::try_from(count).unwrap_or(1));
+            }
+        }
+        Err(CheckpointError::unavailable(format!(
+            "the partition count of projection `{name}` could not be read"
+        )))
+    }
+
     async fn begin(&self) -> Result<PgTransaction, CheckpointError> {
         crate::transaction::begin(&self.inner.pool)
             .await
@@ -275,6 +407,23 @@ impl CheckpointStore for PgCheckpoints {
         let sql = &self.inner.sql;
         let key = &commit.key;
         let partition = i32::from(key.partition());
+        if let Some(token) = commit.fence {
+            // Locks the lease row against a takeover until this commit ends.
+            let current: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.fence.as_str()))
+                .bind(key.name())
+                .bind(partition)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(refused)?;
+            if current != i64::try_from(token).ok() {
+                drop(tx);
+                return Err(CheckpointError::Fenced {
+                    key: commit.key,
+                    token,
+                    current: current.map_or_else(|| "free".to_owned(), |t| t.to_string()),
+                });
+            }
+        }
         if let Some((from, to)) = commit.advance {
             let version = i32::try_from(to.version).unwrap_or(i32::MAX);
             let moved = match from {
@@ -311,6 +460,39 @@ impl CheckpointStore for PgCheckpoints {
                     key: commit.key,
                 });
             }
+        }
+        if let (Some(count), Some((_, to))) = (commit.repartition, commit.advance) {
+            let version = i32::try_from(to.version).unwrap_or(i32::MAX);
+            sqlx::query(AssertSqlSafe(sql.repartition_delete.as_str()))
+                .bind(key.name())
+                .bind(partition)
+                .execute(&mut *tx)
+                .await
+                .map_err(refused)?;
+            sqlx::query(AssertSqlSafe(sql.repartition_insert.as_str()))
+                .bind(key.name())
+                .bind(partition)
+                .bind(version)
+                .bind(to_i64(to.position.get()))
+                .bind(to.replay_until.map(|p| to_i64(p.get())))
+                .bind(i32::from(count))
+                .execute(&mut *tx)
+                .await
+                .map_err(refused)?;
+            sqlx::query(AssertSqlSafe(sql.repartition_count.as_str()))
+                .bind(key.name())
+                .bind(i32::from(count))
+                .execute(&mut *tx)
+                .await
+                .map_err(refused)?;
+            sqlx::query(AssertSqlSafe(sql.repartition_clear.as_str()))
+                .bind(key.name())
+                .bind(to_i64(
+                    commit.clear_dead_letters_after.unwrap_or_default().get(),
+                ))
+                .execute(&mut *tx)
+                .await
+                .map_err(refused)?;
         }
         if let Some(id) = commit.resolve {
             let deleted = sqlx::query(AssertSqlSafe(sql.resolve.as_str()))

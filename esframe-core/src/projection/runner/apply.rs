@@ -149,7 +149,8 @@ where
             .await
             .map_err(|err| self.checkpoint_error(err))?;
         let target = cursor.at(event.global_position);
-        let mut commit = CheckpointCommit::advance(&self.key, cursor.checkpoint, target);
+        let mut commit =
+            CheckpointCommit::advance(&self.key, cursor.checkpoint, target).fenced(cursor.fence);
         commit.park = Some(NewDeadLetter {
             global_position: event.global_position,
             event_id: event.event_id,
@@ -224,7 +225,8 @@ where
             .checkpoints()
             .commit(
                 tx,
-                CheckpointCommit::advance(&self.key, cursor.checkpoint, target),
+                CheckpointCommit::advance(&self.key, cursor.checkpoint, target)
+                    .fenced(cursor.fence),
             )
             .await
         {

@@ -7,6 +7,8 @@
 mod apply;
 mod cursor;
 mod dead_letters;
+mod pool;
+mod status;
 mod worker;
 
 use std::{fmt, panic::AssertUnwindSafe, sync::Arc, time::Duration};
@@ -17,6 +19,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::GlobalLog;
 
 pub use dead_letters::DeadLetterRetry;
+pub use status::{PartitionStatus, ProjectionStatus};
 
 use super::{
     DeadLetter, HandlerError, InvalidProjectionKey, Projection, ProjectionError, ProjectionKey,
@@ -73,7 +76,7 @@ pub enum OnFailure {
     Stop,
 }
 
-type ProgressCallback = Arc<dyn Fn(&RebuildProgress) + Send + Sync>;
+pub(super) type ProgressCallback = Arc<dyn Fn(&RebuildProgress) + Send + Sync>;
 
 /// Runs one [`Projection`] over a [`GlobalLog`], with checkpoints, lease and dead letters in a
 /// [`ProjectionStore`].
@@ -106,6 +109,11 @@ pub struct ProjectionRunner<S, C, P> {
     standby_poll: Duration,
     lease_wait: Duration,
     progress: Option<ProgressCallback>,
+    partitions: u16,
+    repartition: bool,
+    rebalance_interval: Duration,
+    /// This runner's name among the members of a partitioned projection's group.
+    member: Arc<str>,
 }
 
 impl<S, C, P> fmt::Debug for ProjectionRunner<S, C, P> {
@@ -116,6 +124,8 @@ impl<S, C, P> fmt::Debug for ProjectionRunner<S, C, P> {
             .field("retry", &self.retry)
             .field("on_failure", &self.on_failure)
             .field("standby_poll", &self.standby_poll)
+            .field("partitions", &self.partitions)
+            .field("member", &self.member)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +143,10 @@ impl<S: Clone, C: Clone, P> Clone for ProjectionRunner<S, C, P> {
             standby_poll: self.standby_poll,
             lease_wait: self.lease_wait,
             progress: self.progress.clone(),
+            partitions: self.partitions,
+            repartition: self.repartition,
+            rebalance_interval: self.rebalance_interval,
+            member: Arc::clone(&self.member),
         }
     }
 }
@@ -166,6 +180,24 @@ impl RunningProjection {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+}
+
+/// A name for this runner among a partitioned projection's runners: host, process, random.
+fn new_member_name() -> Arc<str> {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "host".to_owned());
+    Arc::from(format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ))
 }
 
 /// Runs a handler's future, turning a panic into a handler error, so that an event whose
@@ -208,7 +240,67 @@ where
             standby_poll: Duration::from_secs(1),
             lease_wait: Duration::from_secs(5),
             progress: None,
+            partitions: 1,
+            repartition: false,
+            rebalance_interval: Duration::from_secs(1),
+            member: new_member_name(),
         }
+    }
+
+    /// Splits the projection into `count` partitions (default 1: unsplit), 1 to
+    /// [`MAX_PARTITIONS`](crate::MAX_PARTITIONS). All events of a stream are in one partition
+    /// and reach the projection in order; partitions are handled in parallel, each with its
+    /// own checkpoint, lease (with a fencing token) and dead letters, and reading only its own
+    /// events. Every runner of the projection, in this process or others, takes a fair share
+    /// of the partitions ([`run`](Self::run)); [`catch_up`](Self::catch_up) and
+    /// [`rebuild`](Self::rebuild) do all of them at once.
+    ///
+    /// The count is stored with the projection. A runner whose count differs from the stored
+    /// one fails with [`ProjectionError::PartitionCountChanged`], unless
+    /// [`repartition`](Self::repartition) lets it rebuild. A partitioned projection's handler
+    /// is called concurrently for different partitions: its writes must not depend on the
+    /// order of events of different streams.
+    #[must_use]
+    pub fn partitions(mut self, count: u16) -> Self {
+        self.partitions = count;
+        self
+    }
+
+    /// Lets [`run`](Self::run) change the stored number of partitions (default `false`): when
+    /// it differs from [`partitions`](Self::partitions), the runner waits until it can hold
+    /// every partition's lease (the runners with the old count stopped), then rebuilds the read
+    /// model in the new count.
+    #[must_use]
+    pub fn repartition(mut self, allowed: bool) -> Self {
+        self.repartition = allowed;
+        self
+    }
+
+    /// How often a runner of a partitioned projection renews its membership and rebalances
+    /// (default 1 s): takes free or expired partitions up to its fair share, hands extra ones
+    /// back. A runner that dies is replaced within the lease store's lease time plus this.
+    #[must_use]
+    pub fn rebalance_interval(mut self, interval: Duration) -> Self {
+        self.rebalance_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// This runner's name among the runners of a partitioned projection (default: the host
+    /// name, the process id and a random suffix).
+    #[must_use]
+    pub fn member_name(mut self, name: impl Into<String>) -> Self {
+        self.member = Arc::from(name.into());
+        self
+    }
+
+    /// The number of partitions, checked.
+    fn partition_count(&self) -> Result<u16, ProjectionError> {
+        crate::LogPartition::new(0, self.partitions)?;
+        Ok(self.partitions)
+    }
+
+    fn is_partitioned(&self) -> Result<bool, ProjectionError> {
+        Ok(self.partition_count()? > 1)
     }
 
     /// Stored events read and committed per batch (default
@@ -274,11 +366,65 @@ where
         self.key.as_ref().map_err(|err| err.clone().into())
     }
 
+    /// The worker of an unsplit projection.
     fn worker(&self) -> Result<Worker<'_, S, C, P>, ProjectionError> {
         Ok(Worker {
             runner: self,
             key: self.key()?.clone(),
+            partition: crate::LogPartition::ALL,
+            shared: None,
         })
+    }
+
+    /// Checks that an unsplit runner's projection is stored unsplit.
+    async fn check_unsplit(&self) -> Result<(), ProjectionError> {
+        let key = self.key()?;
+        let stored = self
+            .checkpoints
+            .partition_count(key.name(), 1)
+            .await
+            .map_err(|source| ProjectionError::Checkpoint {
+                projection: key.clone(),
+                source,
+            })?;
+        if stored != 1 {
+            return Err(ProjectionError::PartitionCountChanged {
+                projection: key.name().to_owned(),
+                stored,
+                requested: 1,
+            });
+        }
+        Ok(())
+    }
+
+    async fn run_stoppable(&self, stop: watch::Receiver<bool>) -> Result<(), ProjectionError> {
+        if self.is_partitioned()? {
+            return self.run_partitioned(stop).await;
+        }
+        match self.check_unsplit_or_retry(&stop).await {
+            // Back to one partition, allowed: the partitioned path rebuilds it.
+            Err(ProjectionError::PartitionCountChanged { .. }) if self.repartition => {
+                self.run_partitioned(stop).await
+            }
+            Err(err) => Err(err),
+            Ok(()) => self.worker()?.run_until_stopped(stop).await,
+        }
+    }
+
+    /// [`Self::check_unsplit`], retried while the store is unavailable.
+    async fn check_unsplit_or_retry(
+        &self,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), ProjectionError> {
+        loop {
+            match self.check_unsplit().await {
+                Err(err) if err.is_transient() && !*stop.borrow() => {
+                    tracing::warn!(projection = ?self.key, error = %err, "cannot read the projection's partition count; retrying");
+                    tokio::time::sleep(self.standby_poll).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Runs until `shutdown` resolves (then finishes the batch in progress, gives the lease up
@@ -295,9 +441,8 @@ where
         &self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProjectionError> {
-        let worker = self.worker()?;
         let (stop_tx, stop) = watch::channel(false);
-        let main = worker.run_until_stopped(stop);
+        let main = self.run_stoppable(stop);
         tokio::pin!(main);
         tokio::select! {
             result = &mut main => return result,
@@ -313,7 +458,7 @@ where
     /// [`RunningProjection::shutdown`].
     pub fn spawn(self) -> RunningProjection {
         let (stop_tx, stop) = watch::channel(false);
-        let task = tokio::spawn(async move { self.worker()?.run_until_stopped(stop).await });
+        let task = tokio::spawn(async move { self.run_stoppable(stop).await });
         RunningProjection {
             stop: stop_tx,
             task,
@@ -325,6 +470,10 @@ where
     /// [`ProjectionError::Busy`] if another runner holds the lease longer than
     /// [`lease_wait`](Self::lease_wait).
     pub async fn catch_up(&self) -> Result<crate::Position, ProjectionError> {
+        if self.is_partitioned()? {
+            return self.catch_up_partitions().await;
+        }
+        self.check_unsplit().await?;
         self.worker()?.catch_up().await
     }
 
@@ -345,19 +494,70 @@ where
     /// and repeats nothing; after an interrupted rebuild those appends are refused until it is
     /// run again.
     pub async fn rebuild(&self, from: crate::Position) -> Result<RebuildReport, ProjectionError> {
+        if self.is_partitioned()? {
+            return self.rebuild_partitions(from).await;
+        }
+        let key = self.key()?;
+        let stored = self
+            .checkpoints
+            .partition_count(key.name(), 1)
+            .await
+            .map_err(|source| ProjectionError::Checkpoint {
+                projection: key.clone(),
+                source,
+            })?;
+        if stored != 1 {
+            // Back to one partition: a rebuild of all of them into one.
+            return self.rebuild_partitions(from).await;
+        }
         self.worker()?.rebuild(from).await
     }
 
     /// The projection's parked events.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, ProjectionError> {
-        self.worker()?.dead_letters().await
+        if !self.is_partitioned()? {
+            return self.worker()?.dead_letters().await;
+        }
+        let mut letters = Vec::new();
+        for index in 0..self.partition_count()? {
+            letters.extend(self.partition_worker(index, None)?.dead_letters().await?);
+        }
+        letters.sort_by_key(|letter| letter.id);
+        Ok(letters)
+    }
+
+    /// The worker of the partition dead letter `id` belongs to (of this projection, or the
+    /// unsplit worker, which refuses it).
+    async fn dead_letter_worker(&self, id: u64) -> Result<Worker<'_, S, C, P>, ProjectionError> {
+        let key = self.key()?;
+        if !self.is_partitioned()? {
+            return self.worker();
+        }
+        let letter = self.checkpoints.dead_letter(id).await.map_err(|source| {
+            ProjectionError::Checkpoint {
+                projection: key.clone(),
+                source,
+            }
+        })?;
+        match letter {
+            Some(letter)
+                if letter.key.name() == key.name()
+                    && letter.key.partition() < self.partition_count()? =>
+            {
+                self.partition_worker(letter.key.partition(), None)
+            }
+            _ => self.worker(),
+        }
     }
 
     /// Deletes a parked event of this projection without handling it; `false` if there was
     /// none with this id. A dead letter of another projection is refused
     /// ([`ProjectionError::WrongDeadLetter`]).
     pub async fn discard_dead_letter(&self, id: u64) -> Result<bool, ProjectionError> {
-        self.worker()?.discard_dead_letter(id).await
+        self.dead_letter_worker(id)
+            .await?
+            .discard_dead_letter(id)
+            .await
     }
 
     /// Handles a parked event again (after a fix), reading it from the store as it is now. On
@@ -370,6 +570,9 @@ where
     /// interest, or upcasters now retire it), the dead letter is resolved without calling the
     /// handler, and the result says so: [`DeadLetterRetry::NothingToHandle`].
     pub async fn retry_dead_letter(&self, id: u64) -> Result<DeadLetterRetry, ProjectionError> {
-        self.worker()?.retry_dead_letter(id).await
+        self.dead_letter_worker(id)
+            .await?
+            .retry_dead_letter(id)
+            .await
     }
 }

@@ -1,12 +1,12 @@
 //! The runner at work on one projection key: the lease, the session loop, opening the cursor
 //! (with resets), reading batches.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::{GlobalLog, Position, StoreError};
+use crate::{GlobalBatch, GlobalLog, LogPartition, Position, StoreError};
 
 use super::{
     super::{
@@ -16,16 +16,22 @@ use super::{
     ProjectionRunner,
     cursor::{Cursor, Replay},
     guarded,
+    pool::SharedReplay,
 };
 
 /// The runner's configuration with a valid key: everything that processes events.
 pub(super) struct Worker<'r, S, C, P> {
     pub(super) runner: &'r ProjectionRunner<S, C, P>,
     pub(super) key: ProjectionKey,
+    /// The part of the log the key's partition reads ([`LogPartition::ALL`] unsplit).
+    pub(super) partition: LogPartition,
+    /// The whole projection's replay, when this worker replays one of its partitions beside
+    /// the others (a partitioned rebuild): progress is reported for all of them together.
+    pub(super) shared: Option<Arc<SharedReplay>>,
 }
 
 /// Why a session with the lease ended.
-enum SessionEnd {
+pub(super) enum SessionEnd {
     Stopped,
     LeaseLost,
 }
@@ -64,26 +70,35 @@ where
 
     pub(super) async fn catch_up(&self) -> Result<Position, ProjectionError> {
         let lease = self.lease_or_busy().await?;
-        let result = async {
+        let result = self.catch_up_with(&lease).await;
+        self.checkpoints().release(lease).await;
+        result
+    }
+
+    /// [`Self::catch_up`] with the lease held by the caller.
+    pub(super) async fn catch_up_with(
+        &self,
+        lease: &<C as LeaseStore>::Lease,
+    ) -> Result<Position, ProjectionError> {
+        async {
             let head = self.head().await?;
-            let mut cursor = self.open_cursor(None).await?;
+            let mut cursor = self.open_cursor(None, lease).await?;
             let target = cursor.replay_end().max(head);
             let (_keep_open, never_stop) = watch::channel(false);
             let mut replay = self.replay_in_progress(&cursor).await;
-            self.run_to(&mut cursor, &lease, target, &never_stop, &mut replay)
+            self.run_to(&mut cursor, lease, target, &never_stop, &mut replay)
                 .await?;
-            Ok(cursor.position())
+            Ok(cursor.read_from())
         }
-        .await;
-        self.checkpoints().release(lease).await;
-        result.map_err(|err| self.step_error(err))
+        .await
+        .map_err(|err| self.step_error(err))
     }
 
     pub(super) async fn rebuild(&self, from: Position) -> Result<RebuildReport, ProjectionError> {
         let lease = self.lease_or_busy().await?;
         let result = async {
             let head = self.head().await?;
-            let mut cursor = self.open_cursor(Some(from)).await?;
+            let mut cursor = self.open_cursor(Some(from), &lease).await?;
             let target = cursor.replay_end().max(head);
             let (_keep_open, never_stop) = watch::channel(false);
             let started = Instant::now();
@@ -128,7 +143,7 @@ where
     /// A commit failure: a moved checkpoint means another runner took over.
     pub(super) fn commit_failed(&self, err: CheckpointError) -> StepError {
         match err {
-            CheckpointError::Moved { .. } => {
+            CheckpointError::Moved { .. } | CheckpointError::Fenced { .. } => {
                 tracing::warn!(projection = %self.key, error = %err, "checkpoint moved under this runner; giving the lease up");
                 StepError::LeaseLost
             }
@@ -136,7 +151,7 @@ where
         }
     }
 
-    async fn lease_or_busy(&self) -> Result<<C as LeaseStore>::Lease, ProjectionError> {
+    pub(super) async fn lease_or_busy(&self) -> Result<<C as LeaseStore>::Lease, ProjectionError> {
         self.checkpoints()
             .wait_lease(&self.key, self.runner.lease_wait)
             .await
@@ -195,12 +210,12 @@ where
     }
 
     /// Processes while the lease is held: catch up, then follow.
-    async fn session(
+    pub(super) async fn session(
         &self,
         lease: &<C as LeaseStore>::Lease,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<SessionEnd, ProjectionError> {
-        let mut cursor = match self.open_cursor(None).await {
+        let mut cursor = match self.open_cursor(None, lease).await {
             Ok(cursor) => cursor,
             Err(StepError::LeaseLost) => return Ok(SessionEnd::LeaseLost),
             Err(StepError::Stopped) => return Ok(SessionEnd::Stopped),
@@ -220,11 +235,18 @@ where
                             "replay finished; following live events"
                         );
                     }
-                    let position = cursor.position();
+                    let position = cursor.read_from();
+                    // A partition that has looked past its checkpoint comes back to move it.
+                    let idle = if cursor.scanned > cursor.position() {
+                        super::cursor::IDLE_CHECKPOINT_EVERY
+                    } else {
+                        std::time::Duration::MAX
+                    };
                     tokio::select! {
                         waited = self.store().wait_for_events(position) => {
                             waited.map_err(|err| self.store_error(err))?;
                         }
+                        () = tokio::time::sleep(idle) => {}
                         _ = stop.wait_for(|stop| *stop) => return Ok(SessionEnd::Stopped),
                     }
                 }
@@ -233,6 +255,13 @@ where
                 Err(StepError::Fatal(err)) => return Err(err),
             }
         }
+    }
+
+    /// The next batch of this worker's partition after `from`.
+    async fn read(&self, from: Position) -> Result<GlobalBatch, StoreError> {
+        self.store()
+            .read_partition_batch(from, self.runner.batch_size, self.partition)
+            .await
     }
 
     /// The store's head position now.
@@ -259,11 +288,11 @@ where
             if self.step(cursor, lease, stop, replay).await? {
                 continue;
             }
-            if cursor.position() >= target {
+            if cursor.read_from() >= target {
                 return Ok(());
             }
             self.store()
-                .wait_for_events(cursor.position())
+                .wait_for_events(cursor.read_from())
                 .await
                 .map_err(|err| self.store_error(err))?;
         }
@@ -271,7 +300,11 @@ where
 
     /// Loads the checkpoint; resets the read model if `rebuild_from` is given or the
     /// projection's version is newer than the checkpoint's.
-    async fn open_cursor(&self, rebuild_from: Option<Position>) -> Result<Cursor, StepError> {
+    async fn open_cursor(
+        &self,
+        rebuild_from: Option<Position>,
+        lease: &<C as LeaseStore>::Lease,
+    ) -> Result<Cursor, StepError> {
         let version = self.projection().version();
         let stored = self
             .checkpoints()
@@ -282,6 +315,9 @@ where
             checkpoint: stored,
             version,
             ahead: None,
+            scanned: Position::START,
+            fence: self.checkpoints().fence(lease),
+            scanned_since: None,
         };
         let reset_to = match (stored, rebuild_from) {
             (Some(stored), _) if stored.version > version => {
@@ -292,6 +328,15 @@ where
                 }));
             }
             (_, Some(from)) => Some(from),
+            // A partitioned projection's version change resets the whole read model once, for
+            // every partition (see `pool`); a partition never resets it alone.
+            (Some(stored), None) if stored.version < version && !self.partition.is_all() => {
+                return Err(StepError::Fatal(ProjectionError::PartitionVersionBehind {
+                    projection: self.key.clone(),
+                    stored: stored.version,
+                    code: version,
+                }));
+            }
             (Some(stored), None) if stored.version < version => {
                 tracing::info!(
                     projection = %self.key,
@@ -327,7 +372,8 @@ where
                 version,
                 replay_until: (from < head).then_some(head),
             };
-            let mut commit = CheckpointCommit::advance(&self.key, stored, target);
+            let mut commit =
+                CheckpointCommit::advance(&self.key, stored, target).fenced(cursor.fence);
             // Parked events the replay reaches are handled (or parked) again.
             commit.clear_dead_letters_after = Some(from);
             self.checkpoints()
@@ -349,7 +395,11 @@ where
     }
 
     async fn start_replay(&self, from: Position) -> Replay {
-        let total = match self.store().count_events_after(from).await {
+        let total = match self
+            .store()
+            .count_partition_events_after(from, self.partition)
+            .await
+        {
             Ok(total) => total,
             Err(err) => {
                 tracing::debug!(error = %err, "cannot count events for progress");
@@ -374,18 +424,27 @@ where
         if !self.checkpoints().lease_held(lease) {
             return Err(StepError::LeaseLost);
         }
-        let from = cursor.position();
+        let from = cursor.read_from();
         let batch = match cursor.ahead.take() {
             Some((after, batch)) if after == from => batch,
-            _ => self
-                .store()
-                .read_all_batch(from, self.runner.batch_size)
-                .await
-                .map_err(|err| self.store_error(err))?,
+            _ => self.read(from).await.map_err(|err| self.store_error(err))?,
         };
         if batch.scanned_to <= from && batch.events.is_empty() {
             return Ok(false);
         }
+        if batch.events.is_empty() && !self.partition.is_all() {
+            // Nothing of this partition: look further next time; move the checkpoint there
+            // only now and then, not on every wake-up.
+            cursor.scanned = batch.scanned_to;
+            cursor.scanned_since.get_or_insert_with(Instant::now);
+            if cursor.idle_checkpoint_due() {
+                self.apply(cursor, Vec::new(), batch.scanned_to, stop)
+                    .await?;
+                cursor.scanned_since = None;
+            }
+            return Ok(false);
+        }
+        cursor.scanned_since = None;
         let read = batch.events.len() as u64;
         let to = batch.scanned_to.max(from);
         // A full batch means more is likely stored: read the next one while this one is
@@ -404,13 +463,7 @@ where
         if read_ahead {
             // A failed read ahead is only read again by the next step; a failed apply drops the
             // read at once.
-            let ahead = async {
-                Ok(self
-                    .store()
-                    .read_all_batch(to, self.runner.batch_size)
-                    .await
-                    .ok())
-            };
+            let ahead = async { Ok(self.read(to).await.ok()) };
             let ((), ahead) = futures_util::future::try_join(applying, ahead).await?;
             if let Some(ahead) = ahead
                 && !ahead.events.is_empty()
@@ -421,7 +474,9 @@ where
         } else {
             applying.await?;
         }
-        if let Some(replay) = replay {
+        if let Some(shared) = &self.shared {
+            shared.report(self.partition.index(), read, cursor.read_from());
+        } else if let Some(replay) = replay {
             replay.done += read;
             if let Some(progress) = &self.runner.progress {
                 progress(&RebuildProgress {

@@ -14,8 +14,8 @@ use crate::{
     EventStore, ExpectedVersion, GlobalLog, NewEvent, Position, RecordedEvent, StreamId,
     projection::{
         Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, DeadLetter,
-        DeadLetterStore, Delivery, HandlerError, HandlerRetry, Interest, LeaseStore, Projection,
-        ProjectionContext, ProjectionKey,
+        DeadLetterStore, Delivery, HandlerError, HandlerRetry, Interest, LeaseInfo, LeaseStore,
+        Projection, ProjectionContext, ProjectionKey,
     },
 };
 
@@ -182,6 +182,9 @@ impl<C: CheckpointStore> CheckpointStore for Faulty<C> {
     async fn load(&self, key: &ProjectionKey) -> Result<Option<Checkpoint>, CheckpointError> {
         self.inner.load(key).await
     }
+    async fn partition_count(&self, name: &str, proposed: u16) -> Result<u16, CheckpointError> {
+        self.inner.partition_count(name, proposed).await
+    }
     async fn begin(&self) -> Result<C::Tx, CheckpointError> {
         let fail = {
             let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
@@ -223,6 +226,21 @@ impl<C: LeaseStore> LeaseStore for Faulty<C> {
     }
     async fn release(&self, lease: C::Lease) {
         self.inner.release(lease).await;
+    }
+    fn fence(&self, lease: &Self::Lease) -> Option<u64> {
+        self.inner.fence(lease)
+    }
+    async fn heartbeat(&self, group: &str, member: &str) -> Result<u32, CheckpointError> {
+        self.inner.heartbeat(group, member).await
+    }
+    async fn leave(&self, group: &str, member: &str) {
+        self.inner.leave(group, member).await;
+    }
+    async fn leases(&self, name: &str) -> Result<Vec<LeaseInfo>, CheckpointError> {
+        self.inner.leases(name).await
+    }
+    async fn note_error(&self, key: &ProjectionKey, error: Option<&str>) {
+        self.inner.note_error(key, error).await;
     }
 }
 

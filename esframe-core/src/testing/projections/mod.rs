@@ -11,11 +11,13 @@ mod delivery;
 mod failures;
 mod fixtures;
 mod keys;
+mod partitions;
 mod rebuilds;
 mod recorder;
 
 pub use delivery::*;
 pub use failures::*;
 pub use keys::*;
+pub use partitions::*;
 pub use rebuilds::*;
 pub use recorder::{Applied, MemoryRecorder, Recorded, Recorder};
