@@ -37,6 +37,7 @@ pub struct PgEventStoreBuilder {
     schema: SchemaName,
     upcasters: Upcasters,
     notify: bool,
+    listen: bool,
     notify_interval: Duration,
     poll_interval: Duration,
     stall_warning_after: Duration,
@@ -50,6 +51,7 @@ impl std::fmt::Debug for PgEventStoreBuilder {
         f.debug_struct("PgEventStoreBuilder")
             .field("schema", &self.schema)
             .field("notify", &self.notify)
+            .field("listen", &self.listen)
             .field("poll_interval", &self.poll_interval)
             .field("reconnect_within", &self.reconnect_within)
             .field(
@@ -67,6 +69,7 @@ impl PgEventStoreBuilder {
             schema: SchemaName::default(),
             upcasters: Upcasters::default(),
             notify: true,
+            listen: true,
             notify_interval: Duration::from_millis(1),
             poll_interval: Duration::from_secs(1),
             stall_warning_after: Duration::from_secs(10),
@@ -97,6 +100,16 @@ impl PgEventStoreBuilder {
     /// it, other processes see new events after at most their poll interval.
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = notify;
+        self
+    }
+
+    /// Whether the store keeps a connection that `LISTEN`s for other processes' appends
+    /// (default `true`). `LISTEN` needs a session of its own: turn it off behind a connection
+    /// pooler in transaction mode, where subscriptions and projection runners then see other
+    /// processes' events after at most the [poll interval](Self::poll_interval). Nothing else
+    /// of the store keeps session state.
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
         self
     }
 
@@ -188,7 +201,12 @@ impl PgEventStoreBuilder {
                     self.notify_interval,
                     Arc::clone(&listener_pid),
                 ),
-                waker: Waker::new(self.pool.clone(), channel.clone(), listener_pid),
+                waker: Waker::new(
+                    self.pool.clone(),
+                    channel.clone(),
+                    listener_pid,
+                    self.listen,
+                ),
                 pool: self.pool,
                 schema: self.schema,
                 channel,

@@ -31,6 +31,8 @@ pub(crate) struct Waker {
     /// Backend pid of this store's LISTEN connection (0: none), which its own notifier need not
     /// wake: local subscribers are woken directly.
     own_pid: Arc<AtomicI32>,
+    /// Whether to keep a LISTEN connection at all (not behind a transaction pooler).
+    listen: bool,
     task: BackgroundTask,
 }
 
@@ -61,12 +63,18 @@ impl Drop for BackgroundTask {
 }
 
 impl Waker {
-    pub(crate) fn new(pool: PgPool, channel: String, own_pid: Arc<AtomicI32>) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        channel: String,
+        own_pid: Arc<AtomicI32>,
+        listen: bool,
+    ) -> Self {
         Self {
             pool,
             channel,
             sender: watch::Sender::new(0),
             own_pid,
+            listen,
             task: BackgroundTask::default(),
         }
     }
@@ -81,6 +89,9 @@ impl Waker {
     /// A receiver that sees every wake-up from now on; starts the listener if needed.
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         let receiver = self.sender.subscribe();
+        if !self.listen {
+            return receiver;
+        }
         self.task.ensure_running(|| {
             let (pool, channel, sender) =
                 (self.pool.clone(), self.channel.clone(), self.sender.clone());

@@ -7,8 +7,8 @@ use crate::{GlobalLog, Position, RecordedEvent};
 
 use super::{
     super::{
-        CheckpointCommit, CheckpointError, Delivery, HandlerError, NewDeadLetter, Projection,
-        ProjectionContext, ProjectionError, ProjectionStore,
+        CheckpointCommit, CheckpointError, Delivery, HandlerError, LeaseStore, NewDeadLetter,
+        Projection, ProjectionContext, ProjectionError, ProjectionStore,
     },
     OnFailure,
     cursor::Cursor,
@@ -29,6 +29,7 @@ where
         events: Vec<RecordedEvent>,
         to: Position,
         stop: &watch::Receiver<bool>,
+        lease: &<C as LeaseStore>::Lease,
     ) -> Result<(), StepError> {
         let interest = self.projection().interest();
         let wanted: Vec<RecordedEvent> =
@@ -90,6 +91,10 @@ where
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|stop| *stop) => return Err(StepError::Stopped),
+                }
+                // A runner that lost its lease stops retrying: the new holder handles the event.
+                if !self.checkpoints().lease_held(lease) {
+                    return Err(StepError::LeaseLost);
                 }
                 attempts += 1;
                 match self

@@ -438,7 +438,7 @@ where
             cursor.scanned = batch.scanned_to;
             cursor.scanned_since.get_or_insert_with(Instant::now);
             if cursor.idle_checkpoint_due() {
-                self.apply(cursor, Vec::new(), batch.scanned_to, stop)
+                self.apply(cursor, Vec::new(), batch.scanned_to, stop, lease)
                     .await?;
                 cursor.scanned_since = None;
             }
@@ -459,7 +459,9 @@ where
             to = to.get(),
             events = read
         );
-        let applying = self.apply(cursor, batch.events, to, stop).instrument(span);
+        let applying = self
+            .apply(cursor, batch.events, to, stop, lease)
+            .instrument(span);
         if read_ahead {
             // A failed read ahead is only read again by the next step; a failed apply drops the
             // read at once.
