@@ -130,6 +130,8 @@ async fn setup(label: &str) -> (PgEventStore, WorkerConfig) {
         listen: true,
         poll: Duration::from_millis(100),
         connections: 8,
+        tally: None,
+        concurrency: None,
     };
     (store, config)
 }

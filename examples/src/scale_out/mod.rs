@@ -134,6 +134,82 @@ impl Projection<PgTransaction> for Ledger {
     }
 }
 
+/// A read model that stands for a remote write: for every batch it waits `delay` and stores
+/// one row with the batch's size in `tally_batches` (by projection name), so that what was
+/// applied can be counted exactly. The benchmark's handler.
+#[derive(Debug, Clone)]
+pub struct BatchTally {
+    name: String,
+    schema: String,
+    delay: Duration,
+}
+
+impl BatchTally {
+    /// The tally `name` in `schema`.
+    pub fn new(name: impl Into<String>, schema: impl Into<String>, delay: Duration) -> Self {
+        Self {
+            name: name.into(),
+            schema: schema.into(),
+            delay,
+        }
+    }
+
+    /// Creates its table, if missing.
+    pub async fn create_table(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS \"{schema}\".tally_batches (
+                 projection TEXT NOT NULL, events INTEGER NOT NULL,
+                 at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
+             CREATE INDEX IF NOT EXISTS tally_batches_projection_idx
+                 ON \"{schema}\".tally_batches (projection);"
+        )))
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn store(
+        &self,
+        events: usize,
+        ctx: &mut ProjectionContext<'_, PgTransaction>,
+    ) -> Result<(), HandlerError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".tally_batches (projection, events) VALUES ($1, $2)",
+            self.schema
+        )))
+        .bind(&self.name)
+        .bind(i32::try_from(events)?)
+        .execute(ctx.tx().as_mut())
+        .await?;
+        Ok(())
+    }
+}
+
+impl Projection<PgTransaction> for BatchTally {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn handle(
+        &self,
+        _event: &RecordedEvent,
+        ctx: &mut ProjectionContext<'_, PgTransaction>,
+    ) -> Result<(), HandlerError> {
+        self.store(1, ctx).await
+    }
+
+    async fn handle_batch(
+        &self,
+        events: &[RecordedEvent],
+        ctx: &mut ProjectionContext<'_, PgTransaction>,
+    ) -> Result<(), HandlerError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.store(events.len(), ctx).await
+    }
+}
+
 /// A deposit of `amount`.
 pub fn deposit(amount: i64) -> NewEvent {
     NewEvent {
@@ -227,6 +303,11 @@ pub struct WorkerConfig {
     pub poll: Duration,
     /// The size of the worker's connection pool.
     pub connections: u32,
+    /// Run a [`BatchTally`] of this name instead of the ledger.
+    pub tally: Option<String>,
+    /// Partitions processed at once by the worker ([`ProjectionRunner::concurrency`]; `None`:
+    /// all it holds).
+    pub concurrency: Option<usize>,
 }
 
 impl WorkerConfig {
@@ -248,6 +329,8 @@ impl WorkerConfig {
             listen: var("LISTEN").is_none_or(|v| v != "0"),
             poll: millis("POLL_MS", 100),
             connections: var("CONNECTIONS").and_then(|v| v.parse().ok()).unwrap_or(8),
+            tally: var("TALLY"),
+            concurrency: var("CONCURRENCY").and_then(|v| v.parse().ok()),
         })
     }
 
@@ -266,6 +349,8 @@ impl WorkerConfig {
             ("CONNECTIONS", self.connections.to_string()),
         ]
         .into_iter()
+        .chain(self.tally.clone().map(|t| ("TALLY", t)))
+        .chain(self.concurrency.map(|c| ("CONCURRENCY", c.to_string())))
         .map(|(k, v)| (format!("ESFRAME_WORKER_{k}"), v))
         .collect()
     }
@@ -293,23 +378,51 @@ impl WorkerConfig {
         &self,
         store: &PgEventStore,
     ) -> ProjectionRunner<PgEventStore, esframe_postgres::PgCheckpoints, Ledger> {
-        ProjectionRunner::new(
+        self.configure(ProjectionRunner::new(
             store.clone(),
             store.checkpoints().lease_time(self.lease_time),
             Ledger::new(&self.schema, self.delay),
-        )
-        .partitions(self.partitions)
-        .batch_size(self.batch_size)
-        .rebalance_interval(self.rebalance)
-        .standby_poll(self.rebalance)
+        ))
+    }
+
+    /// The runner of the tally `name` in this configuration.
+    pub fn tally_runner(
+        &self,
+        store: &PgEventStore,
+        name: &str,
+    ) -> ProjectionRunner<PgEventStore, esframe_postgres::PgCheckpoints, BatchTally> {
+        self.configure(ProjectionRunner::new(
+            store.clone(),
+            store.checkpoints().lease_time(self.lease_time),
+            BatchTally::new(name, &self.schema, self.delay),
+        ))
+    }
+
+    fn configure<P: Projection<PgTransaction>>(
+        &self,
+        runner: ProjectionRunner<PgEventStore, esframe_postgres::PgCheckpoints, P>,
+    ) -> ProjectionRunner<PgEventStore, esframe_postgres::PgCheckpoints, P> {
+        let runner = runner
+            .partitions(self.partitions)
+            .batch_size(self.batch_size)
+            .rebalance_interval(self.rebalance)
+            .standby_poll(self.rebalance);
+        match self.concurrency {
+            Some(n) => runner.concurrency(n),
+            None => runner,
+        }
     }
 }
 
-/// Runs the ledger as one worker of a group until `shutdown` resolves, then leaves it cleanly.
+/// Runs the ledger (or the configured tally) as one worker of a group until `shutdown`
+/// resolves, then leaves it cleanly.
 pub async fn run_worker(config: &WorkerConfig, shutdown: impl Future<Output = ()> + Send) {
     let store = config.store().await;
-    let runner = config.runner(&store);
-    if let Err(err) = runner.run(shutdown).await {
+    let result = match &config.tally {
+        Some(name) => config.tally_runner(&store, name).run(shutdown).await,
+        None => config.runner(&store).run(shutdown).await,
+    };
+    if let Err(err) = result {
         eprintln!("worker stopped with an error: {err}");
         std::process::exit(3);
     }

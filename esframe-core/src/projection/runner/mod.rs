@@ -112,6 +112,7 @@ pub struct ProjectionRunner<S, C, P> {
     partitions: u16,
     repartition: bool,
     rebalance_interval: Duration,
+    concurrency: Option<usize>,
     /// This runner's name among the members of a partitioned projection's group.
     member: Arc<str>,
 }
@@ -146,6 +147,7 @@ impl<S: Clone, C: Clone, P> Clone for ProjectionRunner<S, C, P> {
             partitions: self.partitions,
             repartition: self.repartition,
             rebalance_interval: self.rebalance_interval,
+            concurrency: self.concurrency,
             member: Arc::clone(&self.member),
         }
     }
@@ -243,6 +245,7 @@ where
             partitions: 1,
             repartition: false,
             rebalance_interval: Duration::from_secs(1),
+            concurrency: None,
             member: new_member_name(),
         }
     }
@@ -282,6 +285,17 @@ where
     #[must_use]
     pub fn rebalance_interval(mut self, interval: Duration) -> Self {
         self.rebalance_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How many of its partitions this runner processes at the same time (default: all it
+    /// holds). Each partition it holds still has its own session and lease; with a limit they
+    /// take turns batch by batch, as Axon's threads or one consumer per process would. A
+    /// handler that waits on another service gains from the default; a limit models a worker
+    /// of fixed capacity, and keeps one runner from taking a whole database pool.
+    #[must_use]
+    pub fn concurrency(mut self, partitions_at_once: usize) -> Self {
+        self.concurrency = Some(partitions_at_once.max(1));
         self
     }
 
@@ -373,6 +387,7 @@ where
             key: self.key()?.clone(),
             partition: crate::LogPartition::ALL,
             shared: None,
+            permits: None,
         })
     }
 

@@ -92,6 +92,7 @@ where
             key: ProjectionKey::new(self.key()?.name(), index)?,
             partition,
             shared,
+            permits: None,
         })
     }
 
@@ -196,6 +197,9 @@ where
         }
         let member = self.member.as_ref();
         let offset = start_offset(member, count);
+        let permits = self
+            .concurrency
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         let mut sessions: BTreeMap<u16, Session> = BTreeMap::new();
         let mut members = 1;
         let mut joined = false;
@@ -278,7 +282,10 @@ where
                         match self.checkpoints.try_lease(&key).await {
                             Ok(Some(lease)) => {
                                 tracing::info!(projection = %key, share, members, "partition lease taken; running");
-                                sessions.insert(index, self.start_session(index, lease));
+                                sessions.insert(
+                                    index,
+                                    self.start_session(index, lease, permits.clone()),
+                                );
                                 wanted -= 1;
                             }
                             Ok(None) => {}
@@ -319,11 +326,17 @@ where
     }
 
     /// Starts partition `index`'s session on a task of its own, with its lease.
-    fn start_session(&self, index: u16, lease: <C as LeaseStore>::Lease) -> Session {
+    fn start_session(
+        &self,
+        index: u16,
+        lease: <C as LeaseStore>::Lease,
+        permits: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Session {
         let (stop, mut stopped) = watch::channel(false);
         let runner = self.clone();
         let task = tokio::spawn(async move {
-            let worker = runner.partition_worker(index, None)?;
+            let mut worker = runner.partition_worker(index, None)?;
+            worker.permits = permits;
             let end = worker.session(&lease, &mut stopped).await;
             runner.checkpoints.release(lease).await;
             if end.is_ok() {

@@ -28,6 +28,9 @@ pub(super) struct Worker<'r, S, C, P> {
     /// The whole projection's replay, when this worker replays one of its partitions beside
     /// the others (a partitioned rebuild): progress is reported for all of them together.
     pub(super) shared: Option<Arc<SharedReplay>>,
+    /// Permits shared by the partition sessions of one runner, when it processes only some of
+    /// its partitions at a time ([`ProjectionRunner::concurrency`]): one per batch.
+    pub(super) permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Why a session with the lease ended.
@@ -421,6 +424,15 @@ where
         stop: &watch::Receiver<bool>,
         replay: &mut Option<Replay>,
     ) -> Result<bool, StepError> {
+        let _permit = match &self.permits {
+            Some(permits) => Some(
+                Arc::clone(permits)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| StepError::Stopped)?,
+            ),
+            None => None,
+        };
         if !self.checkpoints().lease_held(lease) {
             return Err(StepError::LeaseLost);
         }

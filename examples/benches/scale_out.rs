@@ -1,0 +1,424 @@
+//! Partitioned projections on PostgreSQL, run by 1, 2 and 4 worker processes (this binary run
+//! again as a worker).
+//!
+//! `cargo bench -p esframe-examples --bench scale_out` (PostgreSQL at `DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`). `ESFRAME_BENCH_EVENTS` sets the events in the
+//! log (default 100,000), `ESFRAME_BENCH_ROUNDS` the paired rounds (default 5).
+//!
+//! 1. **Remote-write handler**: a `BatchTally` that waits 1 ms per batch of 100 and stores one
+//!    row, over 16 partitions, each worker processing one partition at a time
+//!    (`concurrency(1)`, a worker of fixed capacity). Each round runs 1, 2 and 4 workers over
+//!    the same stored log, each under a projection name of its own; the rate is events over
+//!    the time from the first batch's commit to the last's. Then the same with the default
+//!    concurrency (every partition a worker holds at once).
+//! 2. **The ledger** (balances per account, two statements per event): CPU-bound here.
+//! 3. **Rows read per event delivered**: the events table's index fetches during the 4-worker
+//!    catch-up, divided by the events delivered.
+//! 4. **Failover**: two workers (lease time 2 s) under a steady write load; one is killed with
+//!    SIGKILL; the time until every one of its partitions has a new holder and has moved past
+//!    where it was.
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use esframe_core::{EventStore, ExpectedVersion, StreamId, projection::ProjectionStatus};
+use esframe_examples::scale_out::{self, BatchTally, Ledger, WorkerConfig};
+use esframe_postgres::PgEventStore;
+use sqlx::{AssertSqlSafe, PgPool};
+
+const SCHEMA: &str = "esframe_bench_scale";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn range(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+struct Worker(Child);
+
+impl Worker {
+    fn start(config: &WorkerConfig) -> Self {
+        let child = Command::new(std::env::current_exe().expect("this binary"))
+            .envs(config.to_env())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start a worker");
+        Self(child)
+    }
+
+    fn stop(mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+
+    fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn config(delay: Duration) -> WorkerConfig {
+    WorkerConfig {
+        url: database_url(),
+        schema: SCHEMA.to_owned(),
+        partitions: 16,
+        lease_time: Duration::from_secs(2),
+        rebalance: Duration::from_millis(100),
+        batch_size: 100,
+        delay,
+        listen: true,
+        poll: Duration::from_millis(100),
+        connections: 8,
+        tally: None,
+        concurrency: None,
+    }
+}
+
+async fn open_store(pool: PgPool) -> PgEventStore {
+    PgEventStore::builder(pool)
+        .schema(SCHEMA)
+        .expect("schema")
+        .build()
+        .await
+        .expect("open the store")
+}
+
+/// `events` deposits in appends of 100 to 1,000 accounts.
+async fn fill(store: &PgEventStore, events: usize) {
+    let appends = events.div_ceil(100);
+    let mut tasks = Vec::new();
+    for writer in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (writer..appends).step_by(4) {
+                let stream = StreamId::new("account", format!("acc-{}", n % 1000)).expect("id");
+                let batch = (0..100).map(|i| scale_out::deposit(i % 9 + 1)).collect();
+                store
+                    .append(&stream, ExpectedVersion::Any, batch)
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("a filler");
+    }
+}
+
+/// Events the tally `name` has applied, and the time between its first and last batch.
+async fn tally_of(pool: &PgPool, name: &str) -> (i64, f64) {
+    let (events, seconds): (Option<i64>, Option<f64>) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT sum(events)::bigint, extract(epoch FROM max(at) - min(at))::float8
+         FROM \"{SCHEMA}\".tally_batches WHERE projection = $1"
+    )))
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .expect("tally");
+    (events.unwrap_or(0), seconds.unwrap_or(0.0))
+}
+
+/// Runs `workers` workers of the tally `name` until it has applied `events`; events/s.
+async fn run_tally(
+    pool: &PgPool,
+    mut config: WorkerConfig,
+    name: &str,
+    workers: usize,
+    events: i64,
+) -> f64 {
+    config.tally = Some(name.to_owned());
+    let started: Vec<_> = (0..workers).map(|_| Worker::start(&config)).collect();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (done, _) = tally_of(pool, name).await;
+        if done >= events {
+            assert_eq!(done, events, "{name}: every event once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: stuck at {done} of {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for worker in started {
+        worker.stop();
+    }
+    let (done, seconds) = tally_of(pool, name).await;
+    done as f64 / seconds.max(1e-3)
+}
+
+/// Index fetches of the events table so far (`pg_stat_user_tables.idx_tup_fetch`).
+async fn index_fetches(pool: &PgPool) -> i64 {
+    // Statistics reach the shared counters within a second of a transaction's end.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    sqlx::query_scalar(
+        "SELECT coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+         WHERE schemaname = $1 AND relname = 'events'",
+    )
+    .bind(SCHEMA)
+    .fetch_one(pool)
+    .await
+    .expect("statistics")
+}
+
+fn holders(status: &ProjectionStatus) -> BTreeMap<u16, Option<String>> {
+    status
+        .partitions
+        .iter()
+        .map(|p| (p.key.partition(), p.holder.clone()))
+        .collect()
+}
+
+/// Seconds from a SIGKILL of one of two workers until all its partitions moved again.
+async fn failover(store: &PgEventStore, round: usize) -> f64 {
+    let mut cfg = config(Duration::ZERO);
+    let name = format!("failover_{round}");
+    cfg.tally = Some(name.clone());
+    let runner = cfg.tally_runner(store, &name);
+    let victim = Worker::start(&cfg);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let survivor = Worker::start(&cfg);
+    let writing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 0u64.. {
+                let stream = StreamId::new("account", format!("acc-{}", n % 1000)).expect("id");
+                let _ = store
+                    .append(&stream, ExpectedVersion::Any, vec![scale_out::deposit(1)])
+                    .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    // Wait for an even split.
+    let status = loop {
+        let status = runner.status().await.expect("status");
+        let by_holder = holders(&status)
+            .into_values()
+            .fold(BTreeMap::new(), |mut m, h| {
+                *m.entry(h).or_insert(0) += 1;
+                m
+            });
+        if by_holder.len() == 2 && !by_holder.contains_key(&None) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let victim_pid = victim.0.id();
+    let victims: Vec<(u16, esframe_core::Position)> = status
+        .partitions
+        .iter()
+        .filter(|p| {
+            p.holder
+                .as_deref()
+                .is_some_and(|h| h.ends_with(&format!(":{victim_pid}")))
+        })
+        .map(|p| (p.key.partition(), p.position))
+        .collect();
+    let killed = Instant::now();
+    victim.kill9();
+    loop {
+        let status = runner.status().await.expect("status");
+        let moved = victims.iter().all(|(partition, at)| {
+            let p = &status.partitions[usize::from(*partition)];
+            p.holder
+                .as_deref()
+                .is_some_and(|h| !h.ends_with(&format!(":{victim_pid}")))
+                && p.position > *at
+        });
+        if moved {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = killed.elapsed().as_secs_f64();
+    writing.abort();
+    survivor.stop();
+    seconds
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if let Some(config) = WorkerConfig::from_env() {
+        let stdin_closed = async {
+            let _ = tokio::task::spawn_blocking(|| {
+                use std::io::Read;
+                let mut byte = [0u8; 1];
+                while std::io::stdin().read(&mut byte).is_ok_and(|n| n > 0) {}
+            })
+            .await;
+        };
+        scale_out::run_worker(&config, stdin_closed).await;
+        return;
+    }
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let events: usize = env_or("ESFRAME_BENCH_EVENTS", 100_000);
+    let rounds: usize = env_or("ESFRAME_BENCH_ROUNDS", 5).max(1);
+    let pool = PgEventStore::pool_options()
+        .max_connections(16)
+        .connect(&database_url())
+        .await
+        .expect("PostgreSQL at DATABASE_URL");
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{SCHEMA}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .expect("drop the bench schema");
+    let store = open_store(pool.clone()).await;
+    BatchTally::create_table(&pool, SCHEMA)
+        .await
+        .expect("tally table");
+    Ledger::new(SCHEMA, Duration::ZERO)
+        .create_tables(&pool)
+        .await
+        .expect("ledger tables");
+    let filled = Instant::now();
+    fill(&store, events).await;
+    let events = events.div_ceil(100) as i64 * 100;
+    println!(
+        "scale_out: {events} events in the log ({:.1} s to append), 16 partitions, batches of 100, {}",
+        filled.elapsed().as_secs_f64(),
+        chrono::Utc::now().format("%Y-%m-%d")
+    );
+
+    for (label, concurrency) in [
+        ("one partition at a time per worker", Some(1)),
+        ("every held partition at once", None),
+    ] {
+        let mut rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut rows_per_event = Vec::new();
+        for round in 0..rounds {
+            let mut base = 0.0;
+            for workers in [1, 2, 4] {
+                let mut cfg = config(Duration::from_millis(1));
+                cfg.concurrency = concurrency;
+                let name = format!("tally_{}_{round}_{workers}", concurrency.map_or(0, |c| c));
+                let before = index_fetches(&pool).await;
+                let rate = run_tally(&pool, cfg, &name, workers, events).await;
+                if workers == 4 {
+                    let after = index_fetches(&pool).await;
+                    rows_per_event.push((after - before) as f64 / events as f64);
+                }
+                if workers == 1 {
+                    base = rate;
+                } else {
+                    ratios.entry(workers).or_default().push(rate / base);
+                }
+                rates.entry(workers).or_default().push(rate);
+            }
+        }
+        println!("\n1 ms remote write per batch, {label}:");
+        for (workers, rates) in &mut rates {
+            println!(
+                "  {workers} worker(s): {:>9.0} events/s (median of {rounds})",
+                median(rates)
+            );
+        }
+        for (workers, ratios) in &mut ratios {
+            let (lo, hi) = range(ratios);
+            println!(
+                "  {workers} workers over 1: {:.2}x (range {lo:.2}-{hi:.2}x)",
+                median(ratios)
+            );
+        }
+        let (lo, hi) = range(&rows_per_event);
+        println!(
+            "  rows read per event delivered (4 workers): {:.3} (range {lo:.3}-{hi:.3})",
+            median(&mut rows_per_event)
+        );
+    }
+
+    // The ledger: two statements per event, CPU-bound on a small machine.
+    let mut ledger: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for round in 0..rounds.min(3) {
+        for workers in [1, 2, 4] {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "TRUNCATE \"{SCHEMA}\".ledger_balances, \"{SCHEMA}\".ledger_applied;
+                 DELETE FROM \"{SCHEMA}\".projection_checkpoints WHERE projection = 'ledger';
+                 DELETE FROM \"{SCHEMA}\".projection_partitions WHERE projection = 'ledger';
+                 DELETE FROM \"{SCHEMA}\".projection_leases WHERE projection = 'ledger';"
+            )))
+            .execute(&pool)
+            .await
+            .expect("reset the ledger");
+            let cfg = config(Duration::ZERO);
+            let started_at = Instant::now();
+            let started: Vec<_> = (0..workers).map(|_| Worker::start(&cfg)).collect();
+            loop {
+                let check = scale_out::check(&pool, SCHEMA).await.expect("check");
+                if check.applied >= events {
+                    assert!(check.exact(), "round {round}: {check:?}");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let seconds = started_at.elapsed().as_secs_f64();
+            for worker in started {
+                worker.stop();
+            }
+            ledger
+                .entry(workers)
+                .or_default()
+                .push(events as f64 / seconds);
+        }
+    }
+    println!("\nthe ledger (two statements per event, exact), including worker start-up:");
+    let base = median(&mut ledger.get(&1).cloned().unwrap_or_default());
+    for (workers, rates) in &mut ledger {
+        let rate = median(rates);
+        println!(
+            "  {workers} worker(s): {rate:>9.0} events/s ({:.2}x of 1)",
+            rate / base
+        );
+    }
+
+    let mut failovers: Vec<f64> = (0..rounds).map(|_| 0.0).collect();
+    for (round, seconds) in failovers.iter_mut().enumerate() {
+        *seconds = failover(&store, round).await;
+    }
+    let (lo, hi) = range(&failovers);
+    println!(
+        "\nfailover after SIGKILL, lease time 2 s, rebalance every 100 ms: {:.2} s (range {lo:.2}-{hi:.2} s; target under 2.1 s)",
+        median(&mut failovers)
+    );
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{SCHEMA}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .expect("drop the bench schema");
+}
