@@ -29,6 +29,7 @@ chapters! {
     concepts_snapshots => "src/concepts/snapshots.md",
     concepts_versioning => "src/concepts/versioning.md",
     concepts_projections => "src/concepts/projections.md",
+    concepts_scale_out => "src/concepts/scale-out.md",
     concepts_publishing => "src/concepts/publishing.md",
     concepts_process_managers => "src/concepts/process-managers.md",
     concepts_global_log => "src/concepts/global-log.md",

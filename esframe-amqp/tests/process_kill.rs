@@ -46,11 +46,20 @@ async fn run_child() {
     let store = common::open_store(&child::setting("ESFRAME_CHILD_SCHEMA")).await;
     let sink = AmqpSink::new(amqp_url(), child::setting("ESFRAME_CHILD_EXCHANGE"))
         .connection_name(child::setting("ESFRAME_CHILD_CONNECTION"));
-    let running = Publisher::new(store.clone(), store.checkpoints(), sink, NAME, "/bank")
-        .expect("a valid publisher name")
-        .backoff(common::quick())
-        .batch_size(100)
-        .spawn();
+    let running = Publisher::new(
+        store.clone(),
+        store
+            .checkpoints()
+            // A killed publisher's lease lapses quickly, so the next one takes over at once.
+            .lease_time(std::time::Duration::from_millis(500)),
+        sink,
+        NAME,
+        "/bank",
+    )
+    .expect("a valid publisher name")
+    .backoff(common::quick())
+    .batch_size(100)
+    .spawn();
     child::serve(running).await
 }
 

@@ -287,6 +287,7 @@ impl LeaseStore for MemoryCheckpoints {
                     .contains_key(key)
                     .then(|| format!("this process (pid {})", std::process::id())),
                 expires_in: None,
+                expired: false,
                 token: data
                     .leases
                     .get(key)

@@ -44,7 +44,10 @@ async fn run_child() {
     let js = async_nats::jetstream::new(common::nats().await);
     let running = Publisher::new(
         store.clone(),
-        store.checkpoints(),
+        store
+            .checkpoints()
+            // A killed publisher's lease lapses quickly, so the next one takes over at once.
+            .lease_time(std::time::Duration::from_millis(500)),
         JetStreamSink::new(js),
         NAME,
         "/bank",

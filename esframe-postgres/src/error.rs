@@ -20,6 +20,9 @@ pub(crate) mod sqlstate {
     /// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`: the server ended the session
     /// or is restarting.
     pub(crate) const SERVER_GOING_AWAY: [&str; 3] = ["57P01", "57P02", "57P03"];
+    /// `idle_in_transaction_session_timeout`: the server ended a session whose transaction sat
+    /// idle too long (a runner paused past its lease).
+    pub(crate) const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 }
 
 /// Constraint names from the migrations, used to classify unique violations.
@@ -67,13 +70,14 @@ pub(crate) fn classify(err: &sqlx::Error) -> AppendFailure {
 
 /// Whether `err` says the connection was already dead or died under the statement: the socket
 /// failed, or the server ended the session (`57P01` admin shutdown, `57P02` crash shutdown,
-/// `57P03` cannot connect now).
+/// `57P03` cannot connect now, `25P03` idle in transaction too long).
 pub(crate) fn connection_lost(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| sqlstate::SERVER_GOING_AWAY.contains(&code.as_ref())),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            sqlstate::SERVER_GOING_AWAY.contains(&code.as_ref())
+                || code == sqlstate::IDLE_IN_TRANSACTION_TIMEOUT
+        }),
         _ => false,
     }
 }

@@ -185,6 +185,15 @@ impl PgProcessStore {
         })
     }
 
+    /// The runner's lease time (default [`DEFAULT_LEASE_TIME`](crate::DEFAULT_LEASE_TIME));
+    /// see [`PgCheckpoints::lease_time`](crate::PgCheckpoints::lease_time). A standby runner
+    /// takes over about this long after the active one dies.
+    #[must_use]
+    pub fn lease_time(mut self, lease_time: std::time::Duration) -> Self {
+        self.checkpoints = self.checkpoints.lease_time(lease_time);
+        self
+    }
+
     /// The event store.
     pub fn store(&self) -> &PgEventStore {
         &self.store

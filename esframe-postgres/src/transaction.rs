@@ -11,6 +11,8 @@
 //! publisher or process manager whose task is aborted can do that. Tested by
 //! `tests/cancellation.rs`, which fails within a few hundred aborts with `pool.begin()`.
 
+use std::time::Duration;
+
 use sqlx::PgPool;
 
 use crate::PgTransaction;
@@ -21,6 +23,25 @@ use crate::PgTransaction;
 pub(crate) async fn begin(pool: &PgPool) -> Result<PgTransaction, sqlx::Error> {
     let pool = pool.clone();
     match tokio::spawn(async move { pool.begin().await }).await {
+        Ok(begun) => begun,
+        Err(stopped) => Err(sqlx::Error::Protocol(format!(
+            "the task beginning a transaction stopped: {stopped}"
+        ))),
+    }
+}
+
+/// [`begin`], with the server ending the session if the transaction sits idle (no statement
+/// running) for `idle`: a process paused in the middle of a transaction (`SIGSTOP`, a long GC)
+/// loses its transaction and its locks after that long, instead of holding them for the whole
+/// pause. Set in the `BEGIN` round trip itself.
+pub(crate) async fn begin_bounded(
+    pool: &PgPool,
+    idle: Duration,
+) -> Result<PgTransaction, sqlx::Error> {
+    let pool = pool.clone();
+    let millis = idle.as_millis().clamp(1, i32::MAX as u128);
+    let statement = format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {millis}");
+    match tokio::spawn(async move { pool.begin_with(sqlx::AssertSqlSafe(statement)).await }).await {
         Ok(begun) => begun,
         Err(stopped) => Err(sqlx::Error::Protocol(format!(
             "the task beginning a transaction stopped: {stopped}"

@@ -966,7 +966,10 @@ async fn process_runner_child() {
     let runner = services
         .runner(
             OrderFulfilment::default(),
-            PgProcessStore::new(&store).expect("no inline projections"),
+            PgProcessStore::new(&store)
+                .expect("no inline projections")
+                // A killed runner's lease lapses quickly, so the next one takes over at once.
+                .lease_time(Duration::from_millis(500)),
             Clock::system(),
         )
         .expect("a runner");

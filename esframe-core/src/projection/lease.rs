@@ -105,6 +105,9 @@ pub struct LeaseInfo {
     /// Time left before it expires if its holder stops renewing it (`None`: it does not
     /// expire).
     pub expires_in: Option<Duration>,
+    /// Whether its holder stopped renewing it before giving it up (it died, or is paused or
+    /// cut off): the lease is free to take, and the partition has no runner.
+    pub expired: bool,
     /// The fencing token ([`LeaseStore::fence`]).
     pub token: Option<u64>,
     /// The last error its runners recorded ([`LeaseStore::note_error`]).

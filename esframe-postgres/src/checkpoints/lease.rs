@@ -270,6 +270,7 @@ impl LeaseStore for PgCheckpoints {
                     partition: u16::try_from(row.try_get::<i32, _>("partition")?).unwrap_or(0),
                     holder: row.try_get("holder")?,
                     expires_in: expires_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                    expired: row.try_get("expired")?,
                     token: u64::try_from(row.try_get::<i64, _>("token")?).ok(),
                     last_error: row.try_get("last_error")?,
                 })

@@ -141,7 +141,8 @@ impl Queries {
                 "SELECT partition, token, last_error,
                         CASE WHEN holder IS NOT NULL AND expires_at > now() THEN holder END AS holder,
                         CASE WHEN holder IS NOT NULL AND expires_at > now()
-                             THEN extract(epoch FROM expires_at - now())::float8 END AS expires_in
+                             THEN extract(epoch FROM expires_at - now())::float8 END AS expires_in,
+                        holder IS NOT NULL AND expires_at <= now() AS expired
                  FROM {leases} WHERE projection = $1 ORDER BY partition"
             ),
             note_error: format!(
@@ -393,8 +394,13 @@ impl CheckpointStore for PgCheckpoints {
         )))
     }
 
+    /// A transaction the server ends if it sits idle for the lease time: a runner paused in
+    /// the middle of a batch (past its lease, so another runner takes the partition over)
+    /// does not keep the batch's locks, nor the lease row its commit locks, for the whole
+    /// pause. A handler that waits longer than the lease time between two statements fails
+    /// its batch, which is retried.
     async fn begin(&self) -> Result<PgTransaction, CheckpointError> {
-        crate::transaction::begin(&self.inner.pool)
+        crate::transaction::begin_bounded(&self.inner.pool, self.inner.lease_time)
             .await
             .map_err(unavailable)
     }

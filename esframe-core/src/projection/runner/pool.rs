@@ -268,25 +268,39 @@ where
                         );
                         let _ = sessions[index].stop.send(true);
                     }
-                } else if active.len() < share {
-                    let mut wanted = share - active.len();
-                    for step in 0..usize::from(count) {
-                        if wanted == 0 {
-                            break;
+                } else {
+                    // Free partitions, up to the fair share; beyond it, orphans too (leases
+                    // whose holder stopped renewing them): a dead runner's partitions move as
+                    // soon as their leases expire, not only once its membership has.
+                    let leases = match self.checkpoints.leases(name.name()).await {
+                        Ok(leases) => leases,
+                        Err(err) if err.is_transient() => {
+                            tracing::warn!(projection = name.name(), error = %err, "cannot list the partition leases; retrying");
+                            Vec::new()
                         }
+                        Err(err) => break Err(checkpoint_error(&name, err)),
+                    };
+                    let mut wanted = share.saturating_sub(active.len());
+                    for step in 0..usize::from(count) {
                         let index = ((offset + step) % usize::from(count)) as u16;
                         if sessions.contains_key(&index) {
+                            continue;
+                        }
+                        let info = leases.iter().find(|l| l.partition == index);
+                        let free = info.is_none_or(|l| l.holder.is_none());
+                        let orphan = info.is_some_and(|l| l.expired);
+                        if !free || (wanted == 0 && !orphan) {
                             continue;
                         }
                         let key = ProjectionKey::new(name.name(), index)?;
                         match self.checkpoints.try_lease(&key).await {
                             Ok(Some(lease)) => {
-                                tracing::info!(projection = %key, share, members, "partition lease taken; running");
+                                tracing::info!(projection = %key, share, members, orphan, "partition lease taken; running");
                                 sessions.insert(
                                     index,
                                     self.start_session(index, lease, permits.clone()),
                                 );
-                                wanted -= 1;
+                                wanted = wanted.saturating_sub(1);
                             }
                             Ok(None) => {}
                             Err(err) if err.is_transient() => {
