@@ -18,6 +18,11 @@ use esframe_examples::scale_out::{self, Ledger, WorkerConfig, append_deposit};
 use esframe_postgres::PgEventStore;
 use tokio::task::JoinHandle;
 
+/// The tests of this file run one at a time: each starts several worker processes with pools
+/// of their own, and together they would pass PostgreSQL's connection limit when `cargo test`
+/// runs them in parallel threads.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Not a test of its own: the entry point of a worker process (this binary run again with
 /// `scale_out_worker --exact`). Without `ESFRAME_WORKER_SCHEMA` it does nothing. The worker
 /// runs until its stdin closes, then leaves its group cleanly; it never outlives its test.
@@ -212,6 +217,7 @@ async fn wait_balanced(store: &PgEventStore, config: &WorkerConfig, workers: usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_worker_processes_on_sixteen_partitions_apply_every_event_once() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let (store, config) = setup("scale_four").await;
     let workers: Vec<_> = (0..4)
         .map(|n| Worker::start(&config, &format!("w{n}")))
@@ -230,6 +236,7 @@ async fn four_worker_processes_on_sixteen_partitions_apply_every_event_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_killed_with_sigkill_30_times_are_replaced_and_the_ledger_stays_exact() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let (store, config) = setup("scale_kill").await;
     let mut workers: Vec<Worker> = (0..3)
         .map(|n| Worker::start(&config, &format!("w{n}")))
@@ -255,6 +262,7 @@ async fn workers_killed_with_sigkill_30_times_are_replaced_and_the_ledger_stays_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_paused_past_its_lease_is_fenced_off_when_it_resumes() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let (store, mut config) = setup("scale_pause").await;
     // Batches take a while, so that the paused worker is caught inside one.
     config.delay = Duration::from_millis(40);
@@ -297,6 +305,7 @@ async fn a_worker_paused_past_its_lease_is_fenced_off_when_it_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_joining_and_leaving_rebalance_the_partitions_and_the_ledger_stays_exact() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let (store, config) = setup("scale_join").await;
     let writing = writers(&store, 500, Duration::from_millis(3));
     let mut workers = vec![Worker::start(&config, "first")];
@@ -448,6 +457,7 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn through_pgbouncer_in_session_mode_three_workers_keep_the_ledger_exact() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let bouncer = PgBouncer::start("session");
     let (store, mut config) = setup("scale_bouncer").await;
     config.url = bouncer.url();
@@ -464,4 +474,67 @@ async fn through_pgbouncer_in_session_mode_three_workers_keep_the_ledger_exact()
     for worker in workers {
         worker.stop();
     }
+}
+
+/// PgBouncer 1.18 in transaction mode hands each transaction to any server connection, and
+/// sqlx prepares its statements under names on one connection: esframe cannot run there (say
+/// so, and check it stays so; when a PgBouncer that tracks prepared statements, 1.21 or later,
+/// is installed, this test fails and the book's "Connection poolers" should change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_pgbouncer_in_transaction_mode_sqlx_statements_are_lost() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let bouncer = PgBouncer::start("transaction");
+    let store = common::store("scale_txmode").await;
+    let schema = store.schema().to_string();
+    let pool = PgEventStore::pool_options()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&bouncer.url())
+        .await
+        .expect("connect through pgbouncer");
+    let through = PgEventStore::builder(pool)
+        .schema(&schema)
+        .expect("schema")
+        .listen(false)
+        .build()
+        .await;
+    let mut failure = None;
+    match through {
+        Err(err) => failure = Some(err.to_string()),
+        Ok(through) => {
+            let appends: Vec<_> = (0..16)
+                .map(|n| {
+                    let through = through.clone();
+                    tokio::spawn(async move {
+                        let stream =
+                            esframe_core::StreamId::new("account", format!("tx-{n}")).unwrap();
+                        let mut errors = Vec::new();
+                        for _ in 0..20 {
+                            if let Err(err) = esframe_core::EventStore::append(
+                                &through,
+                                &stream,
+                                esframe_core::ExpectedVersion::Any,
+                                vec![scale_out::deposit(1)],
+                            )
+                            .await
+                            {
+                                errors.push(format!("{err:?}"));
+                            }
+                        }
+                        errors
+                    })
+                })
+                .collect();
+            for append in appends {
+                if let Some(err) = append.await.expect("appender").into_iter().next() {
+                    failure = Some(err);
+                }
+            }
+        }
+    }
+    let failure = failure.expect("esframe ran through PgBouncer in transaction mode");
+    assert!(
+        failure.contains("prepared statement"),
+        "another failure than lost prepared statements: {failure}"
+    );
 }
