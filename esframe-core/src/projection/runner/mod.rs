@@ -393,23 +393,7 @@ where
 
     /// Checks that an unsplit runner's projection is stored unsplit.
     async fn check_unsplit(&self) -> Result<(), ProjectionError> {
-        let key = self.key()?;
-        let stored = self
-            .checkpoints
-            .partition_count(key.name(), 1)
-            .await
-            .map_err(|source| ProjectionError::Checkpoint {
-                projection: key.clone(),
-                source,
-            })?;
-        if stored != 1 {
-            return Err(ProjectionError::PartitionCountChanged {
-                projection: key.name().to_owned(),
-                stored,
-                requested: 1,
-            });
-        }
-        Ok(())
+        self.check_partition_count().await
     }
 
     async fn run_stoppable(&self, stop: watch::Receiver<bool>) -> Result<(), ProjectionError> {
@@ -512,16 +496,7 @@ where
         if self.is_partitioned()? {
             return self.rebuild_partitions(from).await;
         }
-        let key = self.key()?;
-        let stored = self
-            .checkpoints
-            .partition_count(key.name(), 1)
-            .await
-            .map_err(|source| ProjectionError::Checkpoint {
-                projection: key.clone(),
-                source,
-            })?;
-        if stored != 1 {
+        if self.stored_partition_count().await? != 1 {
             // Back to one partition: a rebuild of all of them into one.
             return self.rebuild_partitions(from).await;
         }

@@ -100,6 +100,32 @@ where
         self.key().cloned()
     }
 
+    /// The stored number of partitions; a new projection gets this runner's.
+    pub(super) async fn stored_partition_count(&self) -> Result<u16, ProjectionError> {
+        let name = self.name_key()?;
+        self.checkpoints
+            .partition_count(name.name(), self.partition_count()?)
+            .await
+            .map_err(|err| checkpoint_error(&name, err))
+    }
+
+    /// Fails with [`ProjectionError::PartitionCountChanged`] unless the stored number of
+    /// partitions is this runner's.
+    pub(super) async fn check_partition_count(&self) -> Result<(), ProjectionError> {
+        let (stored, requested) = (
+            self.stored_partition_count().await?,
+            self.partition_count()?,
+        );
+        if stored != requested {
+            return Err(ProjectionError::PartitionCountChanged {
+                projection: self.name_key()?.name().to_owned(),
+                stored,
+                requested,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks the stored partition count and the partitions' versions; rebuilds every
     /// partition when the count changed (with [`Self::repartition`]) or the projection's
     /// version is newer than theirs. `Ok(false)`: a rebuild is due but another runner holds a
@@ -107,11 +133,7 @@ where
     async fn prepare(&self) -> Result<bool, ProjectionError> {
         let name = self.name_key()?;
         let count = self.partition_count()?;
-        let stored = self
-            .checkpoints
-            .partition_count(name.name(), count)
-            .await
-            .map_err(|err| checkpoint_error(&name, err))?;
+        let stored = self.stored_partition_count().await?;
         let mut rebuild = false;
         if stored != count {
             if !self.repartition {
@@ -363,20 +385,8 @@ where
 
     /// Catches every partition up, in parallel; returns the lowest position reached.
     pub(super) async fn catch_up_partitions(&self) -> Result<Position, ProjectionError> {
-        let name = self.name_key()?;
         let count = self.partition_count()?;
-        let stored = self
-            .checkpoints
-            .partition_count(name.name(), count)
-            .await
-            .map_err(|err| checkpoint_error(&name, err))?;
-        if stored != count {
-            return Err(ProjectionError::PartitionCountChanged {
-                projection: name.name().to_owned(),
-                stored,
-                requested: count,
-            });
-        }
+        self.check_partition_count().await?;
         let workers = (0..count)
             .map(|index| self.partition_worker(index, None))
             .collect::<Result<Vec<_>, _>>()?;
@@ -399,11 +409,7 @@ where
     ) -> Result<RebuildReport, ProjectionError> {
         let name = self.name_key()?;
         let count = self.partition_count()?;
-        let stored = self
-            .checkpoints
-            .partition_count(name.name(), count)
-            .await
-            .map_err(|err| checkpoint_error(&name, err))?;
+        let stored = self.stored_partition_count().await?;
         let mut leases = Vec::new();
         for index in 0..count.max(stored) {
             let key = ProjectionKey::new(name.name(), index)?;
