@@ -113,3 +113,18 @@ pub struct LeaseInfo {
     /// The last error its runners recorded ([`LeaseStore::note_error`]).
     pub last_error: Option<String>,
 }
+
+/// This process as lease stores and partitioned runners name it: `host:pid` (the host from
+/// `HOSTNAME` or `/etc/hostname`).
+pub fn this_process() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "host".to_owned());
+    format!("{host}:{}", std::process::id())
+}

@@ -50,7 +50,7 @@ pub use dead_letter::{DeadLetter, DeadLetterStore, NewDeadLetter};
 pub use error::{CheckpointError, ProjectionError};
 pub use interest::Interest;
 pub use key::{InvalidProjectionKey, MAX_PROJECTION_NAME_LEN, ProjectionKey};
-pub use lease::{LeaseInfo, LeaseStore};
+pub use lease::{LeaseInfo, LeaseStore, this_process};
 pub use progress::{RebuildProgress, RebuildReport};
 pub use runner::{
     DEFAULT_PROJECTION_BATCH_SIZE, DeadLetterRetry, HandlerRetry, OnFailure, PartitionStatus,

@@ -234,20 +234,6 @@ fn refused(err: sqlx::Error) -> CheckpointError {
 /// How long a lease lasts without renewal, by default.
 pub const DEFAULT_LEASE_TIME: Duration = Duration::from_secs(10);
 
-/// This process, as lease rows name it: host and process id.
-fn holder_name() -> Arc<str> {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_else(|| "host".to_owned());
-    Arc::from(format!("{host}:{}", std::process::id()))
-}
-
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -300,7 +286,7 @@ impl PgCheckpoints {
                 schema,
                 commits,
                 lease_time: DEFAULT_LEASE_TIME,
-                holder: holder_name(),
+                holder: Arc::from(esframe_core::projection::this_process()),
                 poll: Duration::from_millis(5),
             }),
         }

@@ -186,18 +186,9 @@ impl RunningProjection {
 
 /// A name for this runner among a partitioned projection's runners: host, process, random.
 fn new_member_name() -> Arc<str> {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_else(|| "host".to_owned());
     Arc::from(format!(
-        "{host}:{}:{:08x}",
-        std::process::id(),
+        "{}:{:08x}",
+        super::this_process(),
         fastrand::u32(..)
     ))
 }
