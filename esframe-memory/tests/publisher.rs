@@ -474,3 +474,10 @@ async fn dropping_a_running_publisher_stops_it_and_frees_its_name() {
         }
     }
 }
+
+mod suite {
+    //! The shared publisher suite: partitioned publishers.
+    use esframe_memory::{MemoryCheckpoints, MemoryStore};
+
+    esframe_core::publisher_suite!(async { (MemoryStore::new(), MemoryCheckpoints::new()) });
+}

@@ -52,6 +52,9 @@ pub(crate) enum BatchError {
     /// The store refused the batch's write and will again; which instance's writes it refuses
     /// is not known yet.
     Refused(String),
+    /// The checkpoint's commit was refused by the lease's fence: another runner holds the
+    /// lease now; nothing was kept.
+    Fenced(String),
 }
 
 /// What deciding a batch produced.

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use crate::{
     Aggregate, CommandHandler, EventStore, GlobalLog, Position, RecordedEvent,
     projection::{
-        Checkpoint, CheckpointCommit, CheckpointStore, LeaseStore, NewDeadLetter, ProjectedEvent,
-        ProjectionEvents, ProjectionKey,
+        Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, LeaseStore, NewDeadLetter,
+        ProjectedEvent, ProjectionEvents, ProjectionKey,
     },
     publish::Backoff,
 };
@@ -98,6 +98,16 @@ pub enum ProcessError {
         id: String,
         /// Why.
         error: String,
+    },
+    /// Another runner took the lease: this runner's commit was refused by the lease's fencing
+    /// token (it was paused or cut off past the lease time), and nothing of it was kept. A
+    /// spawned runner stands by again.
+    #[error(
+        "process manager `{process}`: another runner took the lease; this runner's commit was refused by its fence"
+    )]
+    Fenced {
+        /// The process manager.
+        process: &'static str,
     },
     /// A wait ran out of time.
     #[error("timed out after {0:?}")]
@@ -387,7 +397,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             self.inner.status.send_modify(|s| s.active = false);
             checkpoints.release(lease).await;
             match session {
-                Ok(()) => failures = 0,
+                Ok(()) | Err(ProcessError::Fenced { .. }) => failures = 0,
                 Err(err) if is_transient(&err) => {
                     failures += 1;
                     self.failed(err.to_string());
@@ -417,8 +427,9 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             if *stopped.borrow() || !checkpoints.lease_held(lease) {
                 return Ok(());
             }
-            let events = self.step_log().await?;
-            let timers = self.step_timers().await?;
+            let fence = checkpoints.fence(lease);
+            let events = self.step_log(fence).await?;
+            let timers = self.step_timers(fence).await?;
             if events == Step::Progressed || timers == Step::Progressed {
                 continue;
             }
@@ -464,8 +475,9 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 .await
                 .map_err(|e| self.store_error(e.into()))?;
             loop {
-                let events = self.step_log().await?;
-                let timers = self.step_timers().await?;
+                let fence = checkpoints.fence(&lease);
+                let events = self.step_log(fence).await?;
+                let timers = self.step_timers(fence).await?;
                 let position = self.inner.status.borrow().position;
                 if events == Step::Idle && timers == Step::Idle {
                     if position >= head {
@@ -487,8 +499,9 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
     }
 
     /// One batch of the log: read, decide, store, commit. Retries conflicts and outages up to a
-    /// bound, and an instance's failures up to `max_attempts` before quarantining it.
-    async fn step_log(&self) -> Result<Step, ProcessError> {
+    /// bound, and an instance's failures up to `max_attempts` before quarantining it. Every
+    /// commit carries the lease's fencing token `fence`.
+    async fn step_log(&self, fence: Option<u64>) -> Result<Step, ProcessError> {
         let store = &self.inner.store;
         let checkpoints = store.checkpoints();
         let key = &self.inner.key;
@@ -499,7 +512,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 .await
                 .map_err(|e| self.store_error(e.into()))?;
             if from.is_none() && self.inner.config.from_now {
-                self.start_at_head().await?;
+                self.start_at_head(fence).await?;
                 continue;
             }
             let position = from.map_or(Position::START, |c| c.position);
@@ -561,7 +574,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 version: 1,
                 replay_until: None,
             };
-            let mut commit = CheckpointCommit::advance(key, from, to);
+            let mut commit = CheckpointCommit::advance(key, from, to).fenced(fence);
             commit.park = park;
             match self
                 .attempt(&pending, &retries.quarantine, None, None, commit)
@@ -572,7 +585,9 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                     return Ok(Step::Progressed);
                 }
                 Err(BatchError::Refused(message)) => {
-                    let failure = self.refused(&pending, &retries.quarantine, message).await;
+                    let failure = self
+                        .refused(&pending, &retries.quarantine, message, fence)
+                        .await;
                     retries.failed(self, failure).await?;
                 }
                 Err(failure) => retries.failed(self, failure).await?,
@@ -581,7 +596,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
     }
 
     /// Stores a first checkpoint at the log's head: the events stored so far are not handled.
-    async fn start_at_head(&self) -> Result<(), ProcessError> {
+    async fn start_at_head(&self, fence: Option<u64>) -> Result<(), ProcessError> {
         let store = &self.inner.store;
         let checkpoints = store.checkpoints();
         let head = store
@@ -600,7 +615,10 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         };
         tracing::info!(process = P::NAME, position = %head, "starting after the events stored so far");
         match checkpoints
-            .commit(tx, CheckpointCommit::advance(&self.inner.key, None, to))
+            .commit(
+                tx,
+                CheckpointCommit::advance(&self.inner.key, None, to).fenced(fence),
+            )
             .await
         {
             // Another runner stored the first checkpoint meanwhile: use it.
@@ -609,8 +627,8 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         }
     }
 
-    /// Fires the timers due now, in one transaction per batch of them.
-    async fn step_timers(&self) -> Result<Step, ProcessError> {
+    /// Fires the timers due now, in one transaction per batch of them, fenced by `fence`.
+    async fn step_timers(&self, fence: Option<u64>) -> Result<Step, ProcessError> {
         let store = &self.inner.store;
         let mut retries = Retries::default();
         loop {
@@ -624,7 +642,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             }
             let pending: Vec<Pending<'_, P::Events>> =
                 due.into_iter().map(Pending::Timer).collect();
-            let commit = CheckpointCommit::nothing(&self.inner.key);
+            let commit = CheckpointCommit::nothing(&self.inner.key).fenced(fence);
             match self
                 .attempt(&pending, &retries.quarantine, None, None, commit)
                 .await
@@ -635,7 +653,9 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                     return Ok(Step::Progressed);
                 }
                 Err(BatchError::Refused(message)) => {
-                    let failure = self.refused(&pending, &retries.quarantine, message).await;
+                    let failure = self
+                        .refused(&pending, &retries.quarantine, message, fence)
+                        .await;
                     retries.failed(self, failure).await?;
                 }
                 Err(failure) => retries.failed(self, failure).await?,
@@ -653,6 +673,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         pending: &[Pending<'_, P::Events>],
         quarantine: &HashMap<String, String>,
         message: String,
+        fence: Option<u64>,
     ) -> BatchError {
         let mut ids: Vec<&str> = Vec::new();
         for id in pending.iter().filter_map(Pending::instance) {
@@ -667,7 +688,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             };
         }
         for id in ids {
-            let commit = CheckpointCommit::nothing(&self.inner.key);
+            let commit = CheckpointCommit::nothing(&self.inner.key).fenced(fence);
             match self
                 .attempt(pending, quarantine, None, Some(id), commit)
                 .await
@@ -682,6 +703,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                         error,
                     };
                 }
+                Err(fenced @ BatchError::Fenced(_)) => return fenced,
                 Err(_) => break,
             }
         }
@@ -728,10 +750,10 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 BatchError::Refused(err.to_string())
             });
         }
-        checkpoints
-            .commit(tx, commit)
-            .await
-            .map_err(|e| transient(e.to_string()))?;
+        checkpoints.commit(tx, commit).await.map_err(|e| match e {
+            CheckpointError::Fenced { .. } => BatchError::Fenced(e.to_string()),
+            e => transient(e.to_string()),
+        })?;
         store.committed();
         Ok(decision.counts)
     }
@@ -796,7 +818,8 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         let state = context.state_of(&record).await.map_err(|err| match err {
             BatchError::Instance { error, .. }
             | BatchError::Transient(error)
-            | BatchError::Refused(error) => ProcessError::UnreadableState {
+            | BatchError::Refused(error)
+            | BatchError::Fenced(error) => ProcessError::UnreadableState {
                 process: P::NAME,
                 id: id.to_owned(),
                 error,
@@ -865,7 +888,8 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 error: match err {
                     BatchError::Instance { error, .. }
                     | BatchError::Transient(error)
-                    | BatchError::Refused(error) => error,
+                    | BatchError::Refused(error)
+                    | BatchError::Fenced(error) => error,
                 },
             })?;
         let position = self.inner.status.borrow().position;
@@ -1042,6 +1066,10 @@ impl Retries {
                 } else {
                     tokio::time::sleep(config.backoff.wait(*tried)).await;
                 }
+            }
+            BatchError::Fenced(message) => {
+                tracing::warn!(process = P::NAME, %message, "another runner took the lease; standing by");
+                return Err(ProcessError::Fenced { process: P::NAME });
             }
             BatchError::Transient(message) | BatchError::Refused(message) => {
                 self.transient += 1;

@@ -233,3 +233,9 @@ impl ProjectionError {
         }
     }
 }
+
+impl super::balance::SessionError for ProjectionError {
+    fn is_transient(&self) -> bool {
+        ProjectionError::is_transient(self)
+    }
+}

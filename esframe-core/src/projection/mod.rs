@@ -31,6 +31,7 @@
 //! into a fresh read model with [`RebuildProgress`] reports.
 
 mod at_least_once;
+pub(crate) mod balance;
 mod checkpoint;
 mod context;
 mod dead_letter;

@@ -17,7 +17,9 @@ mod cloudevent;
 mod incoming;
 mod memory;
 mod publisher;
+mod pump;
 mod sink;
+mod status;
 
 pub use cloudevent::{
     CloudEvent, InvalidCloudEvent, SPEC_VERSION, STRUCTURED_CONTENT_TYPE,
@@ -27,8 +29,9 @@ pub use incoming::{IncomingEvent, NotAnEsframeEvent};
 pub use memory::{Fault, MemorySink};
 pub use publisher::{
     DEFAULT_PUBLISH_BATCH_SIZE, DEFAULT_STREAMS_IN_FLIGHT, PublishError, Publisher,
-    PublisherStatus, RunningPublisher, SubjectFn,
+    RunningPublisher, SubjectFn,
 };
 pub use sink::{
     Backoff, MessageSink, OutgoingMessage, Published, SinkError, Transform, subject_for,
 };
+pub use status::PublisherStatus;

@@ -1,29 +1,24 @@
 //! The [`Publisher`]: the global log, followed and sent to a broker, with a checkpoint that
 //! never passes a message the broker has not acknowledged.
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
-    future::Future,
-    pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use chrono::{DateTime, Utc};
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::future::join_all;
 use tokio::{sync::watch, task::JoinHandle};
-use uuid::Uuid;
 
 use crate::{
-    GlobalLog, Position, RecordedEvent, StoreError, StreamId,
+    GlobalLog, InvalidPartition, LogPartition, Position, RecordedEvent, StoreError, StreamId,
     projection::{
         Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, Interest,
         InvalidProjectionKey, LeaseStore, ProjectionKey,
+        balance::{Balancer, Session, SessionError},
     },
 };
 
 use super::{
-    Backoff, CloudEvent, MessageSink, OutgoingMessage, SinkError, Transform, sink::subject_for,
+    Backoff, CloudEvent, MessageSink, SinkError, Transform,
+    pump::{Cursor, Go, Lane, SCAN_COMMIT_INTERVAL},
+    status::{Board, PublisherStatus},
 };
 
 /// The default number of events a publisher reads per batch.
@@ -80,36 +75,33 @@ pub enum PublishError {
     /// The name is not a valid projection key name.
     #[error(transparent)]
     InvalidName(#[from] InvalidProjectionKey),
+    /// The number of partitions is out of range.
+    #[error("publisher: {0}")]
+    InvalidPartitions(#[from] InvalidPartition),
 }
 
-/// A publisher's state, for operators: how far it is, how far behind, and how it is doing.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct PublisherStatus {
-    /// The checkpoint: every event at or before it reached the broker.
-    pub position: Position,
-    /// The last position the publisher saw in the log.
-    pub head: Position,
-    /// Events read but not yet acknowledged, in the batch in progress (0 when caught up).
-    pub pending: usize,
-    /// How long the oldest unpublished event has waited, when there is one.
-    pub lag: Option<Duration>,
-    /// Messages the broker acknowledged since the publisher started.
-    pub published: u64,
-    /// Of those, how many the broker recognised as duplicates.
-    pub duplicates: u64,
-    /// Failed sends since the publisher started.
-    pub failures: u64,
-    /// The last failure, while it is not resolved.
-    pub last_error: Option<String>,
-    /// `false` while the broker cannot be reached.
-    pub broker_reachable: bool,
-    /// Whether the publisher holds its lease (only the running one does).
-    pub active: bool,
-    /// Events in the log after the checkpoint, as last counted (at most once a second, while
-    /// the publisher has work; 0 once caught up). `None` until first known.
-    pub behind: Option<u64>,
-    /// Messages acknowledged per second, over the last second or more of sending.
-    pub rate: f64,
+impl PublishError {
+    /// Whether another runner took the lease of the partition this runner was publishing
+    /// (its commit was refused by the lease's fence).
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            Self::Checkpoint {
+                source: CheckpointError::Fenced { .. },
+                ..
+            }
+        )
+    }
+}
+
+impl SessionError for PublishError {
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Store { source, .. } => source.is_transient(),
+            Self::Checkpoint { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 /// Follows the global log and sends every event it is interested in to a [`MessageSink`] as a
@@ -124,35 +116,36 @@ pub struct PublisherStatus {
 ///   in version order. Different streams are sent concurrently.
 /// - **Stable ids.** Every message's id is the event id (the n-th extra message of a fanned-out
 ///   event: UUIDv5 of the event id and n), so brokers and consumers can deduplicate resends.
-/// - **One active publisher per name**, by the checkpoint store's lease.
+/// - **One active publisher per partition**, by the checkpoint store's lease, and **fenced**:
+///   every checkpoint commit carries the lease's fencing token, so a publisher that lost its
+///   lease without noticing (paused, cut off) can never move the checkpoint again.
 /// - **An unreachable broker** is retried with exponential backoff ([`Backoff`]), without a
 ///   busy loop; the publisher resumes from its checkpoint.
+/// - **Partitions** ([`Publisher::partitions`]): split by stream, spread over every runner of
+///   the publisher in any process, each partition reading only its own events. Order per
+///   stream holds across hand-overs: a partition changes hands only at a commit, and its new
+///   holder starts from that checkpoint.
 pub struct Publisher<S, C, K> {
-    store: S,
-    checkpoints: C,
-    sink: K,
-    key: ProjectionKey,
-    source: String,
-    subject_prefix: String,
-    subject: Option<SubjectFn>,
-    interest: Interest,
-    transform: Option<Transform>,
-    batch_size: usize,
-    streams_in_flight: usize,
-    backoff: Backoff,
-    status: Arc<Mutex<PublisherStatus>>,
-    sampled: Arc<Mutex<Sample>>,
+    pub(super) store: S,
+    pub(super) checkpoints: C,
+    pub(super) sink: K,
+    pub(super) key: ProjectionKey,
+    pub(super) source: String,
+    pub(super) subject_prefix: String,
+    pub(super) subject: Option<SubjectFn>,
+    pub(super) interest: Interest,
+    pub(super) transform: Option<Transform>,
+    pub(super) batch_size: usize,
+    pub(super) streams_in_flight: usize,
+    pub(super) backoff: Backoff,
+    partitions: u16,
+    member: Arc<str>,
+    rebalance_interval: Duration,
+    pub(super) board: Arc<Board>,
 }
 
 /// Chooses an event's subject (NATS) or routing key (AMQP).
 pub type SubjectFn = Arc<dyn Fn(&RecordedEvent) -> String + Send + Sync>;
-
-/// When `behind` and `rate` were last measured.
-#[derive(Debug, Default)]
-struct Sample {
-    at: Option<std::time::Instant>,
-    published: u64,
-}
 
 impl<S, C, K> std::fmt::Debug for Publisher<S, C, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,6 +156,8 @@ impl<S, C, K> std::fmt::Debug for Publisher<S, C, K> {
             .field("interest", &self.interest)
             .field("batch_size", &self.batch_size)
             .field("streams_in_flight", &self.streams_in_flight)
+            .field("partitions", &self.partitions)
+            .field("member", &self.member)
             .finish_non_exhaustive()
     }
 }
@@ -197,14 +192,48 @@ where
             batch_size: DEFAULT_PUBLISH_BATCH_SIZE,
             streams_in_flight: DEFAULT_STREAMS_IN_FLIGHT,
             backoff: Backoff::default(),
-            // Reachable until a send says otherwise: an idle publisher has no reason to report
-            // its broker down.
-            status: Arc::new(Mutex::new(PublisherStatus {
-                broker_reachable: true,
-                ..PublisherStatus::default()
-            })),
-            sampled: Arc::new(Mutex::new(Sample::default())),
+            partitions: 1,
+            member: Arc::from(format!(
+                "{}:{:08x}",
+                crate::projection::this_process(),
+                fastrand::u32(..)
+            )),
+            rebalance_interval: Duration::from_secs(1),
+            board: Arc::default(),
         })
+    }
+
+    /// Splits the publisher into `count` partitions by stream (default 1: unsplit), 1 to
+    /// [`MAX_PARTITIONS`](crate::MAX_PARTITIONS), each with its own checkpoint, fenced lease
+    /// and read of the log (only its own events). Every runner of the publisher, in this
+    /// process or others, takes a fair share of them, hands extras back at a batch boundary
+    /// and takes over the partitions of a runner that died once their leases expire.
+    ///
+    /// The count is stored with the publisher. A runner with another count waits until it can
+    /// hold every partition of both counts (the runners with the old count stopped), then
+    /// starts every new partition from the lowest old checkpoint: nothing is skipped, and
+    /// what is sent again carries the same message ids, for brokers and inboxes to drop.
+    #[must_use]
+    pub fn partitions(mut self, count: u16) -> Self {
+        self.partitions = count;
+        self
+    }
+
+    /// This runner's name among the runners of a partitioned publisher (default: the host
+    /// name, the process id and a random suffix).
+    #[must_use]
+    pub fn member_name(mut self, name: impl Into<String>) -> Self {
+        self.member = Arc::from(name.into());
+        self
+    }
+
+    /// How often a runner of a partitioned publisher renews its membership and rebalances
+    /// (default 1 s). A runner that dies is replaced within the lease store's lease time plus
+    /// this.
+    #[must_use]
+    pub fn rebalance_interval(mut self, interval: Duration) -> Self {
+        self.rebalance_interval = interval.max(Duration::from_millis(10));
+        self
     }
 
     /// Only the events this interest lets through leave (by aggregate type, event type).
@@ -269,37 +298,73 @@ where
         &self.key
     }
 
-    /// The publisher's state.
+    /// The publisher's state (this runner's view of the partitions it holds).
     pub fn status(&self) -> PublisherStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.board.snapshot()
     }
 
-    /// Publishes everything stored so far, retrying an unreachable broker with backoff, and
-    /// returns the checkpoint reached. Fails at once if another publisher of the same name
-    /// holds the lease, and on a message the broker refuses.
+    /// Publishes everything stored so far, in every partition at once, retrying an
+    /// unreachable broker with backoff, and returns the lowest checkpoint reached. Fails at
+    /// once if another runner of the publisher holds a lease, and on a message the broker
+    /// refuses.
     pub async fn catch_up(&self) -> Result<Position, PublishError> {
-        let lease = self.lease_now().await?;
-        let result = self.publish_until_head().await;
-        self.checkpoints.release(lease).await;
-        result
+        self.settle_partition_count(Duration::ZERO).await?;
+        let lanes = self.lanes()?;
+        let mut leases = Vec::new();
+        for lane in &lanes {
+            match self.lease_now(lane).await {
+                Ok(lease) => leases.push(lease),
+                Err(err) => {
+                    self.release_all(leases).await;
+                    return Err(err);
+                }
+            }
+        }
+        let reached = join_all(
+            lanes
+                .iter()
+                .zip(&leases)
+                .map(|(lane, lease)| self.publish_until_head(lane, lease)),
+        )
+        .await;
+        self.release_all(leases).await;
+        let mut lowest: Option<Position> = None;
+        for position in reached {
+            let position = position?;
+            lowest = Some(lowest.map_or(position, |l| l.min(position)));
+        }
+        Ok(lowest.unwrap_or(Position::START))
     }
 
     /// Runs the publisher on a Tokio task until [`RunningPublisher::shutdown`] (or the
     /// [`RunningPublisher`] is dropped): it waits for
     /// the lease, then publishes and follows the log; an unreachable broker or a refused message
-    /// is retried with backoff (a refusal is reported in the status until it passes).
+    /// is retried with backoff (a refusal is reported in the status until it passes). A
+    /// partitioned publisher runs this runner's share of the partitions, rebalancing as other
+    /// runners come and go.
     pub fn spawn(self) -> RunningPublisher {
         let (stop, stopped) = watch::channel(false);
-        let status = Arc::clone(&self.status);
-        let task = tokio::spawn(async move { self.run(stopped).await });
-        RunningPublisher { stop, task, status }
+        let board = Arc::clone(&self.board);
+        let this = Arc::new(self);
+        let task = tokio::spawn(async move { this.run(stopped).await });
+        RunningPublisher { stop, task, board }
     }
 
-    async fn lease_now(&self) -> Result<C::Lease, PublishError> {
-        match self.checkpoints.try_lease(&self.key).await {
+    /// Every partition, by index.
+    fn lanes(&self) -> Result<Vec<Lane>, PublishError> {
+        LogPartition::new(0, self.partitions)?;
+        (0..self.partitions)
+            .map(|index| {
+                Ok(Lane {
+                    key: ProjectionKey::new(self.key.name(), index)?,
+                    partition: LogPartition::new(index, self.partitions)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn lease_now(&self, lane: &Lane) -> Result<C::Lease, PublishError> {
+        match self.checkpoints.try_lease(&lane.key).await {
             Ok(Some(lease)) => Ok(lease),
             Ok(None) => Err(PublishError::LeaseHeld {
                 name: self.key.name().to_owned(),
@@ -308,35 +373,225 @@ where
         }
     }
 
-    async fn publish_until_head(&self) -> Result<Position, PublishError> {
+    async fn release_all(&self, leases: Vec<C::Lease>) {
+        join_all(leases.into_iter().map(|l| self.checkpoints.release(l))).await;
+    }
+
+    /// Makes the stored partition count this runner's: when another count is stored, waits
+    /// up to `wait` for every lease of both counts, and starts every new partition from the
+    /// lowest old checkpoint, in one commit. Fails with [`PublishError::LeaseHeld`] when a
+    /// lease stays held.
+    async fn settle_partition_count(&self, wait: Duration) -> Result<(), PublishError> {
+        let name = self.key.name();
+        let count = self.lanes()?.len() as u16;
+        loop {
+            let stored = self.stored_partition_count().await?;
+            if stored == count {
+                return Ok(());
+            }
+            let mut leases = Vec::new();
+            for index in 0..stored.max(count) {
+                let key = ProjectionKey::new(name, index)?;
+                match self.checkpoints.wait_lease(&key, wait).await {
+                    Ok(Some(lease)) => leases.push(lease),
+                    Ok(None) => {
+                        self.release_all(leases).await;
+                        return Err(PublishError::LeaseHeld {
+                            name: name.to_owned(),
+                        });
+                    }
+                    Err(source) => {
+                        self.release_all(leases).await;
+                        return Err(self.checkpoint_error(source));
+                    }
+                }
+            }
+            // Another runner may have changed the count while this one waited for the
+            // leases: decide on the count stored now, under them.
+            let result = match self.stored_partition_count().await {
+                Ok(now) if now == count => Ok(true),
+                Ok(now) if now != stored => Ok(false),
+                Ok(_) => self
+                    .repartition(stored, count, &leases)
+                    .await
+                    .map(|()| true),
+                Err(err) => Err(err),
+            };
+            self.release_all(leases).await;
+            match result {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// The stored partition count; a publisher that never stored one was unsplit.
+    async fn stored_partition_count(&self) -> Result<u16, PublishError> {
+        self.checkpoints
+            .partition_count(self.key.name(), 1)
+            .await
+            .map_err(|source| self.checkpoint_error(source))
+    }
+
+    /// Splits the publisher from `stored` into `count` partitions, holding every lease of both:
+    /// every new partition starts from the lowest old checkpoint.
+    async fn repartition(
+        &self,
+        stored: u16,
+        count: u16,
+        leases: &[C::Lease],
+    ) -> Result<(), PublishError> {
+        let mut lowest: Option<Position> = None;
+        for index in 0..stored {
+            let key = ProjectionKey::new(self.key.name(), index)?;
+            let at = self
+                .checkpoints
+                .load(&key)
+                .await
+                .map_err(|source| self.checkpoint_error(source))?
+                .map_or(Position::START, |c| c.position);
+            lowest = Some(lowest.map_or(at, |l| l.min(at)));
+        }
+        self.commit_partition_count(count, lowest.unwrap_or(Position::START), leases)
+            .await?;
+        tracing::info!(
+            publisher = self.key.name(),
+            from = stored,
+            to = count,
+            "the number of partitions changed; every partition starts from the lowest old checkpoint"
+        );
+        Ok(())
+    }
+
+    async fn commit_partition_count(
+        &self,
+        count: u16,
+        from: Position,
+        leases: &[C::Lease],
+    ) -> Result<(), PublishError> {
+        let first = ProjectionKey::new(self.key.name(), 0)?;
+        let stored = self
+            .checkpoints
+            .load(&first)
+            .await
+            .map_err(|source| self.checkpoint_error(source))?;
+        let to = Checkpoint {
+            position: from,
+            version: 1,
+            replay_until: None,
+        };
+        let mut commit = CheckpointCommit::advance(&first, stored, to)
+            .fenced(leases.first().and_then(|l| self.checkpoints.fence(l)));
+        commit.repartition = Some(count);
+        let tx = self
+            .checkpoints
+            .begin()
+            .await
+            .map_err(|source| self.checkpoint_error(source))?;
+        self.checkpoints
+            .commit(tx, commit)
+            .await
+            .map_err(|source| self.checkpoint_error(source))
+    }
+
+    async fn publish_until_head(
+        &self,
+        lane: &Lane,
+        lease: &C::Lease,
+    ) -> Result<Position, PublishError> {
         let head = self
             .store
             .head_position()
             .await
             .map_err(|source| self.store_error(source))?;
+        let mut cursor = Cursor::new(self.checkpoints.fence(lease), Duration::ZERO);
         loop {
-            let position = self.pump(&|| true).await?;
-            if position >= head {
-                return Ok(position);
+            self.pump(lane, &mut cursor, &|| Go::On).await?;
+            if cursor.committed() >= head {
+                return Ok(cursor.committed());
             }
             // The head is not readable yet (an older transaction is still open).
             self.store
-                .wait_for_events(position)
+                .wait_for_events(cursor.scanned())
                 .await
                 .map_err(|source| self.store_error(source))?;
         }
     }
 
-    async fn run(self, mut stopped: watch::Receiver<bool>) {
+    async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
         let name = self.key.name().to_owned();
-        'lease: loop {
+        // The partition count first: a changed one needs every lease, so wait for the
+        // runners with the old count to stop.
+        let mut attempt = 0u32;
+        loop {
+            if stopping(&stopped) {
+                return;
+            }
+            match self
+                .settle_partition_count(Duration::from_millis(500))
+                .await
+            {
+                Ok(()) => break,
+                Err(PublishError::LeaseHeld { .. }) => {
+                    tracing::info!(publisher = %name, "the number of partitions changed, but another runner holds a partition; waiting for it to stop");
+                    wait_or_stop(&mut stopped, self.rebalance_interval).await;
+                }
+                Err(err) => {
+                    attempt += 1;
+                    tracing::warn!(publisher = %name, error = %err, "cannot check the publisher's partitions; retrying");
+                    self.note_failure(err.to_string(), false);
+                    wait_or_stop(&mut stopped, self.backoff.wait(attempt)).await;
+                }
+            }
+        }
+        let lanes = match self.lanes() {
+            Ok(lanes) => lanes,
+            Err(err) => {
+                tracing::error!(publisher = %name, error = %err, "publisher cannot start");
+                self.note_failure(err.to_string(), false);
+                return;
+            }
+        };
+        if lanes.len() == 1 {
+            return self.run_unsplit(&lanes[0], stopped).await;
+        }
+        let mut attempt = 0u32;
+        while !stopping(&stopped) {
+            let balancer = Balancer {
+                leases: &self.checkpoints,
+                group: &name,
+                partitions: &lanes.iter().map(|l| l.key.clone()).collect::<Vec<_>>(),
+                member: &self.member,
+                interval: self.rebalance_interval,
+            };
+            let started = balancer
+                .run(
+                    stopped.clone(),
+                    |index, lease| self.start_session(lanes[usize::from(index)].clone(), lease),
+                    |source| self.checkpoint_error(source),
+                )
+                .await;
+            if let Err(err) = started {
+                attempt += 1;
+                tracing::warn!(publisher = %name, error = %err, "publisher's partitions stopped; starting again");
+                self.note_failure(err.to_string(), false);
+                wait_or_stop(&mut stopped, self.backoff.wait(attempt)).await;
+            }
+        }
+    }
+
+    /// An unsplit publisher: one lease, waited for as a standby.
+    async fn run_unsplit(&self, lane: &Lane, mut stopped: watch::Receiver<bool>) {
+        let name = self.key.name().to_owned();
+        loop {
             let lease = loop {
                 if stopping(&stopped) {
                     return;
                 }
                 match self
                     .checkpoints
-                    .wait_lease(&self.key, Duration::from_millis(500))
+                    .wait_lease(&lane.key, Duration::from_millis(500))
                     .await
                 {
                     Ok(Some(lease)) => break lease,
@@ -345,382 +600,131 @@ where
                         tracing::warn!(publisher = %name, error = %err, "cannot take the publisher's lease");
                         // The checkpoint store failed, not the broker.
                         self.note_failure(err.to_string(), false);
-                        tokio::time::sleep(self.backoff.max).await;
+                        wait_or_stop(&mut stopped, self.backoff.max).await;
                     }
                 }
             };
-            self.update(|s| s.active = true);
-            tracing::info!(publisher = %name, "publisher active");
-            let mut attempt = 0u32;
-            loop {
-                if stopping(&stopped) {
-                    break 'lease self.finish(lease).await;
-                }
-                if !self.checkpoints.lease_held(&lease) {
-                    tracing::warn!(publisher = %name, "publisher lost its lease; waiting for it again");
-                    self.update(|s| s.active = false);
-                    self.checkpoints.release(lease).await;
-                    continue 'lease;
-                }
-                let keep_going = || !stopping(&stopped) && self.checkpoints.lease_held(&lease);
-                let wait = match self.pump(&keep_going).await {
-                    Ok(position) => {
-                        attempt = 0;
-                        if keep_going() {
-                            let woken = self.store.wait_for_events(position);
-                            tokio::select! {
-                                _ = woken => {}
-                                _ = stopped.changed() => {}
-                            }
-                        }
-                        None
-                    }
-                    Err(err) => {
-                        attempt += 1;
-                        tracing::warn!(publisher = %name, error = %err, "publisher failed; retrying");
-                        if matches!(err, PublishError::Refused { .. }) {
-                            // `send_event` counted this failure already; keep the fuller text.
-                            self.update(|s| s.last_error = Some(err.to_string()));
-                        } else {
-                            self.note_failure(err.to_string(), false);
-                        }
-                        Some(self.backoff.wait(attempt))
-                    }
-                };
-                if let Some(wait) = wait {
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = stopped.changed() => {}
-                    }
-                }
+            let stopped_on_request = self.session(lane, &lease, &mut stopped).await;
+            self.checkpoints.release(lease).await;
+            if stopped_on_request {
+                return;
             }
         }
     }
 
-    async fn finish(&self, lease: C::Lease) {
-        self.update(|s| s.active = false);
-        self.checkpoints.release(lease).await;
+    /// Starts partition `lane`'s session on a task of its own, with its lease.
+    fn start_session(self: &Arc<Self>, lane: Lane, lease: C::Lease) -> Session<PublishError> {
+        let (stop, mut stopped) = watch::channel(false);
+        let this = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            this.session(&lane, &lease, &mut stopped).await;
+            this.checkpoints.release(lease).await;
+            Ok(())
+        });
+        Session { stop, task }
     }
 
-    /// Sends everything readable after the checkpoint, as a pipeline: batches are read ahead
-    /// (up to four batches of events not yet acknowledged), each stream has at most one message
-    /// in flight, and the checkpoint follows the highest position up to which every event was
-    /// acknowledged, committed every 20 ms or so. An unreachable broker is retried per message
-    /// with backoff, holding back only its stream. Returns the checkpoint once nothing readable
-    /// is left or `keep_going` says stop; a refusal stops reading, lets the messages in flight
-    /// finish, commits what is contiguous and fails.
-    async fn pump(&self, keep_going: &(dyn Fn() -> bool + Sync)) -> Result<Position, PublishError> {
-        let mut from = self
-            .checkpoints
-            .load(&self.key)
-            .await
-            .map_err(|source| self.checkpoint_error(source))?;
-        let mut committed = from.map_or(Position::START, |c| c.position);
-        let mut read_to = committed;
-        let mut exhausted = false;
-        // Read and not yet checkpointed, in log order: position → (acknowledged, recorded at).
-        let mut pending = Pending::new();
-        let mut queues: HashMap<StreamId, VecDeque<Job>> = HashMap::new();
-        let mut ready: VecDeque<StreamId> = VecDeque::new();
-        let mut busy: HashSet<StreamId> = HashSet::new();
-        let mut inflight = FuturesUnordered::new();
-        let mut refused: Option<(Job, SinkError)> = None;
-        let mut last_commit = std::time::Instant::now();
-        let max_pending = self.batch_size.saturating_mul(4);
-        self.update(|s| s.position = committed);
-        loop {
-            if !exhausted && refused.is_none() && pending.len() < max_pending {
-                let batch = self
-                    .store
-                    .read_all_batch(read_to, self.batch_size)
-                    .await
-                    .map_err(|source| self.store_error(source))?;
-                if batch.scanned_to == read_to {
-                    exhausted = true;
-                } else {
-                    exhausted = batch.events.len() < self.batch_size;
-                    for event in &batch.events {
-                        let messages = self.messages(event);
-                        let position = event.global_position;
-                        let done = messages.is_empty();
-                        pending.insert(position, (done, Some(event.recorded_at)));
-                        if done {
-                            continue;
-                        }
-                        let queue = queues.entry(event.stream_id.clone()).or_default();
-                        if queue.is_empty() && !busy.contains(&event.stream_id) {
-                            ready.push_back(event.stream_id.clone());
-                        }
-                        queue.push_back(Job {
-                            stream: event.stream_id.clone(),
-                            position,
-                            messages,
-                            attempt: 0,
-                        });
-                    }
-                    // Events the upcasters retired: nothing to send, but the checkpoint may
-                    // pass them.
-                    pending.entry(batch.scanned_to).or_insert((true, None));
-                    read_to = batch.scanned_to;
-                    self.update(|s| s.head = s.head.max(read_to));
-                }
-            }
-            if refused.is_none() {
-                while inflight.len() < self.streams_in_flight {
-                    let Some(stream) = ready.pop_front() else {
-                        break;
-                    };
-                    let Some(job) = queues.get_mut(&stream).and_then(VecDeque::pop_front) else {
-                        continue;
-                    };
-                    busy.insert(stream);
-                    inflight.push(self.send_job(job));
-                }
-            }
-            if inflight.is_empty() {
-                let caught_up = (exhausted && ready.is_empty()) || refused.is_some();
-                if caught_up || !keep_going() {
-                    committed = self
-                        .commit_contiguous(&mut pending, &mut from, committed)
-                        .await?;
-                    self.report(&pending, committed);
-                    if let Some((job, source)) = refused {
-                        return Err(PublishError::Refused {
-                            name: self.key.name().to_owned(),
-                            stream: job.stream,
-                            stream_version: job.messages[0].stream_version,
-                            position: job.position,
-                            source,
-                        });
-                    }
-                    if caught_up {
-                        // Everything readable is acknowledged: nothing is behind.
-                        self.update(|s| {
-                            s.behind = Some(0);
-                            s.last_error = None;
-                            s.broker_reachable = true;
-                        });
-                    }
-                    return Ok(committed);
-                }
-                // Nothing in flight and more to read: make room by checkpointing what is
-                // acknowledged (or every read event may be done and waiting for a commit).
-                committed = self
-                    .commit_contiguous(&mut pending, &mut from, committed)
-                    .await?;
-                self.report(&pending, committed);
-                continue;
-            }
-            let Some((mut job, result)) = inflight.next().await else {
-                continue;
-            };
-            busy.remove(&job.stream);
-            let stream = job.stream.clone();
-            match result {
-                Ok(()) => {
-                    if let Some(slot) = pending.get_mut(&job.position) {
-                        slot.0 = true;
-                    }
-                    if queues.get(&stream).is_some_and(|q| !q.is_empty()) {
-                        ready.push_back(stream);
-                    }
-                }
-                Err(err) if err.is_transient() => {
-                    // The same message again, after a backoff; its stream waits for it.
-                    job.attempt += 1;
-                    queues.entry(stream.clone()).or_default().push_front(job);
-                    ready.push_back(stream);
-                }
-                Err(err) => {
-                    if refused.is_none() {
-                        refused = Some((job, err));
-                    }
-                }
-            }
-            if last_commit.elapsed() >= Duration::from_millis(20) {
-                committed = self
-                    .commit_contiguous(&mut pending, &mut from, committed)
-                    .await?;
-                last_commit = std::time::Instant::now();
-                self.report(&pending, committed);
-                self.sample(committed).await;
-            }
-            if !keep_going() {
-                committed = self
-                    .commit_contiguous(&mut pending, &mut from, committed)
-                    .await?;
-                self.report(&pending, committed);
-                return Ok(committed);
-            }
-        }
-    }
-
-    /// Moves the checkpoint past the acknowledged prefix of `pending`, if it grew.
-    async fn commit_contiguous(
+    /// Publishes `lane` while holding `lease`: until asked to stop (`true`) or the lease is
+    /// lost (`false`; a fenced commit says so too). Failures are retried with backoff.
+    async fn session(
         &self,
-        pending: &mut Pending,
-        from: &mut Option<Checkpoint>,
-        committed: Position,
-    ) -> Result<Position, PublishError> {
-        let mut reached = committed;
-        while let Some((&position, &(true, _))) = pending.first_key_value() {
-            reached = position;
-            pending.pop_first();
-        }
-        if reached <= committed {
-            return Ok(committed);
-        }
-        let to = Checkpoint {
-            position: reached,
-            version: 1,
-            replay_until: None,
-        };
-        let tx = self
-            .checkpoints
-            .begin()
-            .await
-            .map_err(|source| self.checkpoint_error(source))?;
-        self.checkpoints
-            .commit(tx, CheckpointCommit::advance(&self.key, *from, to))
-            .await
-            .map_err(|source| self.checkpoint_error(source))?;
-        *from = Some(to);
-        Ok(reached)
-    }
-
-    /// The status after a commit: position, what is pending, how old its oldest event is.
-    fn report(&self, pending: &Pending, position: Position) {
-        let waiting = pending.values().filter(|(done, _)| !done).count();
-        let oldest = pending
-            .values()
-            .find_map(|(done, at)| if *done { None } else { *at });
-        self.update(|s| {
-            s.position = position;
-            s.pending = waiting;
-            s.lag = oldest.map(age);
-        });
-    }
-
-    /// Sends one event's messages, after a backoff when it is a retry.
-    fn send_job(&self, job: Job) -> JobFuture<'_> {
-        Box::pin(async move {
-            if job.attempt > 0 {
-                tokio::time::sleep(self.backoff.wait(job.attempt)).await;
+        lane: &Lane,
+        lease: &C::Lease,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let name = self.key.name().to_owned();
+        let index = lane.index();
+        self.board.lane(index, |l| l.held = true);
+        tracing::info!(publisher = %name, partition = index, "publisher active");
+        let mut cursor = Cursor::new(self.checkpoints.fence(lease), SCAN_COMMIT_INTERVAL);
+        let mut attempt = 0u32;
+        let stopped_on_request = loop {
+            if stopping(stopped) {
+                break true;
             }
-            let result = self.send_event(&job.messages).await;
-            (job, result)
-        })
-    }
-
-    /// The messages an event leaves as: none if the interest or the transform drops it.
-    fn messages(&self, event: &RecordedEvent) -> Vec<OutgoingMessage> {
-        if !self.interest.matches(event) {
-            return Vec::new();
-        }
-        let cloud = CloudEvent::from_event(event, event.event_id, &self.source);
-        let events = match &self.transform {
-            None => vec![cloud],
-            Some(transform) => transform(event, cloud),
-        };
-        let subject = match &self.subject {
-            Some(choose) => choose(event),
-            None => subject_for(&self.subject_prefix, event),
-        };
-        events
-            .into_iter()
-            .enumerate()
-            .map(|(n, mut cloud)| {
-                let id = if n == 0 {
-                    event.event_id
+            if !self.checkpoints.lease_held(lease) {
+                tracing::warn!(publisher = %name, partition = index, "publisher lost its lease; standing by");
+                break false;
+            }
+            let go = || {
+                if !self.checkpoints.lease_held(lease) {
+                    Go::Abandon
+                } else if stopping(stopped) {
+                    Go::HandOver
                 } else {
-                    Uuid::new_v5(&event.event_id, n.to_string().as_bytes())
-                };
-                cloud.id = id;
-                OutgoingMessage {
-                    id,
-                    subject: subject.clone(),
-                    stream_id: event.stream_id.clone(),
-                    stream_version: event.stream_version,
-                    position: event.global_position,
-                    event: cloud,
+                    Go::On
                 }
-            })
-            .collect()
-    }
-
-    async fn send_event(&self, messages: &[OutgoingMessage]) -> Result<(), SinkError> {
-        for message in messages {
-            match self.sink.publish(message).await {
-                Ok(published) => self.update(|s| {
-                    s.published += 1;
-                    s.duplicates += u64::from(published.duplicate);
-                    s.broker_reachable = true;
-                }),
+            };
+            let wait = match self.pump(lane, &mut cursor, &go).await {
+                Ok(()) => {
+                    attempt = 0;
+                    if go() == Go::On {
+                        let woken = self.store.wait_for_events(cursor.scanned());
+                        // Progress past other partitions' events waits for its commit.
+                        let commit_due = async {
+                            if cursor.uncommitted() {
+                                tokio::time::sleep(SCAN_COMMIT_INTERVAL).await;
+                            } else {
+                                std::future::pending::<()>().await;
+                            }
+                        };
+                        tokio::select! {
+                            _ = woken => {}
+                            () = commit_due => {}
+                            _ = stopped.changed() => {}
+                        }
+                    }
+                    None
+                }
+                Err(err) if err.is_fenced() => {
+                    self.board.counters(|c| c.fenced += 1);
+                    tracing::warn!(publisher = %name, partition = index, error = %err, "publisher's commit refused by the lease's fence; standing by");
+                    break false;
+                }
                 Err(err) => {
-                    tracing::warn!(
-                        publisher = %self.key.name(),
-                        stream = %message.stream_id,
-                        version = message.stream_version,
-                        error = %err,
-                        "message not acknowledged"
-                    );
-                    self.note_failure(err.to_string(), err.is_transient());
-                    return Err(err);
+                    attempt += 1;
+                    tracing::warn!(publisher = %name, partition = index, error = %err, "publisher failed; retrying");
+                    if matches!(err, PublishError::Refused { .. }) {
+                        // `send_event` counted this failure already; keep the fuller text.
+                        self.board
+                            .counters(|c| c.last_error = Some(err.to_string()));
+                    } else {
+                        self.note_failure(err.to_string(), false);
+                    }
+                    // Read again from the stored checkpoint.
+                    cursor = Cursor::new(self.checkpoints.fence(lease), SCAN_COMMIT_INTERVAL);
+                    Some(self.backoff.wait(attempt))
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// At most once a second: how many events are after `reached`, and the send rate.
-    async fn sample(&self, reached: Position) {
-        let now = std::time::Instant::now();
-        let published = self.status().published;
-        let since = {
-            let mut sampled = self.sampled.lock().unwrap_or_else(PoisonError::into_inner);
-            match sampled.at {
-                Some(at) if now.duration_since(at) < Duration::from_secs(1) => return,
-                last => {
-                    let since = last.map(|at| (now.duration_since(at), sampled.published));
-                    *sampled = Sample {
-                        at: Some(now),
-                        published,
-                    };
-                    since
+            };
+            if let Some(wait) = wait {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => {}
                 }
             }
         };
-        let behind = self.store.count_events_after(reached).await.ok().flatten();
-        self.update(|s| {
-            s.behind = behind;
-            if let Some((elapsed, before)) = since {
-                s.rate = (published - before) as f64 / elapsed.as_secs_f64().max(1e-9);
-            }
-        });
+        self.board.lane(index, |l| l.held = false);
+        stopped_on_request
     }
 
-    fn note_failure(&self, error: String, unreachable: bool) {
-        self.update(|s| {
-            s.failures += 1;
-            s.last_error = Some(error);
+    pub(super) fn note_failure(&self, error: String, unreachable: bool) {
+        self.board.counters(|c| {
+            c.failures += 1;
+            c.last_error = Some(error);
             if unreachable {
-                s.broker_reachable = false;
+                c.unreachable = true;
             }
         });
     }
 
-    fn update(&self, change: impl FnOnce(&mut PublisherStatus)) {
-        change(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
-    }
-
-    fn store_error(&self, source: StoreError) -> PublishError {
+    pub(super) fn store_error(&self, source: StoreError) -> PublishError {
         PublishError::Store {
             name: self.key.name().to_owned(),
             source,
         }
     }
 
-    fn checkpoint_error(&self, source: CheckpointError) -> PublishError {
+    pub(super) fn checkpoint_error(&self, source: CheckpointError) -> PublishError {
         PublishError::Checkpoint {
             name: self.key.name().to_owned(),
             source,
@@ -735,22 +739,11 @@ fn stopping(stopped: &watch::Receiver<bool>) -> bool {
     *stopped.borrow() || stopped.has_changed().is_err()
 }
 
-fn age(recorded_at: DateTime<Utc>) -> Duration {
-    (Utc::now() - recorded_at).to_std().unwrap_or_default()
-}
-
-/// Events read and not yet checkpointed, in log order: position → (acknowledged, recorded at).
-type Pending = BTreeMap<Position, (bool, Option<DateTime<Utc>>)>;
-
-/// A job on its way to the broker, handing the job back with the outcome.
-type JobFuture<'a> = Pin<Box<dyn Future<Output = (Job, Result<(), SinkError>)> + Send + 'a>>;
-
-/// One event's messages, waiting for (or on) the broker.
-struct Job {
-    stream: StreamId,
-    position: Position,
-    messages: Vec<OutgoingMessage>,
-    attempt: u32,
+async fn wait_or_stop(stopped: &mut watch::Receiver<bool>, wait: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        _ = stopped.changed() => {}
+    }
 }
 
 /// A publisher running on its own task. Dropping it asks the publisher to stop at the next
@@ -759,16 +752,13 @@ struct Job {
 pub struct RunningPublisher {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
-    status: Arc<Mutex<PublisherStatus>>,
+    board: Arc<Board>,
 }
 
 impl RunningPublisher {
     /// The publisher's state.
     pub fn status(&self) -> PublisherStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.board.snapshot()
     }
 
     /// Stops at the next batch boundary and releases the lease.

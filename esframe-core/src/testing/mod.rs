@@ -14,6 +14,7 @@
 mod fixtures;
 mod log;
 pub mod projections;
+pub mod publishing;
 mod snapshots;
 mod streams;
 pub mod upcasting;
@@ -138,6 +139,38 @@ macro_rules! __upcasting_tests {
                 let make = $make_store;
                 let store = make($crate::testing::upcasting::sample_upcasters()).await;
                 $crate::testing::upcasting::$check(store).await;
+            }
+        )*
+    };
+}
+
+/// Expands to one `#[tokio::test]` per publisher check ([`publishing`]); `$make` is an
+/// expression whose value is a future of a fresh `(store, checkpoints)`: an empty
+/// [`GlobalLog`](crate::GlobalLog) and an empty checkpoint and lease store.
+///
+/// ```ignore
+/// esframe_core::publisher_suite!(async { (MemoryStore::new(), MemoryCheckpoints::new()) });
+/// ```
+#[macro_export]
+macro_rules! publisher_suite {
+    ($make:expr) => {
+        $crate::__publisher_tests! {
+            $make;
+            partitioned_publishers_share_the_partitions_and_send_every_event_once,
+            changing_the_partition_count_resumes_from_the_lowest_checkpoint
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __publisher_tests {
+    ($make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                let (store, checkpoints) = $make.await;
+                $crate::testing::publishing::$check(store, checkpoints).await;
             }
         )*
     };

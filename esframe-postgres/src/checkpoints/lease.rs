@@ -183,6 +183,11 @@ async fn keep_lease(lease: KeepAlive, mut release: oneshot::Receiver<()>) {
                 if renewed.elapsed() + every >= lease.lease_time {
                     tracing::warn!(projection = %lease.key, "projection lease not renewed within its lease time; giving it up");
                     lease.held.store(false, Ordering::SeqCst);
+                    // The row may still be this lease's (nobody took it): clear it on release,
+                    // as a clean release would, instead of leaving it to expire. Clearing is
+                    // token-checked, so a lease taken meanwhile is left alone.
+                    let _ = (&mut release).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), lease.free()).await;
                     return;
                 }
             }

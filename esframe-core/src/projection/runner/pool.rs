@@ -1,15 +1,14 @@
 //! A partitioned projection: N partitions spread over every runner of the projection, without a
 //! leader.
 //!
-//! Each runner is a member of the projection's group (a heartbeat in the lease store). Every
-//! [`rebalance_interval`](super::ProjectionRunner::rebalance_interval) it counts the live
-//! members, aims at its fair share (`ceil(N / members)`), hands partitions above it back at a
-//! batch boundary, and takes free or expired ones below it. Each partition it holds runs as a
-//! session of its own (a task) with its own lease, checkpoint and fence, reading only its
-//! partition of the log.
+//! The membership, the fair share and the hand-overs are the
+//! `Balancer`'s (`projection::balance`, shared with partitioned publishers). What is a
+//! projection's own is here: each partition it holds runs as a session (`Worker::session`)
+//! with its own lease, checkpoint and fence, reading only its partition of the log; the stored
+//! partition count is checked, and a rebuild resets once and replays every partition in
+//! parallel.
 
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -18,7 +17,7 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 
 use crate::{GlobalLog, LogPartition, Position};
 
@@ -26,9 +25,10 @@ use super::{
     super::{
         Checkpoint, CheckpointCommit, CheckpointError, LeaseStore, Projection, ProjectionContext,
         ProjectionError, ProjectionKey, ProjectionStore, RebuildProgress, RebuildReport,
+        balance::{Balancer, Session},
     },
     ProgressCallback, ProjectionRunner, guarded,
-    worker::{SessionEnd, Worker},
+    worker::Worker,
 };
 
 /// The progress of a rebuild of every partition at once, reported as one.
@@ -65,12 +65,6 @@ impl SharedReplay {
             });
         }
     }
-}
-
-/// A partition session running on a task of its own.
-struct Session {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<SessionEnd, ProjectionError>>,
 }
 
 impl<S, C, P> ProjectionRunner<S, C, P>
@@ -217,148 +211,26 @@ where
                 _ = stop.wait_for(|stop| *stop) => return Ok(()),
             }
         }
-        let member = self.member.as_ref();
-        let offset = start_offset(member, count);
+        let keys = (0..count)
+            .map(|index| ProjectionKey::new(name.name(), index))
+            .collect::<Result<Vec<_>, _>>()?;
         let permits = self
             .concurrency
             .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
-        let mut sessions: BTreeMap<u16, Session> = BTreeMap::new();
-        let mut members = 1;
-        let mut joined = false;
-        let result = loop {
-            // Sessions that ended: a lost lease or a transient failure frees the partition for
-            // whoever takes it next (this runner included); anything else stops the runner.
-            let ended: Vec<u16> = sessions
-                .iter()
-                .filter(|(_, s)| s.task.is_finished())
-                .map(|(p, _)| *p)
-                .collect();
-            let mut fatal = None;
-            for index in ended {
-                let session = sessions.remove(&index).expect("listed above");
-                let key = ProjectionKey::new(name.name(), index)?;
-                match session.task.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(err)) if err.is_transient() => {
-                        tracing::warn!(projection = %key, error = %err, "partition interrupted by a backend error; it will be taken again");
-                        self.checkpoints
-                            .note_error(&key, Some(&err.to_string()))
-                            .await;
-                    }
-                    Ok(Err(err)) => {
-                        self.checkpoints
-                            .note_error(&key, Some(&err.to_string()))
-                            .await;
-                        fatal = Some(err);
-                    }
-                    Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-                    Err(_) => {}
-                }
-            }
-            if let Some(err) = fatal {
-                break Err(err);
-            }
-            if *stop.borrow() {
-                break Ok(());
-            }
-            match self.checkpoints.heartbeat(name.name(), member).await {
-                Ok(live) => members = live.max(1),
-                Err(err) if err.is_transient() => {
-                    tracing::warn!(projection = name.name(), error = %err, "cannot renew this runner's membership; keeping its partitions as they are");
-                }
-                Err(err) => break Err(checkpoint_error(&name, err)),
-            }
-            if !joined {
-                // Let the members starting at the same time see each other before taking
-                // partitions, instead of the first one taking them all and handing most back.
-                joined = true;
-            } else {
-                let share = usize::from(count).div_ceil(members as usize);
-                let active: Vec<u16> = sessions
-                    .iter()
-                    .filter(|(_, s)| !*s.stop.borrow())
-                    .map(|(p, _)| *p)
-                    .collect();
-                if active.len() > share {
-                    for index in active.iter().rev().take(active.len() - share) {
-                        tracing::info!(
-                            projection = name.name(),
-                            partition = index,
-                            share,
-                            members,
-                            "handing a partition back for a fair share"
-                        );
-                        let _ = sessions[index].stop.send(true);
-                    }
-                } else {
-                    // Free partitions, up to the fair share; beyond it, orphans too (leases
-                    // whose holder stopped renewing them): a dead runner's partitions move as
-                    // soon as their leases expire, not only once its membership has.
-                    let leases = match self.checkpoints.leases(name.name()).await {
-                        Ok(leases) => leases,
-                        Err(err) if err.is_transient() => {
-                            tracing::warn!(projection = name.name(), error = %err, "cannot list the partition leases; retrying");
-                            Vec::new()
-                        }
-                        Err(err) => break Err(checkpoint_error(&name, err)),
-                    };
-                    let mut wanted = share.saturating_sub(active.len());
-                    for step in 0..usize::from(count) {
-                        let index = ((offset + step) % usize::from(count)) as u16;
-                        if sessions.contains_key(&index) {
-                            continue;
-                        }
-                        let info = leases.iter().find(|l| l.partition == index);
-                        let free = info.is_none_or(|l| l.holder.is_none());
-                        let orphan = info.is_some_and(|l| l.expired);
-                        if !free || (wanted == 0 && !orphan) {
-                            continue;
-                        }
-                        let key = ProjectionKey::new(name.name(), index)?;
-                        match self.checkpoints.try_lease(&key).await {
-                            Ok(Some(lease)) => {
-                                tracing::info!(projection = %key, share, members, orphan, "partition lease taken; running");
-                                sessions.insert(
-                                    index,
-                                    self.start_session(index, lease, permits.clone()),
-                                );
-                                wanted = wanted.saturating_sub(1);
-                            }
-                            Ok(None) => {}
-                            Err(err) if err.is_transient() => {
-                                tracing::warn!(projection = %key, error = %err, "cannot take a partition lease; retrying");
-                                break;
-                            }
-                            Err(err) => {
-                                fatal = Some(checkpoint_error(&name, err));
-                                break;
-                            }
-                        }
-                    }
-                    if let Some(err) = fatal {
-                        break Err(err);
-                    }
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(self.rebalance_interval) => {}
-                _ = stop.wait_for(|stop| *stop) => {}
-            }
+        let balancer = Balancer {
+            leases: &self.checkpoints,
+            group: name.name(),
+            partitions: &keys,
+            member: self.member.as_ref(),
+            interval: self.rebalance_interval,
         };
-        for session in sessions.values() {
-            let _ = session.stop.send(true);
-        }
-        let ends = join_all(sessions.into_values().map(|s| s.task)).await;
-        self.checkpoints.leave(name.name(), member).await;
-        let mut result = result;
-        for end in ends {
-            match end {
-                Ok(Err(err)) if result.is_ok() && !err.is_transient() => result = Err(err),
-                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-                _ => {}
-            }
-        }
-        result
+        balancer
+            .run(
+                stop,
+                |index, lease| self.start_session(index, lease, permits.clone()),
+                |err| checkpoint_error(&name, err),
+            )
+            .await
     }
 
     /// Starts partition `index`'s session on a task of its own, with its lease.
@@ -367,7 +239,7 @@ where
         index: u16,
         lease: <C as LeaseStore>::Lease,
         permits: Option<Arc<tokio::sync::Semaphore>>,
-    ) -> Session {
+    ) -> Session<ProjectionError> {
         let (stop, mut stopped) = watch::channel(false);
         let runner = self.clone();
         let task = tokio::spawn(async move {
@@ -378,7 +250,7 @@ where
             if end.is_ok() {
                 runner.checkpoints.note_error(&worker.key, None).await;
             }
-            end
+            end.map(|_| ())
         });
         Session { stop, task }
     }
@@ -525,14 +397,4 @@ fn checkpoint_error(key: &ProjectionKey, source: CheckpointError) -> ProjectionE
         projection: key.clone(),
         source,
     }
-}
-
-/// Where member `member` starts looking for free partitions among `count`: spread, so that
-/// members joining together do not all race for the same one.
-fn start_offset(member: &str, count: u16) -> usize {
-    use std::hash::{Hash, Hasher};
-    // `DefaultHasher::new()` has fixed keys: the same member starts at the same place.
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    member.hash(&mut hasher);
-    (hasher.finish() % u64::from(count.max(1))) as usize
 }
