@@ -49,6 +49,10 @@ pub struct Report {
     pub position: u64,
     /// Whether the publisher holds its lease.
     pub active: bool,
+    /// Commits refused by a lease's fencing token (another runner took the partition).
+    pub fenced: u64,
+    /// How many partitions it holds.
+    pub held: u64,
 }
 
 impl Report {
@@ -60,18 +64,22 @@ impl Report {
             pending: status.pending as u64,
             position: status.position.get(),
             active: status.active,
+            fenced: status.fenced,
+            held: status.partitions.len() as u64,
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{STATUS_LINE} {} {} {} {} {} {}",
+            "{STATUS_LINE} {} {} {} {} {} {} {} {}",
             self.published,
             self.duplicates,
             self.failures,
             self.pending,
             self.position,
-            u8::from(self.active)
+            u8::from(self.active),
+            self.fenced,
+            self.held
         )
     }
 
@@ -82,7 +90,17 @@ impl Report {
             .map(str::parse)
             .collect::<Result<_, _>>()
             .ok()?;
-        let [published, duplicates, failures, pending, position, active] = numbers[..] else {
+        let [
+            published,
+            duplicates,
+            failures,
+            pending,
+            position,
+            active,
+            fenced,
+            held,
+        ] = numbers[..]
+        else {
             return None;
         };
         Some(Self {
@@ -92,6 +110,8 @@ impl Report {
             pending,
             position,
             active: active == 1,
+            fenced,
+            held,
         })
     }
 }
@@ -183,6 +203,16 @@ impl ChildPublisher {
     /// The child's process id.
     pub fn id(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the child with `kill(1)`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {}", self.id());
     }
 
     /// `kill -9`: SIGKILL, then waits for the process to be gone. Returns the last status it
