@@ -767,6 +767,157 @@ async fn a_thousand_concurrent_orders_balance_exactly_on_postgres() {
     );
 }
 
+/// The thousand orders again, decided by three runners sharing eight partitions of the
+/// instances (one leaves halfway), each partition reading the whole log and deciding only its
+/// own instances, partition 0's holder firing the timers: every instance starts once and
+/// completes, and the stock balances exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_orders_over_three_runners_of_eight_partitions_balance_exactly_on_postgres() {
+    let shop = pg_shop("pm_partitioned").await;
+    let skus: Vec<String> = (0..10).map(|i| format!("sku-{i}")).collect();
+    for sku in &skus {
+        shop.restock(sku, 150).await;
+    }
+    let runners: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|member| {
+            shop.builder(ALL)
+                .partitions(8)
+                .rebalance_interval(Duration::from_millis(50))
+                .member_name(member)
+                .build()
+                .expect("a valid runner")
+        })
+        .collect();
+    let mut running: Vec<_> = runners.iter().map(ProcessRunner::spawn).collect();
+    let gateway = shop.gateway(answer_for);
+    let mut orders = BTreeMap::new();
+    for n in 0..1_000u32 {
+        let id = format!("o{n}");
+        let sku = skus[usize::from(dice(&id)) % skus.len()].clone();
+        orders.insert(id, (sku, 1 + n % 3));
+    }
+    let orders = Arc::new(orders);
+    let place = |from: usize, to: usize| {
+        (0..8)
+            .map(|w| {
+                let services = shop.services.clone();
+                let orders = orders.clone();
+                tokio::spawn(async move {
+                    for (id, (sku, quantity)) in
+                        orders.iter().skip(from).take(to - from).skip(w).step_by(8)
+                    {
+                        services
+                            .place(id, sku, *quantity, 1_000)
+                            .await
+                            .expect("place");
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    for writer in place(0, 500) {
+        writer.await.unwrap();
+    }
+    // One runner leaves: the other two take its partitions.
+    running.pop().expect("runner c").stop().await.unwrap();
+    for writer in place(500, 1_000) {
+        writer.await.unwrap();
+    }
+    // (started, completed) over the runners.
+    let total = |runners: &[ProcessRunner<OrderFulfilment, PgProcessStore>]| {
+        runners.iter().fold((0, 0), |(started, completed), r| {
+            let counts = r.status().counts;
+            (started + counts.started, completed + counts.completed)
+        })
+    };
+    // Time passes: the requests nobody answers expire.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while total(&runners).1 < 1_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: {:?}",
+            total(&runners)
+        );
+        shop.clock.advance(Duration::from_secs(31));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for runner in running {
+        runner.stop().await.unwrap();
+    }
+    gateway.abort();
+    let (started, completed) = total(&runners);
+    assert_eq!(started, 1_000, "no instance created twice");
+    assert_eq!(completed, 1_000);
+    for runner in &runners[..2] {
+        assert!(
+            runner.status().counts.started > 0,
+            "the work was shared: {:?}",
+            runner.status()
+        );
+    }
+    let confirmed = check_end_state(&shop, &runners[0], &orders, 150).await;
+    assert!(
+        confirmed > 300 && confirmed < 1_000,
+        "confirmed {confirmed}"
+    );
+    // Every partition moved: its checkpoint is stored.
+    for index in 0..8 {
+        let key =
+            esframe_core::projection::ProjectionKey::new(runners[0].key().name(), index).unwrap();
+        let stored =
+            esframe_core::projection::CheckpointStore::load(shop.process_store.checkpoints(), &key)
+                .await
+                .unwrap();
+        assert!(stored.is_some(), "partition {index} never checkpointed");
+    }
+}
+
+/// A process manager that ran unsplit goes on in four partitions, then in two, with orders
+/// placed between the changes: each change starts the new partitions from the lowest old
+/// checkpoint, every instance starts once across the changes, and every flow ends as it
+/// would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changing_a_process_managers_partition_count_starts_every_instance_once() {
+    let shop = memory_shop();
+    shop.restock("pen", 10_000).await;
+    let mut orders = BTreeMap::new();
+    let gateway = shop.gateway(answer_for);
+    let mut started = 0;
+    for (count, upto) in [(1u16, 40u32), (4, 80), (2, 120)] {
+        for n in upto - 40..upto {
+            let id = format!("o{n}");
+            shop.services.place(&id, "pen", 1, 500).await.unwrap();
+            orders.insert(id, ("pen".to_owned(), 1));
+        }
+        let runner = shop
+            .builder(ALL)
+            .partitions(count)
+            .build()
+            .expect("a valid runner");
+        // Every payment answered (or never to be), then the clock moves past the deadlines.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let status = runner.run_until_idle().await.expect("run");
+            if all_answered(&shop, &orders) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shop.clock.advance(Duration::from_secs(31));
+        started += runner.run_until_idle().await.expect("run").counts.started;
+    }
+    gateway.abort();
+    assert_eq!(
+        started, 120,
+        "every instance started once, across the changes"
+    );
+    assert!(all_flows_ended(&shop, &orders), "every flow ended");
+    let runner = shop.builder(ALL).partitions(2).build().unwrap();
+    check_end_state(&shop, &runner, &orders, 10_000).await;
+}
+
 // --- A runner killed at random points ----------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

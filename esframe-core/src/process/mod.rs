@@ -42,6 +42,7 @@ pub use manager::{Input, ProcessManager, ReactError, Route};
 pub use record::{InstanceRecord, InstanceStatus, ProcessWrite, TimerRecord};
 pub use runner::{
     Instance, ProcessError, ProcessRunner, ProcessRunnerBuilder, ProcessStatus, RunningProcess,
+    partition_of,
 };
 pub use store::{ProcessStore, ProcessStoreError, ProcessTx};
 pub use testkit::{ProcessTest, Then};

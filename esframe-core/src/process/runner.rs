@@ -11,16 +11,18 @@ use tokio::{sync::watch, task::JoinHandle};
 use uuid::Uuid;
 
 use crate::{
-    Aggregate, CommandHandler, EventStore, GlobalLog, Position, RecordedEvent,
+    Aggregate, CommandHandler, EventStore, GlobalLog, InvalidPartition, LogPartition, Position,
+    RecordedEvent,
     projection::{
         Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, LeaseStore, NewDeadLetter,
         ProjectedEvent, ProjectionEvents, ProjectionKey,
+        balance::{Balancer, Session, SessionError},
     },
     publish::Backoff,
 };
 
 use super::{
-    Clock, InstanceRecord, InstanceStatus, ProcessManager, ProcessStore, ProcessStoreError,
+    Clock, InstanceRecord, InstanceStatus, ProcessManager, ProcessStore, ProcessStoreError, Route,
     TimerRecord,
     batch::{BatchContext, BatchError, Counts, Pending, describe, read_at},
     dispatch::Handlers,
@@ -112,6 +114,28 @@ pub enum ProcessError {
     /// A wait ran out of time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The number of partitions is out of range.
+    #[error("process manager: {0}")]
+    InvalidPartitions(#[from] InvalidPartition),
+}
+
+impl SessionError for ProcessError {
+    fn is_transient(&self) -> bool {
+        is_transient(self)
+    }
+}
+
+/// The partition of `count` that instance `id` belongs to: FNV-1a (64 bits) of the id, modulo
+/// the 256 buckets, then modulo `count`, as streams are split ([`LogPartition`]). Stable
+/// across versions, platforms and stores.
+pub fn partition_of(id: &str, count: u16) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let bucket = (hash % u64::from(crate::PARTITION_BUCKETS)) as u16;
+    bucket % count.max(1)
 }
 
 /// What a runner has done, and where it stands.
@@ -119,7 +143,8 @@ pub enum ProcessError {
 pub struct ProcessStatus {
     /// Whether it holds the lease and is handling events.
     pub active: bool,
-    /// Its checkpoint: every event at or below it has been handled.
+    /// Its checkpoint: every event at or below it has been handled (partitioned: the lowest
+    /// checkpoint of the partitions this runner has run).
     pub position: Position,
     /// What it did since it started.
     pub counts: Counts,
@@ -140,6 +165,9 @@ struct Config {
     clock: Clock,
     max_transient: u32,
     from_now: bool,
+    partitions: u16,
+    rebalance_interval: Duration,
+    member: Arc<str>,
 }
 
 /// Builds a [`ProcessRunner`]: the process manager, its store, and a command handler per
@@ -209,22 +237,61 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunnerBuilder<P, S> {
         self
     }
 
+    /// Splits the instances into `count` partitions by a hash of their id ([`partition_of`])
+    /// (default 1: unsplit), spread over every runner of the process manager in any process
+    /// as projections' partitions are: a fair share each, hand-overs at a batch boundary,
+    /// orphans taken over once their leases lapse. Each partition has its own checkpoint and
+    /// fenced lease and reads the whole log (an instance's events come from many streams, so
+    /// the log cannot be split by stream without breaking an instance's order), deciding only
+    /// the events routed to its own instances. Timers are fired by the holder of partition 0;
+    /// a timer and an event of one instance decided at once in two partitions are ordered by
+    /// the instance's compare-and-set (the loser is decided again).
+    ///
+    /// The count may change between runs: each new partition starts from the lowest stored
+    /// checkpoint, and events an instance handled before are skipped as repeats (its last
+    /// handled position).
+    pub fn partitions(mut self, count: u16) -> Self {
+        self.config.partitions = count;
+        self
+    }
+
+    /// How often a runner of a partitioned process manager renews its membership and
+    /// rebalances (default 1 s).
+    pub fn rebalance_interval(mut self, every: Duration) -> Self {
+        self.config.rebalance_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// This runner's name among the runners of a partitioned process manager (default: the
+    /// host name, the process id and a random suffix).
+    pub fn member_name(mut self, name: impl Into<String>) -> Self {
+        self.config.member = Arc::from(name.into());
+        self
+    }
+
     /// The runner.
     pub fn build(self) -> Result<ProcessRunner<P, S>, ProcessError> {
-        let key = ProjectionKey::single(format!("process:{}", P::NAME)).map_err(|e| {
-            ProcessError::InvalidName {
-                name: P::NAME,
-                reason: e.reason,
-            }
-        })?;
+        let name = format!("process:{}", P::NAME);
+        let invalid = |e: crate::projection::InvalidProjectionKey| ProcessError::InvalidName {
+            name: P::NAME,
+            reason: e.reason,
+        };
+        let key = ProjectionKey::single(&name).map_err(invalid)?;
+        LogPartition::new(0, self.config.partitions)?;
+        let keys = (0..self.config.partitions)
+            .map(|index| ProjectionKey::new(&name, index))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
         let (status, _) = watch::channel(ProcessStatus::default());
         Ok(ProcessRunner {
             inner: Arc::new(Inner {
                 process: self.process,
                 store: self.store,
                 handlers: self.handlers,
+                positions: Mutex::new(vec![Position::START; keys.len()]),
                 config: self.config,
                 key,
+                keys,
                 status,
                 counts: Mutex::new(Counts::default()),
             }),
@@ -234,8 +301,10 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunnerBuilder<P, S> {
 
 /// Runs a [`ProcessManager`] against a [`ProcessStore`].
 ///
-/// - Follows the global log under its own checkpoint (`process:<NAME>`) and lease: one
-///   runner is active per name; others wait and take over when it dies.
+/// - Follows the global log under its own checkpoint (`process:<NAME>`) and fenced lease:
+///   one runner is active per name; others wait and take over when it dies. Split into
+///   partitions of its instances ([`ProcessRunnerBuilder::partitions`]), the partitions are
+///   shared by every runner of the name, one runner per partition.
 /// - Each batch of events is decided in one transaction: the instances are read, each event
 ///   is routed, folded and reacted to, the commands are decided by the aggregates' handlers
 ///   on their current state (refusals go back to `react`), and then the commands' events (all
@@ -266,6 +335,10 @@ struct Inner<P, S> {
     handlers: Handlers,
     config: Config,
     key: ProjectionKey,
+    /// Every partition's checkpoint and lease key (`[key]` unsplit).
+    keys: Vec<ProjectionKey>,
+    /// Every partition's checkpoint as this runner last saw it.
+    positions: Mutex<Vec<Position>>,
     status: watch::Sender<ProcessStatus>,
     counts: Mutex<Counts>,
 }
@@ -334,6 +407,13 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 clock: Clock::system(),
                 max_transient: 50,
                 from_now: false,
+                partitions: 1,
+                rebalance_interval: Duration::from_secs(1),
+                member: Arc::from(format!(
+                    "{}:{:08x}",
+                    crate::projection::this_process(),
+                    fastrand::u32(..)
+                )),
             },
         }
     }
@@ -348,9 +428,14 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         &self.inner.store
     }
 
-    /// The checkpoint and lease key (`process:<NAME>`).
+    /// The checkpoint and lease key (`process:<NAME>`; of partition 0 when partitioned).
     pub fn key(&self) -> &ProjectionKey {
         &self.inner.key
+    }
+
+    /// The partition instance `id` belongs to ([`partition_of`] with this runner's count).
+    pub fn partition(&self, id: &str) -> u16 {
+        partition_of(id, self.inner.config.partitions)
     }
 
     /// The clock timers are due by.
@@ -370,13 +455,199 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
     pub fn spawn(&self) -> RunningProcess {
         let (stop, stopped) = watch::channel(false);
         let runner = self.clone();
-        let task = tokio::spawn(async move { runner.run(stopped).await });
+        let task = tokio::spawn(async move {
+            if runner.inner.keys.len() > 1 {
+                runner.run_partitioned(stopped).await
+            } else {
+                runner.run(stopped).await
+            }
+        });
         RunningProcess { stop, task }
+    }
+
+    /// This runner's share of the partitions, rebalanced as other runners come and go.
+    async fn run_partitioned(
+        &self,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<(), ProcessError> {
+        let config = &self.inner.config;
+        if !self.settle_or_stop(&mut stopped).await? {
+            return Ok(());
+        }
+        let group = self.inner.key.name().to_owned();
+        let checkpoints = self.inner.store.checkpoints();
+        let balancer = Balancer {
+            leases: checkpoints,
+            group: &group,
+            partitions: &self.inner.keys,
+            member: &config.member,
+            interval: config.rebalance_interval,
+        };
+        let result = balancer
+            .run(
+                stopped,
+                |index, lease| {
+                    let (stop, mut stop_rx) = watch::channel(false);
+                    let runner = self.clone();
+                    let task = tokio::spawn(async move {
+                        runner.inner.status.send_modify(|s| s.active = true);
+                        let session = runner.session(&lease, &mut stop_rx, index).await;
+                        runner.inner.store.checkpoints().release(lease).await;
+                        match session {
+                            Ok(()) | Err(ProcessError::Fenced { .. }) => Ok(()),
+                            Err(err) => {
+                                runner.failed(err.to_string());
+                                Err(err)
+                            }
+                        }
+                    });
+                    Session { stop, task }
+                },
+                |source| self.store_error(source.into()),
+            )
+            .await;
+        self.inner.status.send_modify(|s| s.active = false);
+        result
+    }
+
+    /// Waits until the stored partition count is this runner's (see
+    /// [`settle_partition_count`](Self::settle_partition_count)); `false` if stopped first.
+    async fn settle_or_stop(
+        &self,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<bool, ProcessError> {
+        let config = &self.inner.config;
+        let mut failures = 0u32;
+        loop {
+            if *stopped.borrow() {
+                return Ok(false);
+            }
+            match self.settle_partition_count().await {
+                Ok(true) => return Ok(true),
+                Ok(false) => {
+                    tracing::info!(
+                        process = P::NAME,
+                        "the number of partitions changed, but another runner holds a partition; waiting for it to stop"
+                    );
+                    wait_or_stop(stopped, config.standby_poll).await;
+                }
+                Err(err) if is_transient(&err) => {
+                    failures += 1;
+                    self.failed(err.to_string());
+                    wait_or_stop(stopped, config.backoff.wait(failures)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Makes the stored partition count this runner's: with every lease of the old and the
+    /// new count held, each new partition starts from the lowest old checkpoint (repeats are
+    /// skipped by the instances). `Ok(false)`: another runner holds a lease; try later.
+    async fn settle_partition_count(&self) -> Result<bool, ProcessError> {
+        let checkpoints = self.inner.store.checkpoints();
+        let name = self.inner.key.name();
+        let count = self.inner.config.partitions;
+        let stored_count = || async {
+            checkpoints
+                .partition_count(name, 1)
+                .await
+                .map_err(|e| self.store_error(e.into()))
+        };
+        let stored = stored_count().await?;
+        if stored == count {
+            return Ok(true);
+        }
+        let mut leases = Vec::new();
+        let release_all = |leases: Vec<_>| async {
+            for lease in leases {
+                checkpoints.release(lease).await;
+            }
+        };
+        for index in 0..stored.max(count) {
+            let key = ProjectionKey::new(name, index).map_err(|e| ProcessError::InvalidName {
+                name: P::NAME,
+                reason: e.reason,
+            })?;
+            match checkpoints
+                .wait_lease(&key, self.inner.config.standby_poll)
+                .await
+            {
+                Ok(Some(lease)) => leases.push(lease),
+                Ok(None) => {
+                    release_all(leases).await;
+                    return Ok(false);
+                }
+                Err(err) => {
+                    release_all(leases).await;
+                    return Err(self.store_error(err.into()));
+                }
+            }
+        }
+        let result = async {
+            // Decide on the count stored now, under the leases.
+            let stored = stored_count().await?;
+            if stored == count {
+                return Ok(());
+            }
+            let mut lowest: Option<Checkpoint> = None;
+            for index in 0..stored {
+                let key = ProjectionKey::new(name, index).map_err(|e| ProcessError::InvalidName {
+                    name: P::NAME,
+                    reason: e.reason,
+                })?;
+                let at = checkpoints
+                    .load(&key)
+                    .await
+                    .map_err(|e| self.store_error(e.into()))?;
+                lowest = match (lowest, at) {
+                    (None, at) => at.or(Some(Checkpoint {
+                        position: Position::START,
+                        version: 1,
+                        replay_until: None,
+                    })),
+                    (Some(l), Some(at)) if at.position < l.position => Some(at),
+                    (Some(l), None) => Some(Checkpoint {
+                        position: Position::START,
+                        ..l
+                    }),
+                    (l, _) => l,
+                };
+            }
+            let from = checkpoints
+                .load(&self.inner.key)
+                .await
+                .map_err(|e| self.store_error(e.into()))?;
+            let to = Checkpoint {
+                position: lowest.map_or(Position::START, |c| c.position),
+                version: 1,
+                replay_until: None,
+            };
+            let mut commit = CheckpointCommit::advance(&self.inner.key, from, to)
+                .fenced(leases.first().and_then(|l| checkpoints.fence(l)));
+            commit.repartition = Some(count);
+            let tx = checkpoints
+                .begin()
+                .await
+                .map_err(|e| self.store_error(e.into()))?;
+            checkpoints
+                .commit(tx, commit)
+                .await
+                .map_err(|e| self.store_error(e.into()))?;
+            tracing::info!(process = P::NAME, from = stored, to = count, position = %to.position, "the number of partitions changed; every partition starts from the lowest old checkpoint");
+            Ok(())
+        }
+        .await;
+        release_all(leases).await;
+        result.map(|()| true)
     }
 
     async fn run(&self, mut stopped: watch::Receiver<bool>) -> Result<(), ProcessError> {
         let config = &self.inner.config;
         let checkpoints = self.inner.store.checkpoints();
+        if !self.settle_or_stop(&mut stopped).await? {
+            return Ok(());
+        }
         let mut failures = 0u32;
         while !*stopped.borrow() {
             let lease = match checkpoints.try_lease(&self.inner.key).await {
@@ -393,7 +664,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 }
             };
             self.inner.status.send_modify(|s| s.active = true);
-            let session = self.session(&lease, &mut stopped).await;
+            let session = self.session(&lease, &mut stopped, 0).await;
             self.inner.status.send_modify(|s| s.active = false);
             checkpoints.release(lease).await;
             match session {
@@ -414,10 +685,12 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         Ok(())
     }
 
+    /// Runs partition `index` while holding its lease (partition 0 also fires the timers).
     async fn session(
         &self,
         lease: &<S::Checkpoints as LeaseStore>::Lease,
         stopped: &mut watch::Receiver<bool>,
+        index: u16,
     ) -> Result<(), ProcessError> {
         let checkpoints = self.inner.store.checkpoints();
         let log = self.inner.store.log();
@@ -428,18 +701,25 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 return Ok(());
             }
             let fence = checkpoints.fence(lease);
-            let events = self.step_log(fence).await?;
-            let timers = self.step_timers(fence).await?;
+            let events = self.step_log(fence, index).await?;
+            let timers = if index == 0 {
+                self.step_timers(fence).await?
+            } else {
+                Step::Idle
+            };
             if events == Step::Progressed || timers == Step::Progressed {
                 continue;
             }
-            let position = self.inner.status.borrow().position;
-            let next_due = self
-                .inner
-                .store
-                .next_due(P::NAME)
-                .await
-                .map_err(|source| self.store_error(source))?;
+            let position = self.position_of(index);
+            let next_due = if index == 0 {
+                self.inner
+                    .store
+                    .next_due(P::NAME)
+                    .await
+                    .map_err(|source| self.store_error(source))?
+            } else {
+                None
+            };
             let mut sleep = config.timer_poll;
             if let Some(due) = next_due
                 && !config.clock.is_manual()
@@ -460,9 +740,22 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
     /// lease while it works (waiting up to 30 s for another runner to give it up). For tests,
     /// tools and one-shot jobs; services use [`spawn`](Self::spawn).
     pub async fn run_until_idle(&self) -> Result<ProcessStatus, ProcessError> {
+        if !self.settle_partition_count().await? {
+            return Err(ProcessError::LeaseHeld { process: P::NAME });
+        }
+        for index in 0..self.inner.keys.len() as u16 {
+            self.partition_until_idle(index).await?;
+        }
+        Ok(self.status())
+    }
+
+    async fn partition_until_idle(&self, index: u16) -> Result<(), ProcessError> {
         let checkpoints = self.inner.store.checkpoints();
         let lease = checkpoints
-            .wait_lease(&self.inner.key, Duration::from_secs(30))
+            .wait_lease(
+                &self.inner.keys[usize::from(index)],
+                Duration::from_secs(30),
+            )
             .await
             .map_err(|e| self.store_error(e.into()))?
             .ok_or(ProcessError::LeaseHeld { process: P::NAME })?;
@@ -476,9 +769,13 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 .map_err(|e| self.store_error(e.into()))?;
             loop {
                 let fence = checkpoints.fence(&lease);
-                let events = self.step_log(fence).await?;
-                let timers = self.step_timers(fence).await?;
-                let position = self.inner.status.borrow().position;
+                let events = self.step_log(fence, index).await?;
+                let timers = if index == 0 {
+                    self.step_timers(fence).await?
+                } else {
+                    Step::Idle
+                };
+                let position = self.position_of(index);
                 if events == Step::Idle && timers == Step::Idle {
                     if position >= head {
                         return Ok(());
@@ -495,16 +792,17 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         }
         .await;
         checkpoints.release(lease).await;
-        result.map(|()| self.status())
+        result
     }
 
     /// One batch of the log: read, decide, store, commit. Retries conflicts and outages up to a
     /// bound, and an instance's failures up to `max_attempts` before quarantining it. Every
     /// commit carries the lease's fencing token `fence`.
-    async fn step_log(&self, fence: Option<u64>) -> Result<Step, ProcessError> {
+    async fn step_log(&self, fence: Option<u64>, index: u16) -> Result<Step, ProcessError> {
         let store = &self.inner.store;
         let checkpoints = store.checkpoints();
-        let key = &self.inner.key;
+        let key = &self.inner.keys[usize::from(index)];
+        let count = self.inner.config.partitions;
         let mut retries = Retries::default();
         loop {
             let from = checkpoints
@@ -512,11 +810,11 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 .await
                 .map_err(|e| self.store_error(e.into()))?;
             if from.is_none() && self.inner.config.from_now {
-                self.start_at_head(fence).await?;
+                self.start_at_head(key, fence).await?;
                 continue;
             }
             let position = from.map_or(Position::START, |c| c.position);
-            self.inner.status.send_modify(|s| s.position = position);
+            self.moved(index, position);
             let batch = store
                 .log()
                 .read_all_batch(position, self.inner.config.batch_size)
@@ -540,12 +838,24 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                             envelope: event,
                         };
                         let route = self.inner.process.route(&projected);
+                        let elsewhere = match &route {
+                            Route::Start(id) | Route::Continue(id) => {
+                                count > 1 && partition_of(id, count) != index
+                            }
+                            Route::Skip => false,
+                        };
+                        if elsewhere {
+                            // Another partition's instance: decided there.
+                            continue;
+                        }
                         pending.push(Pending::Event {
                             event: projected,
                             route,
                         });
                     }
                     Ok(None) => {}
+                    // Undecodable events are parked by partition 0 alone.
+                    Err(_) if index != 0 => {}
                     Err(err) if i == 0 || pending.is_empty() => {
                         // The batch starts with it: park it alone and move past it.
                         pending.clear();
@@ -581,12 +891,13 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 .await
             {
                 Ok(counts) => {
-                    self.record(&counts, upto);
+                    self.record(&counts);
+                    self.moved(index, upto);
                     return Ok(Step::Progressed);
                 }
                 Err(BatchError::Refused(message)) => {
                     let failure = self
-                        .refused(&pending, &retries.quarantine, message, fence)
+                        .refused(&pending, &retries.quarantine, message, key, fence)
                         .await;
                     retries.failed(self, failure).await?;
                 }
@@ -596,7 +907,11 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
     }
 
     /// Stores a first checkpoint at the log's head: the events stored so far are not handled.
-    async fn start_at_head(&self, fence: Option<u64>) -> Result<(), ProcessError> {
+    async fn start_at_head(
+        &self,
+        key: &ProjectionKey,
+        fence: Option<u64>,
+    ) -> Result<(), ProcessError> {
         let store = &self.inner.store;
         let checkpoints = store.checkpoints();
         let head = store
@@ -615,10 +930,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         };
         tracing::info!(process = P::NAME, position = %head, "starting after the events stored so far");
         match checkpoints
-            .commit(
-                tx,
-                CheckpointCommit::advance(&self.inner.key, None, to).fenced(fence),
-            )
+            .commit(tx, CheckpointCommit::advance(key, None, to).fenced(fence))
             .await
         {
             // Another runner stored the first checkpoint meanwhile: use it.
@@ -648,13 +960,18 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 .await
             {
                 Ok(counts) => {
-                    let position = self.inner.status.borrow().position;
-                    self.record(&counts, position);
+                    self.record(&counts);
                     return Ok(Step::Progressed);
                 }
                 Err(BatchError::Refused(message)) => {
                     let failure = self
-                        .refused(&pending, &retries.quarantine, message, fence)
+                        .refused(
+                            &pending,
+                            &retries.quarantine,
+                            message,
+                            &self.inner.key,
+                            fence,
+                        )
                         .await;
                     retries.failed(self, failure).await?;
                 }
@@ -673,6 +990,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         pending: &[Pending<'_, P::Events>],
         quarantine: &HashMap<String, String>,
         message: String,
+        key: &ProjectionKey,
         fence: Option<u64>,
     ) -> BatchError {
         let mut ids: Vec<&str> = Vec::new();
@@ -688,14 +1006,13 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             };
         }
         for id in ids {
-            let commit = CheckpointCommit::nothing(&self.inner.key).fenced(fence);
+            let commit = CheckpointCommit::nothing(key).fenced(fence);
             match self
                 .attempt(pending, quarantine, None, Some(id), commit)
                 .await
             {
                 Ok(counts) => {
-                    let position = self.inner.status.borrow().position;
-                    self.record(&counts, position);
+                    self.record(&counts);
                 }
                 Err(BatchError::Refused(error)) => {
                     return BatchError::Instance {
@@ -758,7 +1075,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         Ok(decision.counts)
     }
 
-    fn record(&self, counts: &Counts, position: Position) {
+    fn record(&self, counts: &Counts) {
         let mut total = self
             .inner
             .counts
@@ -766,10 +1083,34 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
             .unwrap_or_else(PoisonError::into_inner);
         total.add(counts);
         let total = *total;
-        self.inner.status.send_modify(|s| {
-            s.counts = total;
-            s.position = position;
-        });
+        self.inner.status.send_modify(|s| s.counts = total);
+    }
+
+    /// Partition `index`'s checkpoint moved to `position`; the status shows the lowest.
+    fn moved(&self, index: u16, position: Position) {
+        let lowest = {
+            let mut positions = self
+                .inner
+                .positions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(at) = positions.get_mut(usize::from(index)) {
+                *at = position;
+            }
+            positions.iter().copied().min().unwrap_or(position)
+        };
+        self.inner.status.send_modify(|s| s.position = lowest);
+    }
+
+    /// Partition `index`'s checkpoint as this runner last saw it.
+    fn position_of(&self, index: u16) -> Position {
+        self.inner
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or_default()
     }
 
     fn retried(&self, error: &str) {
@@ -892,8 +1233,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                     | BatchError::Fenced(error) => error,
                 },
             })?;
-        let position = self.inner.status.borrow().position;
-        self.record(&counts, position);
+        self.record(&counts);
         self.inner
             .store
             .instance(P::NAME, id)
@@ -980,13 +1320,17 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         let work = async {
             loop {
                 let changed = checkpoints.changed();
-                // The checkpoint first: what a batch sends commits with its checkpoint, so a
-                // head read after it includes the reactions to everything below it.
-                let position = checkpoints
-                    .load(&self.inner.key)
-                    .await
-                    .map_err(|e| self.store_error(e.into()))?
-                    .map_or(Position::START, |c| c.position);
+                // The checkpoints first: what a batch sends commits with its checkpoint, so a
+                // head read after them includes the reactions to everything below them.
+                let mut position = Position::MAX;
+                for key in &self.inner.keys {
+                    let at = checkpoints
+                        .load(key)
+                        .await
+                        .map_err(|e| self.store_error(e.into()))?
+                        .map_or(Position::START, |c| c.position);
+                    position = position.min(at);
+                }
                 let head = self
                     .inner
                     .store
