@@ -160,12 +160,11 @@ impl PgEventStore {
         .map_err(|failure| failure.unavailable(None))
     }
 
-    /// One partition's events: the statement of `sql::read_partition` in a transaction of its
-    /// own that turns bitmap scans off (`SET LOCAL`, so nothing outlives it, through a pooler
-    /// too). PostgreSQL's planner otherwise reads every row of each bucket after `after` and
-    /// sorts them (it cannot tell how few the merge will take), which makes a catch-up
-    /// quadratic; with ordered index scans merged, a read touches the rows it returns and one
-    /// more per bucket.
+    /// One partition's events: the statement of `sql::read_partition`, one round trip. Each
+    /// bucket's scan carries the limit itself, so the planner takes ordered index scans
+    /// (merged) instead of bitmap scans that read every row of each bucket after `after` and
+    /// sort them (it cannot tell how few the merge will take), which would make a catch-up
+    /// quadratic: a read touches the rows it returns and one more per bucket.
     pub(crate) async fn load_partition_rows(
         &self,
         after: Position,
@@ -179,10 +178,6 @@ impl PgEventStore {
         let sql = self.inner.sql.read_partition(buckets.len());
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         let read = async {
-            let mut tx = crate::transaction::begin(&self.inner.pool).await?;
-            sqlx::query("SET LOCAL enable_bitmapscan = off")
-                .execute(&mut *tx)
-                .await?;
             let mut query = sqlx::query(AssertSqlSafe(Arc::clone(&sql)))
                 .bind(to_i64(after.get()))
                 .bind(limit);
@@ -192,7 +187,7 @@ impl PgEventStore {
             let mut events = Vec::new();
             let mut horizon: Option<i64> = None;
             {
-                let mut rows = query.fetch(&mut *tx);
+                let mut rows = query.fetch(&self.inner.pool);
                 let mut decode = rows::EventRows::new();
                 while let Some(row) = rows.try_next().await? {
                     horizon = Some(row.try_get_unchecked(rows::PARTITION_HORIZON_COLUMN)?);
@@ -201,7 +196,6 @@ impl PgEventStore {
                     }
                 }
             }
-            tx.commit().await?;
             Ok::<_, Failure>((events, horizon))
         };
         let (events, horizon) = read

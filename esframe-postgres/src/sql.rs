@@ -248,7 +248,8 @@ impl Queries {
 /// the buckets `$3, $4, ...` (`buckets` of them). One index scan per bucket on
 /// `(stream_bucket, global_position)`, each in position order, merged by the planner (Merge
 /// Append, which pulls from each scan only as far as the limit needs) so that only the rows
-/// returned, plus one per bucket, are read. Run with bitmap scans off (see
+/// returned, plus one per bucket, are read. Each scan carries the limit too: without it the
+/// planner prefers bitmap scans that read each bucket to its end (see
 /// `PgEventStore::load_partition_rows`).
 /// Columns: `EVENT_COLUMNS`, then the horizon; with no event, one row of NULLs and the horizon,
 /// so that the reader knows how far it has looked.
@@ -259,7 +260,7 @@ fn read_partition_sql(s: &str, buckets: usize) -> String {
                 "(SELECT {EVENT_COLUMNS} FROM {s}.events
                   WHERE stream_bucket = ${}::int2 AND global_position > $1
                     AND global_position < h.horizon
-                  ORDER BY global_position)",
+                  ORDER BY global_position LIMIT $2)",
                 i + 3
             )
         })

@@ -10,7 +10,7 @@ use crate::{
     GlobalLog, InvalidPartition, LogPartition, Position, RecordedEvent, StoreError, StreamId,
     projection::{
         Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, Interest,
-        InvalidProjectionKey, LeaseStore, ProjectionKey,
+        InvalidProjectionKey, LeaseStore, PartitionStatus, ProjectionKey, ProjectionStatus,
         balance::{Balancer, Session, SessionError},
     },
 };
@@ -301,6 +301,56 @@ where
     /// The publisher's state (this runner's view of the partitions it holds).
     pub fn status(&self) -> PublisherStatus {
         self.board.snapshot()
+    }
+
+    /// The state of every partition of the publisher, read from the stores (any process can
+    /// ask; no lease is taken): its holder and lease time left, checkpoint, lag in events
+    /// (counted in the partition) and in time (the age of the oldest event it has not sent),
+    /// and the last error its runners recorded. `dead_letters` is always 0: a publisher parks
+    /// nothing.
+    pub async fn partition_status(&self) -> Result<ProjectionStatus, PublishError> {
+        let leases = self
+            .checkpoints
+            .leases(self.key.name())
+            .await
+            .map_err(|source| self.checkpoint_error(source))?;
+        let mut partitions = Vec::new();
+        for lane in self.lanes()? {
+            let checkpoint = self
+                .checkpoints
+                .load(&lane.key)
+                .await
+                .map_err(|source| self.checkpoint_error(source))?;
+            let position = checkpoint.map_or(Position::START, |c| c.position);
+            let lag_events = self
+                .store
+                .count_partition_events_after(position, lane.partition)
+                .await
+                .map_err(|source| self.store_error(source))?;
+            let next = self
+                .store
+                .read_partition_batch(position, 1, lane.partition)
+                .await
+                .map_err(|source| self.store_error(source))?;
+            let lag = next.events.first().map(|e| {
+                (chrono::Utc::now() - e.recorded_at)
+                    .to_std()
+                    .unwrap_or_default()
+            });
+            let lease = leases.iter().find(|l| l.partition == lane.index());
+            partitions.push(PartitionStatus {
+                key: lane.key.clone(),
+                holder: lease.and_then(|l| l.holder.clone()),
+                lease_expires_in: lease.and_then(|l| l.expires_in),
+                position,
+                version: checkpoint.map(|c| c.version),
+                lag_events,
+                lag,
+                last_error: lease.and_then(|l| l.last_error.clone()),
+                dead_letters: 0,
+            });
+        }
+        Ok(ProjectionStatus { partitions })
     }
 
     /// Publishes everything stored so far, in every partition at once, retrying an

@@ -273,6 +273,23 @@ pub async fn partitioned_publishers_share_the_partitions_and_send_every_event_on
         assert_eq!(versions, expected, "stream {stream} out of order");
     }
     checkpoints_cover(&store, &checkpoints, NAME, COUNT).await;
+    let status = Publisher::new(store.clone(), checkpoints.clone(), sink, NAME, "/suite")
+        .expect("a valid publisher")
+        .partitions(COUNT)
+        .partition_status()
+        .await
+        .expect("the partitions' status");
+    assert_eq!(status.partitions.len(), usize::from(COUNT));
+    assert_eq!(
+        status.lag_events(),
+        Some(0),
+        "every partition caught up: {status:?}"
+    );
+    assert_eq!(
+        status.unowned(),
+        usize::from(COUNT),
+        "the runners left: {status:?}"
+    );
 }
 
 /// Changing a publisher's number of partitions skips nothing: with one partition of four
