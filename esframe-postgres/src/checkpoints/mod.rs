@@ -81,6 +81,7 @@ struct Queries {
     lease_renew: String,
     lease_release: String,
     fence: String,
+    fenced_update: String,
     heartbeat: String,
     leave: String,
     leases: String,
@@ -186,6 +187,21 @@ impl Queries {
             update: format!(
                 "UPDATE {cp} SET version = $3, position = $4, replay_until = $5, updated_at = now()
                  WHERE projection = $1 AND partition = $2 AND position = $6 AND version = $7"
+            ),
+            // The fence check and the move in one statement (one round trip): the lease row is
+            // locked first (the CTE, materialized for its lock), and the checkpoint moves only
+            // if its token is the committer's ($8). Returns the token found and the rows moved.
+            fenced_update: format!(
+                "WITH lease AS (
+                     SELECT token FROM {leases} WHERE projection = $1 AND partition = $2 FOR SHARE
+                 ), moved AS (
+                     UPDATE {cp} SET version = $3, position = $4, replay_until = $5,
+                                     updated_at = now()
+                     WHERE projection = $1 AND partition = $2 AND position = $6 AND version = $7
+                       AND (SELECT token FROM lease) = $8
+                     RETURNING 1
+                 )
+                 SELECT (SELECT token FROM lease), (SELECT count(*) FROM moved)"
             ),
             park: format!(
                 "INSERT INTO {dl} (projection, partition, global_position, event_id,
@@ -399,7 +415,41 @@ impl CheckpointStore for PgCheckpoints {
         let sql = &self.inner.sql;
         let key = &commit.key;
         let partition = i32::from(key.partition());
-        if let Some(token) = commit.fence {
+        // The common case, a fenced move of a stored checkpoint: one statement.
+        let mut advance = commit.advance;
+        if let (Some(token), Some((Some(from), to))) = (commit.fence, advance) {
+            let (current, moved): (Option<i64>, i64) =
+                sqlx::query_as(AssertSqlSafe(sql.fenced_update.as_str()))
+                    .bind(key.name())
+                    .bind(partition)
+                    .bind(i32::try_from(to.version).unwrap_or(i32::MAX))
+                    .bind(to_i64(to.position.get()))
+                    .bind(to.replay_until.map(|p| to_i64(p.get())))
+                    .bind(to_i64(from.position.get()))
+                    .bind(i32::try_from(from.version).unwrap_or(i32::MAX))
+                    .bind(i64::try_from(token).unwrap_or(i64::MAX))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(refused)?;
+            if current != i64::try_from(token).ok() {
+                drop(tx);
+                return Err(CheckpointError::Fenced {
+                    key: commit.key,
+                    token,
+                    current: current.map_or_else(|| "free".to_owned(), |t| t.to_string()),
+                });
+            }
+            if moved != 1 {
+                drop(tx);
+                return Err(CheckpointError::Moved {
+                    expected: describe(Some(from)),
+                    found: describe(self.current(key).await),
+                    key: commit.key,
+                });
+            }
+            // Moved: the rest of the commit (a repartition included) goes on without it.
+            advance = None;
+        } else if let Some(token) = commit.fence {
             // Locks the lease row against a takeover until this commit ends.
             let current: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.fence.as_str()))
                 .bind(key.name())
@@ -416,7 +466,7 @@ impl CheckpointStore for PgCheckpoints {
                 });
             }
         }
-        if let Some((from, to)) = commit.advance {
+        if let Some((from, to)) = advance {
             let version = i32::try_from(to.version).unwrap_or(i32::MAX);
             let moved = match from {
                 None => {
