@@ -433,11 +433,7 @@ impl CheckpointStore for PgCheckpoints {
                     .map_err(refused)?;
             if current != i64::try_from(token).ok() {
                 drop(tx);
-                return Err(CheckpointError::Fenced {
-                    key: commit.key,
-                    token,
-                    current: current.map_or_else(|| "free".to_owned(), |t| t.to_string()),
-                });
+                return Err(fenced(commit.key, token, current));
             }
             if moved != 1 {
                 drop(tx);
@@ -459,11 +455,7 @@ impl CheckpointStore for PgCheckpoints {
                 .map_err(refused)?;
             if current != i64::try_from(token).ok() {
                 drop(tx);
-                return Err(CheckpointError::Fenced {
-                    key: commit.key,
-                    token,
-                    current: current.map_or_else(|| "free".to_owned(), |t| t.to_string()),
-                });
+                return Err(fenced(commit.key, token, current));
             }
         }
         if let Some((from, to)) = advance {
@@ -633,5 +625,14 @@ impl DeadLetterStore for PgCheckpoints {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+/// A commit refused by the fence: the committer's `token`, and the lease row's now.
+fn fenced(key: ProjectionKey, token: u64, current: Option<i64>) -> CheckpointError {
+    CheckpointError::Fenced {
+        key,
+        token,
+        current: current.map_or_else(|| "free".to_owned(), |t| t.to_string()),
     }
 }
