@@ -62,7 +62,10 @@ mod dropped {
         let running = runner.clone().spawn();
         let deadline = Instant::now() + Duration::from_secs(10);
         while runner.status().await.unwrap().unowned() > 0 {
-            assert!(Instant::now() < deadline, "the runner never took its partitions");
+            assert!(
+                Instant::now() < deadline,
+                "the runner never took its partitions"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(running);
