@@ -16,7 +16,7 @@ use crate::{
     projection::{
         Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, LeaseStore, NewDeadLetter,
         ProjectedEvent, ProjectionEvents, ProjectionKey,
-        balance::{Balancer, Session, SessionError},
+        balance::{Balancer, Resumed, Session, SessionError, resume_in_count},
     },
     publish::Backoff,
 };
@@ -409,11 +409,7 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
                 from_now: false,
                 partitions: 1,
                 rebalance_interval: Duration::from_secs(1),
-                member: Arc::from(format!(
-                    "{}:{:08x}",
-                    crate::projection::this_process(),
-                    fastrand::u32(..)
-                )),
+                member: crate::projection::balance::new_member_name(),
             },
         }
     }
@@ -541,105 +537,23 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunner<P, S> {
         }
     }
 
-    /// Makes the stored partition count this runner's: with every lease of the old and the
-    /// new count held, each new partition starts from the lowest old checkpoint (repeats are
-    /// skipped by the instances). `Ok(false)`: another runner holds a lease; try later.
+    /// Makes the stored partition count this runner's ([`resume_in_count`]): with every
+    /// lease of the old and the new count held, each new partition starts from the lowest old
+    /// checkpoint (repeats are skipped by the instances). `Ok(false)`: another runner holds a
+    /// lease; try later.
     async fn settle_partition_count(&self) -> Result<bool, ProcessError> {
-        let checkpoints = self.inner.store.checkpoints();
-        let name = self.inner.key.name();
         let count = self.inner.config.partitions;
-        let stored_count = || async {
-            checkpoints
-                .partition_count(name, 1)
-                .await
-                .map_err(|e| self.store_error(e.into()))
-        };
-        let stored = stored_count().await?;
-        if stored == count {
-            return Ok(true);
+        let checkpoints = self.inner.store.checkpoints();
+        let wait = self.inner.config.standby_poll;
+        match resume_in_count(checkpoints, &self.inner.key, count, wait).await {
+            Ok(Resumed::Unchanged) => Ok(true),
+            Ok(Resumed::Changed { from, at }) => {
+                tracing::info!(process = P::NAME, from, to = count, position = %at, "the number of partitions changed; every partition starts from the lowest old checkpoint");
+                Ok(true)
+            }
+            Ok(Resumed::Busy) => Ok(false),
+            Err(err) => Err(self.store_error(err.into())),
         }
-        let mut leases = Vec::new();
-        let release_all = |leases: Vec<_>| async {
-            for lease in leases {
-                checkpoints.release(lease).await;
-            }
-        };
-        for index in 0..stored.max(count) {
-            let key = ProjectionKey::new(name, index).map_err(|e| ProcessError::InvalidName {
-                name: P::NAME,
-                reason: e.reason,
-            })?;
-            match checkpoints
-                .wait_lease(&key, self.inner.config.standby_poll)
-                .await
-            {
-                Ok(Some(lease)) => leases.push(lease),
-                Ok(None) => {
-                    release_all(leases).await;
-                    return Ok(false);
-                }
-                Err(err) => {
-                    release_all(leases).await;
-                    return Err(self.store_error(err.into()));
-                }
-            }
-        }
-        let result = async {
-            // Decide on the count stored now, under the leases.
-            let stored = stored_count().await?;
-            if stored == count {
-                return Ok(());
-            }
-            let mut lowest: Option<Checkpoint> = None;
-            for index in 0..stored {
-                let key = ProjectionKey::new(name, index).map_err(|e| ProcessError::InvalidName {
-                    name: P::NAME,
-                    reason: e.reason,
-                })?;
-                let at = checkpoints
-                    .load(&key)
-                    .await
-                    .map_err(|e| self.store_error(e.into()))?;
-                lowest = match (lowest, at) {
-                    (None, at) => at.or(Some(Checkpoint {
-                        position: Position::START,
-                        version: 1,
-                        replay_until: None,
-                    })),
-                    (Some(l), Some(at)) if at.position < l.position => Some(at),
-                    (Some(l), None) => Some(Checkpoint {
-                        position: Position::START,
-                        ..l
-                    }),
-                    (l, _) => l,
-                };
-            }
-            let from = checkpoints
-                .load(&self.inner.key)
-                .await
-                .map_err(|e| self.store_error(e.into()))?;
-            let to = Checkpoint {
-                position: lowest.map_or(Position::START, |c| c.position),
-                version: 1,
-                replay_until: None,
-            };
-            let mut commit = CheckpointCommit::advance(&self.inner.key, from, to)
-                .fenced(leases.first().and_then(|l| checkpoints.fence(l)));
-            commit.repartition = Some(count);
-            let tx = checkpoints
-                .begin()
-                .await
-                .map_err(|e| self.store_error(e.into()))?;
-            checkpoints
-                .commit(tx, commit)
-                .await
-                .map_err(|e| self.store_error(e.into()))?;
-            tracing::info!(process = P::NAME, from = stored, to = count, position = %to.position, "the number of partitions changed; every partition starts from the lowest old checkpoint");
-            Ok(())
-        }
-        .await;
-        release_all(leases).await;
-        result.map(|()| true)
     }
 
     async fn run(&self, mut stopped: watch::Receiver<bool>) -> Result<(), ProcessError> {

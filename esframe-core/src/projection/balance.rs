@@ -13,7 +13,11 @@ use std::{collections::BTreeMap, time::Duration};
 use futures_util::future::join_all;
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{CheckpointError, LeaseStore, ProjectionKey};
+use crate::Position;
+
+use super::{
+    Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, LeaseStore, ProjectionKey,
+};
 
 /// A partition's session, running on a task of its own until `stop` says otherwise, its lease
 /// is lost, or it fails.
@@ -208,6 +212,94 @@ impl<L: LeaseStore> Balancer<'_, L> {
         }
         Ok(())
     }
+}
+
+/// What [`resume_in_count`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resumed {
+    /// The stored count was `count` already.
+    Unchanged,
+    /// The count was `from`; every partition of `count` now starts at `at`.
+    Changed { from: u16, at: Position },
+    /// A runner holds a lease of the old or the new count; try again once it stopped.
+    Busy,
+}
+
+/// Makes the stored partition count of `first`'s group `count`, for runners whose work can
+/// start again from any earlier position (publishers, process managers; a projection rebuilds
+/// instead): holding every lease of the old and the new count (waiting up to `wait` for each),
+/// every new partition's checkpoint becomes the lowest old one, with the count, in one commit.
+/// A group that never stored a count had one partition.
+pub(crate) async fn resume_in_count<C: CheckpointStore + LeaseStore>(
+    checkpoints: &C,
+    first: &ProjectionKey,
+    count: u16,
+    wait: Duration,
+) -> Result<Resumed, CheckpointError> {
+    let name = first.name();
+    loop {
+        let stored = checkpoints.partition_count(name, 1).await?;
+        if stored == count {
+            return Ok(Resumed::Unchanged);
+        }
+        let mut leases = Vec::new();
+        for index in 0..stored.max(count) {
+            match checkpoints
+                .wait_lease(&first.with_partition(index), wait)
+                .await
+            {
+                Ok(Some(lease)) => leases.push(lease),
+                other => {
+                    join_all(leases.into_iter().map(|l| checkpoints.release(l))).await;
+                    return other.map(|_| Resumed::Busy);
+                }
+            }
+        }
+        let result = async {
+            // Another runner may have changed the count while this one waited for the
+            // leases: decide on the count stored now, under them.
+            match checkpoints.partition_count(name, 1).await? {
+                now if now == count => return Ok(Some(Resumed::Unchanged)),
+                now if now != stored => return Ok(None),
+                _ => {}
+            }
+            let mut lowest = None;
+            for index in 0..stored {
+                let at = checkpoints
+                    .load(&first.with_partition(index))
+                    .await?
+                    .map_or(Position::START, |c| c.position);
+                lowest = Some(lowest.map_or(at, |l: Position| l.min(at)));
+            }
+            let at = lowest.unwrap_or(Position::START);
+            let to = Checkpoint {
+                position: at,
+                version: 1,
+                replay_until: None,
+            };
+            let from = checkpoints.load(first).await?;
+            let mut commit = CheckpointCommit::advance(first, from, to)
+                .fenced(leases.first().and_then(|l| checkpoints.fence(l)));
+            commit.repartition = Some(count);
+            let tx = checkpoints.begin().await?;
+            checkpoints.commit(tx, commit).await?;
+            Ok(Some(Resumed::Changed { from: stored, at }))
+        }
+        .await;
+        join_all(leases.into_iter().map(|l| checkpoints.release(l))).await;
+        if let Some(resumed) = result? {
+            return Ok(resumed);
+        }
+    }
+}
+
+/// A name for a runner among a group's runners: host, process, random.
+pub(crate) fn new_member_name() -> std::sync::Arc<str> {
+    std::sync::Arc::from(format!(
+        "{}:{:08x}",
+        super::this_process(),
+        fastrand::u32(..)
+    ))
 }
 
 /// Where member `member` starts looking for free partitions among `count`: spread, so that

@@ -68,6 +68,14 @@ impl ProjectionKey {
         }
     }
 
+    /// Partition `partition` of the same projection (its name is valid already).
+    pub(crate) fn with_partition(&self, partition: u16) -> Self {
+        Self {
+            name: Arc::clone(&self.name),
+            partition,
+        }
+    }
+
     /// The only partition (0) of a projection that is not split.
     pub fn single(name: impl AsRef<str>) -> Result<Self, InvalidProjectionKey> {
         Self::new(name, 0)

@@ -9,9 +9,9 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     GlobalLog, InvalidPartition, LogPartition, Position, RecordedEvent, StoreError, StreamId,
     projection::{
-        Checkpoint, CheckpointCommit, CheckpointError, CheckpointStore, Interest,
-        InvalidProjectionKey, LeaseStore, PartitionStatus, ProjectionKey, ProjectionStatus,
-        balance::{Balancer, Session, SessionError},
+        CheckpointError, CheckpointStore, Interest, InvalidProjectionKey, LeaseStore,
+        PartitionStatus, ProjectionKey, ProjectionStatus,
+        balance::{Balancer, Resumed, Session, SessionError, resume_in_count},
     },
 };
 
@@ -193,11 +193,7 @@ where
             streams_in_flight: DEFAULT_STREAMS_IN_FLIGHT,
             backoff: Backoff::default(),
             partitions: 1,
-            member: Arc::from(format!(
-                "{}:{:08x}",
-                crate::projection::this_process(),
-                fastrand::u32(..)
-            )),
+            member: crate::projection::balance::new_member_name(),
             rebalance_interval: Duration::from_secs(1),
             board: Arc::default(),
         })
@@ -427,122 +423,29 @@ where
         join_all(leases.into_iter().map(|l| self.checkpoints.release(l))).await;
     }
 
-    /// Makes the stored partition count this runner's: when another count is stored, waits
-    /// up to `wait` for every lease of both counts, and starts every new partition from the
-    /// lowest old checkpoint, in one commit. Fails with [`PublishError::LeaseHeld`] when a
-    /// lease stays held.
+    /// Makes the stored partition count this runner's ([`resume_in_count`]): when another
+    /// count is stored, waits up to `wait` for every lease of both counts, and starts every new
+    /// partition from the lowest old checkpoint, in one commit. Fails with
+    /// [`PublishError::LeaseHeld`] when a lease stays held.
     async fn settle_partition_count(&self, wait: Duration) -> Result<(), PublishError> {
-        let name = self.key.name();
         let count = self.lanes()?.len() as u16;
-        loop {
-            let stored = self.stored_partition_count().await?;
-            if stored == count {
-                return Ok(());
+        match resume_in_count(&self.checkpoints, &self.key, count, wait).await {
+            Ok(Resumed::Unchanged) => Ok(()),
+            Ok(Resumed::Changed { from, at }) => {
+                tracing::info!(
+                    publisher = self.key.name(),
+                    from,
+                    to = count,
+                    position = %at,
+                    "the number of partitions changed; every partition starts from the lowest old checkpoint"
+                );
+                Ok(())
             }
-            let mut leases = Vec::new();
-            for index in 0..stored.max(count) {
-                let key = ProjectionKey::new(name, index)?;
-                match self.checkpoints.wait_lease(&key, wait).await {
-                    Ok(Some(lease)) => leases.push(lease),
-                    Ok(None) => {
-                        self.release_all(leases).await;
-                        return Err(PublishError::LeaseHeld {
-                            name: name.to_owned(),
-                        });
-                    }
-                    Err(source) => {
-                        self.release_all(leases).await;
-                        return Err(self.checkpoint_error(source));
-                    }
-                }
-            }
-            // Another runner may have changed the count while this one waited for the
-            // leases: decide on the count stored now, under them.
-            let result = match self.stored_partition_count().await {
-                Ok(now) if now == count => Ok(true),
-                Ok(now) if now != stored => Ok(false),
-                Ok(_) => self
-                    .repartition(stored, count, &leases)
-                    .await
-                    .map(|()| true),
-                Err(err) => Err(err),
-            };
-            self.release_all(leases).await;
-            match result {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(err) => return Err(err),
-            }
+            Ok(Resumed::Busy) => Err(PublishError::LeaseHeld {
+                name: self.key.name().to_owned(),
+            }),
+            Err(source) => Err(self.checkpoint_error(source)),
         }
-    }
-
-    /// The stored partition count; a publisher that never stored one was unsplit.
-    async fn stored_partition_count(&self) -> Result<u16, PublishError> {
-        self.checkpoints
-            .partition_count(self.key.name(), 1)
-            .await
-            .map_err(|source| self.checkpoint_error(source))
-    }
-
-    /// Splits the publisher from `stored` into `count` partitions, holding every lease of both:
-    /// every new partition starts from the lowest old checkpoint.
-    async fn repartition(
-        &self,
-        stored: u16,
-        count: u16,
-        leases: &[C::Lease],
-    ) -> Result<(), PublishError> {
-        let mut lowest: Option<Position> = None;
-        for index in 0..stored {
-            let key = ProjectionKey::new(self.key.name(), index)?;
-            let at = self
-                .checkpoints
-                .load(&key)
-                .await
-                .map_err(|source| self.checkpoint_error(source))?
-                .map_or(Position::START, |c| c.position);
-            lowest = Some(lowest.map_or(at, |l| l.min(at)));
-        }
-        self.commit_partition_count(count, lowest.unwrap_or(Position::START), leases)
-            .await?;
-        tracing::info!(
-            publisher = self.key.name(),
-            from = stored,
-            to = count,
-            "the number of partitions changed; every partition starts from the lowest old checkpoint"
-        );
-        Ok(())
-    }
-
-    async fn commit_partition_count(
-        &self,
-        count: u16,
-        from: Position,
-        leases: &[C::Lease],
-    ) -> Result<(), PublishError> {
-        let first = ProjectionKey::new(self.key.name(), 0)?;
-        let stored = self
-            .checkpoints
-            .load(&first)
-            .await
-            .map_err(|source| self.checkpoint_error(source))?;
-        let to = Checkpoint {
-            position: from,
-            version: 1,
-            replay_until: None,
-        };
-        let mut commit = CheckpointCommit::advance(&first, stored, to)
-            .fenced(leases.first().and_then(|l| self.checkpoints.fence(l)));
-        commit.repartition = Some(count);
-        let tx = self
-            .checkpoints
-            .begin()
-            .await
-            .map_err(|source| self.checkpoint_error(source))?;
-        self.checkpoints
-            .commit(tx, commit)
-            .await
-            .map_err(|source| self.checkpoint_error(source))
     }
 
     async fn publish_until_head(

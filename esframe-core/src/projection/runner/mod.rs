@@ -184,15 +184,6 @@ impl RunningProjection {
     }
 }
 
-/// A name for this runner among a partitioned projection's runners: host, process, random.
-fn new_member_name() -> Arc<str> {
-    Arc::from(format!(
-        "{}:{:08x}",
-        super::this_process(),
-        fastrand::u32(..)
-    ))
-}
-
 /// Runs a handler's future, turning a panic into a handler error, so that an event whose
 /// handler panics is retried and parked like one whose handler fails, instead of killing the
 /// runner (and, restarted, killing it again: a crash loop on one poison event).
@@ -237,7 +228,7 @@ where
             repartition: false,
             rebalance_interval: Duration::from_secs(1),
             concurrency: None,
-            member: new_member_name(),
+            member: super::balance::new_member_name(),
         }
     }
 
