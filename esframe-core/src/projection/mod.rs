@@ -40,7 +40,7 @@ mod interest;
 mod key;
 mod lease;
 mod progress;
-mod runner;
+pub(crate) mod runner;
 mod typed;
 mod wait;
 

@@ -10,8 +10,9 @@ use crate::{
     GlobalLog, InvalidPartition, LogPartition, Position, RecordedEvent, StoreError, StreamId,
     projection::{
         CheckpointError, CheckpointStore, Interest, InvalidProjectionKey, LeaseStore,
-        PartitionStatus, ProjectionKey, ProjectionStatus,
+        ProjectionKey, ProjectionStatus,
         balance::{Balancer, Resumed, Session, SessionError, resume_in_count},
+        runner::{StatusError, partition_status},
     },
 };
 
@@ -312,39 +313,19 @@ where
             .map_err(|source| self.checkpoint_error(source))?;
         let mut partitions = Vec::new();
         for lane in self.lanes()? {
-            let checkpoint = self
-                .checkpoints
-                .load(&lane.key)
-                .await
-                .map_err(|source| self.checkpoint_error(source))?;
-            let position = checkpoint.map_or(Position::START, |c| c.position);
-            let lag_events = self
-                .store
-                .count_partition_events_after(position, lane.partition)
-                .await
-                .map_err(|source| self.store_error(source))?;
-            let next = self
-                .store
-                .read_partition_batch(position, 1, lane.partition)
-                .await
-                .map_err(|source| self.store_error(source))?;
-            let lag = next.events.first().map(|e| {
-                (chrono::Utc::now() - e.recorded_at)
-                    .to_std()
-                    .unwrap_or_default()
-            });
-            let lease = leases.iter().find(|l| l.partition == lane.index());
-            partitions.push(PartitionStatus {
-                key: lane.key.clone(),
-                holder: lease.and_then(|l| l.holder.clone()),
-                lease_expires_in: lease.and_then(|l| l.expires_in),
-                position,
-                version: checkpoint.map(|c| c.version),
-                lag_events,
-                lag,
-                last_error: lease.and_then(|l| l.last_error.clone()),
-                dead_letters: 0,
-            });
+            let status = partition_status(
+                &self.store,
+                &self.checkpoints,
+                lane.key.clone(),
+                lane.partition,
+                &leases,
+            )
+            .await
+            .map_err(|err| match err {
+                StatusError::Checkpoint(source) => self.checkpoint_error(source),
+                StatusError::Store(source) => self.store_error(source),
+            })?;
+            partitions.push(status);
         }
         Ok(ProjectionStatus { partitions })
     }

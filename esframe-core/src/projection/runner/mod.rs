@@ -20,6 +20,7 @@ use crate::GlobalLog;
 
 pub use dead_letters::DeadLetterRetry;
 pub use status::{PartitionStatus, ProjectionStatus};
+pub(crate) use status::{StatusError, partition_status};
 
 use super::{
     DeadLetter, HandlerError, InvalidProjectionKey, Projection, ProjectionError, ProjectionKey,

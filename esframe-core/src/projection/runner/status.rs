@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::{GlobalLog, Position};
+use crate::{GlobalLog, LogPartition, Position, StoreError};
 
 use super::{
-    super::{Projection, ProjectionError, ProjectionKey, ProjectionStore},
+    super::{
+        CheckpointError, CheckpointStore, LeaseInfo, Projection, ProjectionError, ProjectionKey,
+        ProjectionStore,
+    },
     ProjectionRunner,
 };
 
@@ -60,6 +63,52 @@ impl ProjectionStatus {
     }
 }
 
+/// Why a partition's status could not be read.
+pub(crate) enum StatusError {
+    Checkpoint(CheckpointError),
+    Store(StoreError),
+}
+
+/// Partition `partition`'s status (`key`) from the stores, with `leases` as listed by
+/// [`LeaseStore::leases`]; `dead_letters` is left at 0 for the caller to fill.
+pub(crate) async fn partition_status<S: GlobalLog, C: CheckpointStore>(
+    store: &S,
+    checkpoints: &C,
+    key: ProjectionKey,
+    partition: LogPartition,
+    leases: &[LeaseInfo],
+) -> Result<PartitionStatus, StatusError> {
+    let checkpoint = checkpoints
+        .load(&key)
+        .await
+        .map_err(StatusError::Checkpoint)?;
+    let position = checkpoint.map_or(Position::START, |c| c.position);
+    let lag_events = store
+        .count_partition_events_after(position, partition)
+        .await
+        .map_err(StatusError::Store)?;
+    let next = store
+        .read_partition_batch(position, 1, partition)
+        .await
+        .map_err(StatusError::Store)?;
+    let lag = next
+        .events
+        .first()
+        .map(|e| (Utc::now() - e.recorded_at).to_std().unwrap_or_default());
+    let lease = leases.iter().find(|l| l.partition == key.partition());
+    Ok(PartitionStatus {
+        holder: lease.and_then(|l| l.holder.clone()),
+        lease_expires_in: lease.and_then(|l| l.expires_in),
+        position,
+        version: checkpoint.map(|c| c.version),
+        lag_events,
+        lag,
+        last_error: lease.and_then(|l| l.last_error.clone()),
+        dead_letters: 0,
+        key,
+    })
+}
+
 impl<S, C, P> ProjectionRunner<S, C, P>
 where
     S: GlobalLog,
@@ -71,56 +120,38 @@ where
     /// the stores; takes no lease.
     pub async fn status(&self) -> Result<ProjectionStatus, ProjectionError> {
         let name = self.key()?.clone();
-        let checkpoint_error = |source| ProjectionError::Checkpoint {
-            projection: name.clone(),
-            source,
-        };
         let leases = self
             .checkpoints
             .leases(name.name())
             .await
-            .map_err(checkpoint_error)?;
+            .map_err(|source| ProjectionError::Checkpoint {
+                projection: name.clone(),
+                source,
+            })?;
         let mut partitions = Vec::new();
         for index in 0..self.partition_count()? {
             let worker = self.partition_worker(index, None)?;
             let key = worker.key.clone();
-            let checkpoint = self
-                .checkpoints
-                .load(&key)
-                .await
-                .map_err(checkpoint_error)?;
-            let position = checkpoint.map_or(Position::START, |c| c.position);
-            let store_error = |source| ProjectionError::Store {
-                projection: key.clone(),
-                source,
-            };
-            let lag_events = self
-                .store
-                .count_partition_events_after(position, worker.partition)
-                .await
-                .map_err(store_error)?;
-            let next = self
-                .store
-                .read_partition_batch(position, 1, worker.partition)
-                .await
-                .map_err(store_error)?;
-            let lag = next
-                .events
-                .first()
-                .map(|e| (Utc::now() - e.recorded_at).to_std().unwrap_or_default());
-            let lease = leases.iter().find(|l| l.partition == index);
-            let dead_letters = worker.dead_letters().await?.len();
-            partitions.push(PartitionStatus {
-                key,
-                holder: lease.and_then(|l| l.holder.clone()),
-                lease_expires_in: lease.and_then(|l| l.expires_in),
-                position,
-                version: checkpoint.map(|c| c.version),
-                lag_events,
-                lag,
-                last_error: lease.and_then(|l| l.last_error.clone()),
-                dead_letters,
-            });
+            let mut status = partition_status(
+                &self.store,
+                &self.checkpoints,
+                key.clone(),
+                worker.partition,
+                &leases,
+            )
+            .await
+            .map_err(|err| match err {
+                StatusError::Checkpoint(source) => ProjectionError::Checkpoint {
+                    projection: key.clone(),
+                    source,
+                },
+                StatusError::Store(source) => ProjectionError::Store {
+                    projection: key.clone(),
+                    source,
+                },
+            })?;
+            status.dead_letters = worker.dead_letters().await?.len();
+            partitions.push(status);
         }
         Ok(ProjectionStatus { partitions })
     }
