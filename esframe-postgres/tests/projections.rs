@@ -1127,3 +1127,62 @@ async fn an_inline_projection_gets_events_appended_at_an_old_version_upcast() {
     let row = balances.balance("old").await.unwrap().unwrap();
     assert_eq!((row.balance, row.deposits), (700, 1));
 }
+
+/// A runner whose holder died (its lease rows stop being renewed) loses its partitions as the
+/// leases lapse: the survivor looks again when the first one runs out, not an interval later.
+/// Here the interval is 3 s and the dead holder's leases lapse 3.5 s after the survivor
+/// starts: at its 3 s look they are not yet free, so without that it would take them at 6 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_partitions_are_taken_as_its_leases_lapse() {
+    let store = common::store("proj_lapse").await;
+    let ledger = Ledger::new(&store).await;
+    let schema = store.schema().to_string();
+    let leases_of_the_dead = sqlx::raw_sql(AssertSqlSafe(format!(
+        "INSERT INTO {schema}.projection_partitions (projection, partitions) VALUES ('ledger', 4);
+         INSERT INTO {schema}.projection_leases (projection, partition, holder, token, expires_at)
+         SELECT 'ledger', p, 'dead-host:1', 1, now() + interval '3500 milliseconds'
+         FROM generate_series(0, 3) AS p"
+    )));
+    leases_of_the_dead.execute(store.pool()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let checkpoints = checkpoints(&store);
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
+        .partitions(4)
+        .rebalance_interval(Duration::from_secs(3))
+        .member_name("survivor");
+    let running = runner.clone().spawn();
+    let taken = loop {
+        let status = runner.status().await.unwrap();
+        let held = status.partitions.iter().all(|p| {
+            p.holder
+                .as_deref()
+                .is_some_and(|h| !h.starts_with("dead-host"))
+        });
+        if held {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not taken over: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        taken >= Duration::from_millis(3400),
+        "taken at {taken:?}, before the dead holder's leases lapsed"
+    );
+    assert!(
+        taken < Duration::from_millis(5000),
+        "taken at {taken:?}: the lapse was only seen at the next interval"
+    );
+    append(&store, "acc-1", &[5]).await;
+    let last = append(&store, "acc-2", &[6]).await.1;
+    let keys: Vec<_> = (0..4)
+        .map(|p| ProjectionKey::new("ledger", p).unwrap())
+        .collect();
+    wait_for_projections(&checkpoints, &keys, last, Duration::from_secs(30))
+        .await
+        .unwrap();
+    running.shutdown().await.unwrap();
+    totals_match_events(&store).await;
+}

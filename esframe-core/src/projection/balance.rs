@@ -81,18 +81,26 @@ impl<L: LeaseStore> Balancer<'_, L> {
                 }
                 Err(err) => break Err(lease_error(err)),
             }
+            let mut next = self.interval;
             if !joined {
                 // Let the members starting at the same time see each other before taking
                 // partitions, instead of the first one taking them all and handing most back.
                 joined = true;
-            } else if let Err(err) = self
-                .rebalance(&mut sessions, members, offset, &mut start)
-                .await
-            {
-                break Err(lease_error(err));
+            } else {
+                match self
+                    .rebalance(&mut sessions, members, offset, &mut start)
+                    .await
+                {
+                    // A lease about to lapse (its holder stopped renewing it: a live holder
+                    // renews at a third of the lease time) is looked at again as it lapses,
+                    // not up to an interval later.
+                    Ok(Some(lapses_in)) => next = next.min(lapses_in + LAPSE_MARGIN),
+                    Ok(None) => {}
+                    Err(err) => break Err(lease_error(err)),
+                }
             }
             tokio::select! {
-                () = tokio::time::sleep(self.interval) => {}
+                () = tokio::time::sleep(next) => {}
                 _ = stop.wait_for(|stop| *stop) => {}
             }
         };
@@ -144,14 +152,15 @@ impl<L: LeaseStore> Balancer<'_, L> {
     }
 
     /// Hands partitions above the fair share back, or takes free ones up to it (and orphans
-    /// beyond it).
+    /// beyond it). Returns how soon the first lease held by another runner lapses, if that is
+    /// within the interval.
     async fn rebalance<E>(
         &self,
         sessions: &mut BTreeMap<u16, Session<E>>,
         members: u32,
         offset: usize,
         start: &mut impl FnMut(u16, L::Lease) -> Session<E>,
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<Option<Duration>, CheckpointError> {
         let count = self.partitions.len();
         let share = count.div_ceil(members as usize);
         let active: Vec<u16> = sessions
@@ -170,7 +179,7 @@ impl<L: LeaseStore> Balancer<'_, L> {
                 );
                 let _ = sessions[index].stop.send(true);
             }
-            return Ok(());
+            return Ok(None);
         }
         // Free partitions, up to the fair share; beyond it, orphans too (leases whose holder
         // stopped renewing them): a dead runner's partitions move as soon as their leases
@@ -179,11 +188,18 @@ impl<L: LeaseStore> Balancer<'_, L> {
             Ok(leases) => leases,
             Err(err) if err.is_transient() => {
                 tracing::warn!(group = self.group, error = %err, "cannot list the partition leases; retrying");
-                return Ok(());
+                return Ok(None);
             }
             Err(err) => return Err(err),
         };
+        let lapsing = leases
+            .iter()
+            .filter(|l| !sessions.contains_key(&l.partition))
+            .filter_map(|l| l.expires_in)
+            .filter(|left| *left < self.interval)
+            .min();
         let mut wanted = share.saturating_sub(active.len());
+        let mut taking = Vec::new();
         for step in 0..count {
             let index = ((offset + step) % count) as u16;
             if sessions.contains_key(&index) {
@@ -195,24 +211,39 @@ impl<L: LeaseStore> Balancer<'_, L> {
             if !free || (wanted == 0 && !orphan) {
                 continue;
             }
+            wanted = wanted.saturating_sub(1);
+            taking.push((index, orphan));
+        }
+        // Taken together: a dead runner's partitions all move at once, not one lease's round
+        // trips after another.
+        let taken = join_all(
+            taking
+                .iter()
+                .map(|&(index, _)| self.leases.try_lease(&self.partitions[usize::from(index)])),
+        )
+        .await;
+        let mut failed = None;
+        for (&(index, orphan), taken) in taking.iter().zip(taken) {
             let key = &self.partitions[usize::from(index)];
-            match self.leases.try_lease(key).await {
+            match taken {
                 Ok(Some(lease)) => {
                     tracing::info!(partition = %key, share, members, orphan, "partition lease taken; running");
                     sessions.insert(index, start(index, lease));
-                    wanted = wanted.saturating_sub(1);
                 }
                 Ok(None) => {}
                 Err(err) if err.is_transient() => {
                     tracing::warn!(partition = %key, error = %err, "cannot take a partition lease; retrying");
-                    return Ok(());
                 }
-                Err(err) => return Err(err),
+                Err(err) => failed = failed.or(Some(err)),
             }
         }
-        Ok(())
+        failed.map_or(Ok(lapsing), Err)
     }
 }
+
+/// How long after a lease's expiry its lapse is looked for: the store's clock decides, and
+/// the time left was read a round trip ago.
+const LAPSE_MARGIN: Duration = Duration::from_millis(5);
 
 /// What [`resume_in_count`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
