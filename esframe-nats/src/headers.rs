@@ -47,19 +47,70 @@ pub struct InvalidHeader {
 /// as `ce-{name}`, `content-type`, and the `esframe-*` headers.
 pub fn outgoing(message: &OutgoingMessage) -> Result<HeaderMap, InvalidHeader> {
     let mut headers = HeaderMap::new();
-    put(&mut headers, MESSAGE_ID_HEADER, &message.id.to_string())?;
-    // `attributes()`, not `binary_headers()`: the HTTP binding carries `datacontenttype` as
-    // `Content-Type` only, the NATS binding as `ce-datacontenttype`.
-    for (name, value) in message.event.attributes() {
-        put(&mut headers, &format!("{CE_PREFIX}{name}"), &value)?;
+    put_id(&mut headers, message);
+    // `for_each_attribute`, not `binary_headers()`: the HTTP binding carries `datacontenttype`
+    // as `Content-Type` only, the NATS binding as `ce-datacontenttype`.
+    let mut failed = None;
+    message.event.for_each_attribute(|name, value| {
+        if failed.is_some() {
+            return;
+        }
+        match attribute_header(name) {
+            Some(header) => put_named(&mut headers, header, value),
+            None => failed = put(&mut headers, &format!("{CE_PREFIX}{name}"), value).err(),
+        }
+    });
+    if let Some(failed) = failed {
+        return Err(failed);
     }
-    put(
+    put_named(
         &mut headers,
-        CONTENT_TYPE_HEADER,
+        HeaderName::from_static(CONTENT_TYPE_HEADER),
         message.event.datacontenttype,
-    )?;
-    put_esframe(&mut headers, message)?;
+    );
+    put_esframe(&mut headers, message);
     Ok(headers)
+}
+
+/// The header of each attribute esframe writes, without building its name.
+fn attribute_header(attribute: &str) -> Option<HeaderName> {
+    macro_rules! known {
+        ($($name:literal),* $(,)?) => {
+            match attribute {
+                $($name => Some(HeaderName::from_static(concat!("ce-", $name))),)*
+                _ => None,
+            }
+        };
+    }
+    known!(
+        "id",
+        "source",
+        "specversion",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+        "sequence",
+        "sequencetype",
+        "partitionkey",
+        "esframeaggregate",
+        "esframestream",
+        "esframeversion",
+        "correlationid",
+        "causationid",
+        "traceparent",
+    )
+}
+
+/// `Nats-Msg-Id`: the message id.
+fn put_id(headers: &mut HeaderMap, message: &OutgoingMessage) {
+    let mut id = uuid::Uuid::encode_buffer();
+    let id = message.id.hyphenated().encode_lower(&mut id);
+    // A hyphenated UUID is plain ASCII: nothing to encode, nothing a header refuses.
+    headers.insert(
+        HeaderName::from_static(MESSAGE_ID_HEADER),
+        HeaderValue::from(&*id),
+    );
 }
 
 /// The headers of `message` in structured content mode, whose body is the CloudEvent in the
@@ -69,9 +120,13 @@ pub fn outgoing(message: &OutgoingMessage) -> Result<HeaderMap, InvalidHeader> {
 /// the attributes.
 pub fn outgoing_structured(message: &OutgoingMessage) -> Result<HeaderMap, InvalidHeader> {
     let mut headers = HeaderMap::new();
-    put(&mut headers, MESSAGE_ID_HEADER, &message.id.to_string())?;
-    put(&mut headers, CONTENT_TYPE_HEADER, STRUCTURED_CONTENT_TYPE)?;
-    put_esframe(&mut headers, message)?;
+    put_id(&mut headers, message);
+    put_named(
+        &mut headers,
+        HeaderName::from_static(CONTENT_TYPE_HEADER),
+        STRUCTURED_CONTENT_TYPE,
+    );
+    put_esframe(&mut headers, message);
     Ok(headers)
 }
 
@@ -84,32 +139,40 @@ pub fn is_structured(headers: &[(String, String)]) -> bool {
         .any(|(name, value)| name == CONTENT_TYPE_HEADER && is_structured_content_type(value))
 }
 
-fn put_esframe(headers: &mut HeaderMap, message: &OutgoingMessage) -> Result<(), InvalidHeader> {
-    put(headers, STREAM_HEADER, &message.stream_id.to_string())?;
-    put(
+fn put_esframe(headers: &mut HeaderMap, message: &OutgoingMessage) {
+    put_named(
         headers,
-        STREAM_VERSION_HEADER,
-        &message.stream_version.to_string(),
-    )?;
-    put(
-        headers,
-        POSITION_HEADER,
-        &message.position.get().to_string(),
-    )
+        HeaderName::from_static(STREAM_HEADER),
+        &message.stream_id.to_string(),
+    );
+    headers.insert(
+        HeaderName::from_static(STREAM_VERSION_HEADER),
+        HeaderValue::from(message.stream_version),
+    );
+    headers.insert(
+        HeaderName::from_static(POSITION_HEADER),
+        HeaderValue::from(message.position.get()),
+    );
 }
 
 /// Sets the header `name` to `value`, percent-encoded.
 fn put(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), InvalidHeader> {
-    let invalid = |reason: String| InvalidHeader {
+    let header: HeaderName = name.parse().map_err(|err| InvalidHeader {
         name: name.to_owned(),
-        reason,
-    };
-    let header: HeaderName = name.parse().map_err(|err| invalid(format!("{err}")))?;
-    let value: HeaderValue = encode(value)
-        .parse()
-        .map_err(|err| invalid(format!("{err}")))?;
-    headers.insert(header, value);
+        reason: format!("{err}"),
+    })?;
+    put_named(headers, header, value);
     Ok(())
+}
+
+/// Sets the header `header` to `value`, percent-encoded. The encoded text is printable ASCII
+/// only, which every header value may be (no CR or LF), and a plain value is copied once.
+fn put_named(headers: &mut HeaderMap, header: HeaderName, value: &str) {
+    let value = match encode_cow(value) {
+        std::borrow::Cow::Borrowed(plain) => HeaderValue::from(plain),
+        std::borrow::Cow::Owned(encoded) => HeaderValue::from(encoded),
+    };
+    headers.insert(header, value);
 }
 
 /// Every header of a received message as (lowercase name, decoded value), in no particular
@@ -152,9 +215,14 @@ pub fn to_json(headers: Option<&HeaderMap>) -> serde_json::Value {
 /// Percent-encodes a header value as the NATS binding says: space, `"`, `%`, and every byte of
 /// a character outside printable ASCII (U+0021 to U+007E), upper-case hex.
 pub fn encode(value: &str) -> String {
+    encode_cow(value).into_owned()
+}
+
+/// [`encode`], borrowing a value that needs no escape.
+fn encode_cow(value: &str) -> std::borrow::Cow<'_, str> {
     let plain = |b: u8| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%';
     if value.bytes().all(plain) {
-        return value.to_owned();
+        return std::borrow::Cow::Borrowed(value);
     }
     let mut out = String::with_capacity(value.len() + 8);
     for b in value.bytes() {
@@ -166,7 +234,7 @@ pub fn encode(value: &str) -> String {
             out.push(char::from(HEX[usize::from(b & 0x0f)]));
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -254,5 +322,71 @@ mod tests {
         )));
         assert!(!is_structured(&headers("application/json")));
         assert!(!is_structured(&[]));
+    }
+
+    fn message(extensions: &[(&'static str, &str)]) -> OutgoingMessage {
+        let id = uuid::Uuid::now_v7();
+        let stream_id = esframe_core::StreamId::new("account", "zoë 1").unwrap();
+        OutgoingMessage {
+            id,
+            subject: "bank.account.MoneyDeposited".to_owned(),
+            stream_id: stream_id.clone(),
+            stream_version: 7,
+            position: esframe_core::Position::new(42),
+            event: esframe_core::publish::CloudEvent {
+                id,
+                source: "/bank".to_owned(),
+                ty: "MoneyDeposited.v2".to_owned(),
+                subject: stream_id.to_string(),
+                time: "2026-12-02T05:00:00.000000Z".to_owned(),
+                datacontenttype: "application/json",
+                extensions: extensions
+                    .iter()
+                    .map(|(name, value)| ((*name).into(), (*value).to_owned()))
+                    .collect(),
+                data: "{}".to_owned(),
+            },
+        }
+    }
+
+    #[test]
+    fn every_attribute_goes_out_as_a_ce_header_known_or_not() {
+        // `sequence` has a header name built in; `region` (added by a transform) does not.
+        let message = message(&[("sequence", "00000000000000000042"), ("region", "eu west")]);
+        let headers = outgoing(&message).unwrap();
+        let mut got = incoming(Some(&headers));
+        got.sort();
+        let id = message.id.to_string();
+        let mut want: Vec<(String, String)> = [
+            ("ce-id", id.as_str()),
+            ("ce-source", "/bank"),
+            ("ce-specversion", "1.0"),
+            ("ce-type", "MoneyDeposited.v2"),
+            ("ce-subject", "account/zoë 1"),
+            ("ce-time", "2026-12-02T05:00:00.000000Z"),
+            ("ce-datacontenttype", "application/json"),
+            ("ce-sequence", "00000000000000000042"),
+            ("ce-region", "eu west"),
+            ("content-type", "application/json"),
+            ("nats-msg-id", id.as_str()),
+            ("esframe-stream", "account/zoë 1"),
+            ("esframe-stream-version", "7"),
+            ("esframe-position", "42"),
+        ]
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+        want.sort();
+        assert_eq!(got, want);
+        // On the wire the values are percent-encoded.
+        let subject = headers.get("ce-subject").unwrap().as_str();
+        assert_eq!(subject, "account/zo%C3%AB%201");
+        assert_eq!(headers.get("ce-region").unwrap().as_str(), "eu%20west");
+    }
+
+    #[test]
+    fn an_extension_name_no_header_can_carry_is_refused_by_name() {
+        let err = outgoing(&message(&[("bad name", "x")])).unwrap_err();
+        assert_eq!(err.name, "ce-bad name");
     }
 }

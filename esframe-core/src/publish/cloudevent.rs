@@ -10,7 +10,7 @@
 //! (`formats/json-format.md` v1.0.2: structured content mode, media type
 //! [`STRUCTURED_CONTENT_TYPE`]).
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use serde_json::{Value, value::RawValue};
 use uuid::Uuid;
@@ -49,8 +49,9 @@ pub struct CloudEvent {
     pub datacontenttype: &'static str,
     /// Extension attributes, by name: `sequence`, `sequencetype`, `partitionkey`,
     /// `esframestream`, `esframeaggregate`, `esframeversion`, `correlationid`, `causationid`,
-    /// `traceparent`, and whatever a transform adds.
-    pub extensions: BTreeMap<String, String>,
+    /// `traceparent`, and whatever a transform adds. The names esframe writes are borrowed
+    /// (`Cow::Borrowed`), so building an event copies only the values.
+    pub extensions: BTreeMap<Cow<'static, str>, String>,
     /// The data: the payload's JSON text.
     pub data: String,
 }
@@ -142,8 +143,8 @@ impl CloudEvent {
     /// trace.
     pub fn from_event(event: &RecordedEvent, message_id: Uuid, source: &str) -> Self {
         let mut extensions = BTreeMap::new();
-        let mut put = |name: &str, value: String| {
-            extensions.insert(name.to_owned(), value);
+        let mut put = |name: &'static str, value: String| {
+            extensions.insert(Cow::Borrowed(name), value);
         };
         put("sequence", sequence(event.global_position.get()));
         put("sequencetype", "Integer".to_owned());
@@ -195,27 +196,32 @@ impl CloudEvent {
             }
         }
         match self.extensions.keys().find(|n| !valid_extension_name(n)) {
-            Some(bad) => Err(InvalidCloudEvent::ExtensionName(bad.clone())),
+            Some(bad) => Err(InvalidCloudEvent::ExtensionName(bad.to_string())),
             None => Ok(()),
         }
     }
 
     /// Every attribute but the data, by name: the core ones, then the extensions.
     pub fn attributes(&self) -> Vec<(String, String)> {
-        let mut all = vec![
-            ("id".to_owned(), self.id.to_string()),
-            ("source".to_owned(), self.source.clone()),
-            ("specversion".to_owned(), SPEC_VERSION.to_owned()),
-            ("type".to_owned(), self.ty.clone()),
-            ("subject".to_owned(), self.subject.clone()),
-            ("time".to_owned(), self.time.clone()),
-            (
-                "datacontenttype".to_owned(),
-                self.datacontenttype.to_owned(),
-            ),
-        ];
-        all.extend(self.extensions.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut all = Vec::with_capacity(7 + self.extensions.len());
+        self.for_each_attribute(|name, value| all.push((name.to_owned(), value.to_owned())));
         all
+    }
+
+    /// Calls `f` with every attribute but the data, by name, in the order of
+    /// [`CloudEvent::attributes`], without copying any: what a binding writing headers uses.
+    pub fn for_each_attribute(&self, mut f: impl FnMut(&str, &str)) {
+        let mut id = Uuid::encode_buffer();
+        f("id", self.id.hyphenated().encode_lower(&mut id));
+        f("source", &self.source);
+        f("specversion", SPEC_VERSION);
+        f("type", &self.ty);
+        f("subject", &self.subject);
+        f("time", &self.time);
+        f("datacontenttype", self.datacontenttype);
+        for (name, value) in &self.extensions {
+            f(name, value);
+        }
     }
 
     /// The attributes as headers for binary content mode, each name behind `prefix` (`ce-` on
@@ -240,14 +246,14 @@ impl CloudEvent {
     pub fn to_structured(&self) -> String {
         let mut out = String::with_capacity(self.data.len() + 512);
         out.push('{');
-        for (i, (name, value)) in self.attributes().iter().enumerate() {
-            if i > 0 {
+        self.for_each_attribute(|name, value| {
+            if out.len() > 1 {
                 out.push(',');
             }
             push_json_string(&mut out, name);
             out.push(':');
             push_json_string(&mut out, value);
-        }
+        });
         if !self.data.is_empty() {
             out.push_str(",\"data\":");
             match serde_json::from_str::<&RawValue>(&self.data) {
@@ -361,6 +367,9 @@ impl CloudEvent {
             extensions: {
                 attributes.remove("datacontenttype");
                 attributes
+                    .into_iter()
+                    .map(|(name, value)| (Cow::Owned(name), value))
+                    .collect()
             },
             data,
         };

@@ -2,7 +2,7 @@
 //! with at most one message in flight per stream, checkpoint the acknowledged prefix.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     future::Future,
     pin::Pin,
     time::{Duration, Instant},
@@ -13,7 +13,7 @@ use futures_util::{StreamExt, stream::FuturesUnordered};
 use uuid::Uuid;
 
 use crate::{
-    GlobalLog, LogPartition, Position, RecordedEvent, StreamId,
+    GlobalBatch, GlobalLog, LogPartition, Position, RecordedEvent, StoreError, StreamId,
     projection::{Checkpoint, CheckpointCommit, CheckpointStore, LeaseStore, ProjectionKey},
 };
 
@@ -100,15 +100,132 @@ impl Cursor {
 /// `None` for a position only scanned past).
 type Pending = BTreeMap<Position, (bool, Option<DateTime<Utc>>)>;
 
+/// The next batch of a partition, being read.
+type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<GlobalBatch, StoreError>> + Send + 'a>>;
+
+/// A checkpoint move being committed, handing its plan back once it is.
+type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<CommitPlan, PublishError>> + Send + 'a>>;
+
+/// A checkpoint move past the acknowledged prefix of what is pending.
+struct CommitPlan {
+    /// The new checkpoint's position: every event of the partition up to it is acknowledged.
+    reached: Position,
+    from: Option<Checkpoint>,
+    to: Checkpoint,
+    fence: Option<u64>,
+}
+
+impl CommitPlan {
+    /// The move past the acknowledged prefix of `pending`, if it grew. A prefix that is only
+    /// positions scanned past waits for the cursor's scan interval unless `force`d.
+    fn of(pending: &Pending, cursor: &Cursor, force: bool) -> Option<Self> {
+        let mut reached = cursor.committed;
+        let mut events = false;
+        for (&position, &(done, at)) in pending {
+            if !done {
+                break;
+            }
+            reached = position;
+            events |= at.is_some();
+        }
+        if reached <= cursor.committed
+            || (!events && !force && cursor.last_commit.elapsed() < cursor.scan_commit_every)
+        {
+            return None;
+        }
+        Some(Self {
+            reached,
+            from: cursor.stored.flatten(),
+            to: Checkpoint {
+                position: reached,
+                version: 1,
+                replay_until: None,
+            },
+            fence: cursor.fence,
+        })
+    }
+
+    /// The move is committed: what it passed is no longer pending (positions read since the
+    /// plan was made are all after it).
+    fn applied(self, pending: &mut Pending, cursor: &mut Cursor) {
+        while pending
+            .first_key_value()
+            .is_some_and(|(&position, _)| position <= self.reached)
+        {
+            pending.pop_first();
+        }
+        cursor.stored = Some(Some(self.to));
+        cursor.committed = self.reached;
+        cursor.last_commit = Instant::now();
+    }
+}
+
 /// A job on its way to the broker, handing the job back with the outcome.
 type JobFuture<'a> = Pin<Box<dyn Future<Output = (Job, Result<(), SinkError>)> + Send + 'a>>;
 
 /// One event's messages, waiting for (or on) the broker.
 struct Job {
-    stream: StreamId,
+    /// Its stream's queue ([`Queues`]).
+    queue: usize,
     position: Position,
     messages: Vec<OutgoingMessage>,
     attempt: u32,
+}
+
+impl Job {
+    fn stream(&self) -> &StreamId {
+        &self.messages[0].stream_id
+    }
+}
+
+/// The events read and not yet sent, a queue per stream; each stream id is copied once per
+/// pump, not per event.
+#[derive(Default)]
+struct Queues {
+    index: HashMap<StreamId, usize, foldhash::fast::RandomState>,
+    /// Per stream: its jobs in version order, and whether one is with the broker.
+    queues: Vec<(VecDeque<Job>, bool)>,
+    /// Streams whose next job can go: not busy, not empty (checked again when taken).
+    ready: VecDeque<usize>,
+}
+
+impl Queues {
+    /// Queues `messages` (not empty) of the event at `position` behind its stream's.
+    fn push(&mut self, position: Position, messages: Vec<OutgoingMessage>) {
+        let stream = &messages[0].stream_id;
+        let queue = match self.index.get(stream) {
+            Some(&queue) => queue,
+            None => {
+                self.queues.push((VecDeque::new(), false));
+                let queue = self.queues.len() - 1;
+                self.index.insert(stream.clone(), queue);
+                queue
+            }
+        };
+        let (jobs, busy) = &mut self.queues[queue];
+        if jobs.is_empty() && !*busy {
+            self.ready.push_back(queue);
+        }
+        jobs.push_back(Job {
+            queue,
+            position,
+            messages,
+            attempt: 0,
+        });
+    }
+
+    /// The job `job` came back: its stream is free again, with `job` first if it is to be
+    /// sent again.
+    fn returned(&mut self, job: Option<Job>, queue: usize) {
+        let (jobs, busy) = &mut self.queues[queue];
+        *busy = false;
+        if let Some(job) = job {
+            jobs.push_front(job);
+        }
+        if !jobs.is_empty() {
+            self.ready.push_back(queue);
+        }
+    }
 }
 
 impl<S, C, K> Publisher<S, C, K>
@@ -118,12 +235,13 @@ where
     K: MessageSink,
 {
     /// Sends everything readable in `lane` after the cursor, as a pipeline: batches are read
-    /// ahead (up to four batches of events not yet acknowledged), each stream has at most one
-    /// message in flight, and the checkpoint follows the highest position up to which every
-    /// event was acknowledged, committed every 20 ms or so. An unreachable broker is retried
-    /// per message with backoff, holding back only its stream. Returns once nothing readable
-    /// is left, or once `go` said stop and the pipeline ended as [`Go`] says; a refusal stops
-    /// reading, lets the messages in flight finish, commits what is contiguous and fails.
+    /// ahead (up to four batches of events not yet acknowledged) while messages are in flight,
+    /// each stream has at most one message in flight, and the checkpoint follows the highest
+    /// position up to which every event was acknowledged, committed every 20 ms or so, also
+    /// while messages are in flight. An unreachable broker is retried per message with backoff,
+    /// holding back only its stream. Returns once nothing readable is left, or once `go` said
+    /// stop and the pipeline ended as [`Go`] says; a refusal stops reading, lets the messages
+    /// in flight finish, commits what is contiguous and fails.
     pub(super) async fn pump(
         &self,
         lane: &Lane,
@@ -147,10 +265,12 @@ where
         if cursor.uncommitted() {
             pending.insert(cursor.scanned, (true, None));
         }
-        let mut queues: HashMap<StreamId, VecDeque<Job>> = HashMap::new();
-        let mut ready: VecDeque<StreamId> = VecDeque::new();
-        let mut busy: HashSet<StreamId> = HashSet::new();
+        let mut queues = Queues::default();
         let mut inflight = FuturesUnordered::new();
+        // The next batch, read while the messages of the last ones are with the broker.
+        let mut reading: Option<ReadFuture<'_>> = None;
+        // A checkpoint move, committed while messages are with the broker.
+        let mut committing: Option<CommitFuture<'_>> = None;
         let mut refused: Option<(Job, SinkError)> = None;
         // Asked to stop (see `Go`): nothing more is read; what is sent is what `Go` says.
         let mut draining = false;
@@ -162,74 +282,47 @@ where
         self.board
             .lane(lane.index(), |l| l.position = cursor.committed);
         loop {
-            if !exhausted && !draining && refused.is_none() && pending.len() < max_pending {
-                let batch = self
-                    .store
-                    .read_partition_batch(read_to, self.batch_size, lane.partition)
-                    .await
-                    .map_err(|source| self.store_error(source))?;
-                if batch.scanned_to == read_to {
-                    exhausted = true;
-                } else {
-                    exhausted = batch.events.len() < self.batch_size;
-                    for event in &batch.events {
-                        let messages = self.messages(event);
-                        let position = event.global_position;
-                        let done = messages.is_empty();
-                        pending.insert(position, (done, Some(event.recorded_at)));
-                        if done {
-                            continue;
-                        }
-                        let queue = queues.entry(event.stream_id.clone()).or_default();
-                        if queue.is_empty() && !busy.contains(&event.stream_id) {
-                            ready.push_back(event.stream_id.clone());
-                        }
-                        queue.push_back(Job {
-                            stream: event.stream_id.clone(),
-                            position,
-                            messages,
-                            attempt: 0,
-                        });
-                    }
-                    // Events the upcasters retired, or of other partitions: nothing to send,
-                    // but the checkpoint may pass them.
-                    pending.entry(batch.scanned_to).or_insert((true, None));
-                    read_to = batch.scanned_to;
-                    cursor.scanned = read_to;
-                    self.board
-                        .lane(lane.index(), |l| l.head = l.head.max(read_to));
-                }
+            if reading.is_none()
+                && !exhausted
+                && !draining
+                && !abandon
+                && refused.is_none()
+                && pending.len() < max_pending
+            {
+                reading = Some(Box::pin(self.store.read_partition_batch(
+                    read_to,
+                    self.batch_size,
+                    lane.partition,
+                )));
             }
             if refused.is_none() && !abandon {
                 // Streams a hand-over holds back for now: a later acknowledgement may raise
                 // `highest_acked` past their next message.
                 let mut held_back = Vec::new();
                 while inflight.len() < self.streams_in_flight {
-                    let Some(stream) = ready.pop_front() else {
+                    let Some(queue) = queues.ready.pop_front() else {
                         break;
                     };
-                    let Some(queue) = queues.get_mut(&stream) else {
-                        continue;
-                    };
-                    if draining
-                        && queue
-                            .front()
-                            .is_some_and(|job| job.position > highest_acked)
-                    {
+                    let (jobs, busy) = &mut queues.queues[queue];
+                    if draining && jobs.front().is_some_and(|job| job.position > highest_acked) {
                         // Not needed (yet) for the checkpoint to pass every message sent.
-                        held_back.push(stream);
+                        held_back.push(queue);
                         continue;
                     }
-                    let Some(job) = queue.pop_front() else {
+                    let Some(job) = jobs.pop_front() else {
                         continue;
                     };
-                    busy.insert(stream);
+                    *busy = true;
                     inflight.push(self.send_job(job));
                 }
-                ready.extend(held_back);
+                queues.ready.extend(held_back);
             }
-            if inflight.is_empty() {
-                let caught_up = (exhausted && ready.is_empty()) || refused.is_some();
+            if inflight.is_empty() && reading.is_none() {
+                if let Some(commit) = committing.take() {
+                    let plan = commit.await?;
+                    plan.applied(&mut pending, cursor);
+                }
+                let caught_up = (exhausted && queues.ready.is_empty()) || refused.is_some();
                 let stopping = draining || abandon || go() != Go::On;
                 if caught_up || stopping {
                     // A partition given up commits everything it read, for its next holder.
@@ -239,7 +332,7 @@ where
                     if let Some((job, source)) = refused {
                         return Err(PublishError::Refused {
                             name: self.key.name().to_owned(),
-                            stream: job.stream,
+                            stream: job.stream().clone(),
                             stream_version: job.messages[0].stream_version,
                             position: job.position,
                             source,
@@ -262,39 +355,53 @@ where
                 self.report(lane, &pending, cursor.committed);
                 continue;
             }
-            let Some((mut job, result)) = inflight.next().await else {
-                continue;
-            };
-            busy.remove(&job.stream);
-            let stream = job.stream.clone();
-            match result {
-                Ok(()) => {
-                    highest_acked = highest_acked.max(job.position);
-                    if let Some(slot) = pending.get_mut(&job.position) {
-                        slot.0 = true;
-                    }
-                    if queues.get(&stream).is_some_and(|q| !q.is_empty()) {
-                        ready.push_back(stream);
+            tokio::select! {
+                plan = async { committing.as_mut().expect("a commit").await }, if committing.is_some() => {
+                    committing = None;
+                    plan?.applied(&mut pending, cursor);
+                    self.report(lane, &pending, cursor.committed);
+                    self.sample(lane, cursor.committed).await;
+                }
+                batch = async { reading.as_mut().expect("a read").await }, if reading.is_some() => {
+                    reading = None;
+                    let batch = batch.map_err(|source| self.store_error(source))?;
+                    // Read as a stop was asked for: left for the next holder (or run).
+                    if !draining && !abandon {
+                        self.queue_batch(lane, batch, &mut read_to, cursor, &mut pending, &mut queues, &mut exhausted);
                     }
                 }
-                Err(err) if err.is_transient() => {
-                    // The same message again, after a backoff; its stream waits for it.
-                    job.attempt += 1;
-                    queues.entry(stream.clone()).or_default().push_front(job);
-                    ready.push_back(stream);
-                }
-                Err(err) => {
-                    if refused.is_none() {
-                        refused = Some((job, err));
+                Some((mut job, result)) = inflight.next(), if !inflight.is_empty() => {
+                    let queue = job.queue;
+                    match result {
+                        Ok(()) => {
+                            highest_acked = highest_acked.max(job.position);
+                            if let Some(slot) = pending.get_mut(&job.position) {
+                                slot.0 = true;
+                            }
+                            queues.returned(None, queue);
+                        }
+                        Err(err) if err.is_transient() => {
+                            // The same message again, after a backoff; its stream waits for it.
+                            job.attempt += 1;
+                            queues.returned(Some(job), queue);
+                        }
+                        Err(err) => {
+                            // Its stream stays busy: nothing more of it is sent.
+                            if refused.is_none() {
+                                refused = Some((job, err));
+                            }
+                        }
                     }
                 }
             }
-            if last_commit.elapsed() >= Duration::from_millis(20) {
-                self.commit_contiguous(lane, &mut pending, cursor, true)
-                    .await?;
+            if committing.is_none()
+                && last_commit.elapsed() >= Duration::from_millis(20)
+                && let Some(plan) = CommitPlan::of(&pending, cursor, true)
+            {
                 last_commit = Instant::now();
-                self.report(lane, &pending, cursor.committed);
-                self.sample(lane, cursor.committed).await;
+                committing = Some(Box::pin(async move {
+                    self.run_commit(lane, &plan).await.map(|()| plan)
+                }));
             }
             match go() {
                 Go::On => {}
@@ -302,6 +409,42 @@ where
                 Go::Abandon => abandon = true,
             }
         }
+    }
+
+    /// Queues the events of `batch`, read after `read_to`, and moves the read position past
+    /// it; a batch with nothing new marks the partition `exhausted`.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_batch(
+        &self,
+        lane: &Lane,
+        batch: GlobalBatch,
+        read_to: &mut Position,
+        cursor: &mut Cursor,
+        pending: &mut Pending,
+        queues: &mut Queues,
+        exhausted: &mut bool,
+    ) {
+        if batch.scanned_to == *read_to {
+            *exhausted = true;
+            return;
+        }
+        *exhausted = batch.events.len() < self.batch_size;
+        for event in &batch.events {
+            let messages = self.messages(event);
+            let position = event.global_position;
+            let done = messages.is_empty();
+            pending.insert(position, (done, Some(event.recorded_at)));
+            if !done {
+                queues.push(position, messages);
+            }
+        }
+        // Events the upcasters retired, or of other partitions: nothing to send, but the
+        // checkpoint may pass them.
+        pending.entry(batch.scanned_to).or_insert((true, None));
+        *read_to = batch.scanned_to;
+        cursor.scanned = *read_to;
+        self.board
+            .lane(lane.index(), |l| l.head = l.head.max(*read_to));
     }
 
     /// Moves the checkpoint past the acknowledged prefix of `pending`, if it grew. A prefix
@@ -314,27 +457,15 @@ where
         cursor: &mut Cursor,
         force: bool,
     ) -> Result<(), PublishError> {
-        let mut reached = cursor.committed;
-        let mut events = false;
-        for (&position, &(done, at)) in pending.iter() {
-            if !done {
-                break;
-            }
-            reached = position;
-            events |= at.is_some();
+        if let Some(plan) = CommitPlan::of(pending, cursor, force) {
+            self.run_commit(lane, &plan).await?;
+            plan.applied(pending, cursor);
         }
-        if reached <= cursor.committed {
-            return Ok(());
-        }
-        if !events && !force && cursor.last_commit.elapsed() < cursor.scan_commit_every {
-            return Ok(());
-        }
-        let to = Checkpoint {
-            position: reached,
-            version: 1,
-            replay_until: None,
-        };
-        let from = cursor.stored.flatten();
+        Ok(())
+    }
+
+    /// Commits `plan`'s checkpoint move, fenced by the lease.
+    async fn run_commit(&self, lane: &Lane, plan: &CommitPlan) -> Result<(), PublishError> {
         let tx = self
             .checkpoints
             .begin()
@@ -343,20 +474,10 @@ where
         self.checkpoints
             .commit(
                 tx,
-                CheckpointCommit::advance(&lane.key, from, to).fenced(cursor.fence),
+                CheckpointCommit::advance(&lane.key, plan.from, plan.to).fenced(plan.fence),
             )
             .await
-            .map_err(|source| self.checkpoint_error(source))?;
-        while pending
-            .first_key_value()
-            .is_some_and(|(&position, _)| position <= reached)
-        {
-            pending.pop_first();
-        }
-        cursor.stored = Some(Some(to));
-        cursor.committed = reached;
-        cursor.last_commit = Instant::now();
-        Ok(())
+            .map_err(|source| self.checkpoint_error(source))
     }
 
     /// The status after a commit: position, what is pending, how old its oldest event is.
