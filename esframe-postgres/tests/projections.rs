@@ -1186,3 +1186,59 @@ async fn a_dead_holders_partitions_are_taken_as_its_leases_lapse() {
     running.shutdown().await.unwrap();
     totals_match_events(&store).await;
 }
+
+/// The survivor keeps a dead worker's partitions once it has them: the dead worker's membership
+/// (its last heartbeat) stops counting before its leases lapse, so taking them does not put
+/// the survivor over its fair share, and it does not hand them back to sit free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_keeps_the_partitions_it_took_from_a_dead_worker() {
+    use esframe_core::projection::LeaseStore;
+    let store = common::store("proj_keep").await;
+    let ledger = Ledger::new(&store).await;
+    let schema = store.schema().to_string();
+    let checkpoints = store.checkpoints().lease_time(Duration::from_secs(3));
+    // The dead worker's last heartbeat and its leases, renewed 0.6 s before it died (now).
+    checkpoints.heartbeat("ledger", "dead").await.unwrap();
+    let leases_of_the_dead = sqlx::raw_sql(AssertSqlSafe(format!(
+        "INSERT INTO {schema}.projection_partitions (projection, partitions) VALUES ('ledger', 4);
+         INSERT INTO {schema}.projection_leases (projection, partition, holder, token, expires_at)
+         SELECT 'ledger', p, 'dead-host:1', 1, now() + interval '2400 milliseconds'
+         FROM generate_series(0, 3) AS p"
+    )));
+    leases_of_the_dead.execute(store.pool()).await.unwrap();
+    let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
+        .partitions(4)
+        .rebalance_interval(Duration::from_millis(100))
+        .member_name("survivor");
+    let running = runner.clone().spawn();
+    let all_held = |status: &esframe_core::projection::ProjectionStatus| {
+        status.partitions.iter().all(|p| {
+            p.holder
+                .as_deref()
+                .is_some_and(|h| !h.starts_with("dead-host"))
+        })
+    };
+    let started = tokio::time::Instant::now();
+    loop {
+        let status = runner.status().await.unwrap();
+        if all_held(&status) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not taken over: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let taken = tokio::time::Instant::now();
+    while taken.elapsed() < Duration::from_millis(1500) {
+        let status = runner.status().await.unwrap();
+        assert!(
+            all_held(&status),
+            "{:?} after the takeover, a partition was handed back: {status:?}",
+            taken.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown().await.unwrap();
+}

@@ -62,9 +62,14 @@ pub trait LeaseStore: Clone + Send + Sync + 'static {
     /// memory store's, given up only when dropped).
     fn fence(&self, lease: &Self::Lease) -> Option<u64>;
 
-    /// Announces `member` as a live worker of `group` (a partitioned projection's name) for
-    /// the store's lease time, and returns how many live members the group has, this one
-    /// included. Partitioned runners call it on every rebalance to learn their fair share.
+    /// Announces `member` as a live worker of `group` (a partitioned projection's name) for a
+    /// while, and returns how many live members the group has, this one included. Partitioned
+    /// runners call it on every rebalance to learn their fair share.
+    ///
+    /// In a store whose leases lapse, a member must stop counting before the leases of a
+    /// member that died lapse (PostgreSQL: two thirds of the lease time, as leases are renewed
+    /// every third): otherwise a survivor that takes them as orphans is over its share, hands
+    /// them back, and they sit free until the dead member stops counting.
     fn heartbeat(
         &self,
         group: &str,

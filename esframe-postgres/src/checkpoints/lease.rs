@@ -39,6 +39,19 @@ impl Drop for PgLease {
     }
 }
 
+/// How long a group member counts after its heartbeat: the lease time less one renewal period
+/// (two thirds of it). A holder renews its leases every third of the lease time, so a member
+/// that dies stops counting before its last lease lapses: the survivors' fair share already
+/// counts it out when they take its partitions as orphans, and they do not hand them back.
+fn member_lifetime(lease_time: Duration) -> Duration {
+    lease_time - renewal_period(lease_time)
+}
+
+/// How often a lease is renewed: every third of the lease time.
+fn renewal_period(lease_time: Duration) -> Duration {
+    lease_time / 3
+}
+
 /// Milliseconds as a bound parameter.
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis())
@@ -156,7 +169,7 @@ impl KeepAlive {
 /// the lease up (the `held` flag) when the row has another token, or when no renewal has
 /// succeeded for the lease time (it may have expired and been taken).
 async fn keep_lease(lease: KeepAlive, mut release: oneshot::Receiver<()>) {
-    let every = lease.lease_time / 3;
+    let every = renewal_period(lease.lease_time);
     let mut renewed = Instant::now();
     loop {
         tokio::select! {
@@ -244,7 +257,7 @@ impl LeaseStore for PgCheckpoints {
         let others: i64 = sqlx::query_scalar(AssertSqlSafe(self.inner.sql.heartbeat.as_str()))
             .bind(group)
             .bind(member)
-            .bind(millis(self.inner.lease_time))
+            .bind(millis(member_lifetime(self.inner.lease_time)))
             .fetch_one(&self.inner.pool)
             .await
             .map_err(unavailable)?;
