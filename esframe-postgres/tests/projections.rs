@@ -1128,6 +1128,30 @@ async fn an_inline_projection_gets_events_appended_at_an_old_version_upcast() {
     assert_eq!((row.balance, row.deposits), (700, 1));
 }
 
+/// The lease rows a dead worker (`dead-host:1`) left on the 4 partitions of `ledger`, lapsing
+/// `lapse_in_ms` from now.
+async fn leases_of_a_dead_worker(store: &PgEventStore, lapse_in_ms: u32) {
+    let schema = store.schema().to_string();
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "INSERT INTO {schema}.projection_partitions (projection, partitions) VALUES ('ledger', 4);
+         INSERT INTO {schema}.projection_leases (projection, partition, holder, token, expires_at)
+         SELECT 'ledger', p, 'dead-host:1', 1, now() + {lapse_in_ms} * interval '1 millisecond'
+         FROM generate_series(0, 3) AS p"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
+
+/// Whether every partition has a holder other than the dead worker.
+fn held_by_the_living(status: &esframe_core::projection::ProjectionStatus) -> bool {
+    status.partitions.iter().all(|p| {
+        p.holder
+            .as_deref()
+            .is_some_and(|h| !h.starts_with("dead-host"))
+    })
+}
+
 /// A runner whose holder died (its lease rows stop being renewed) loses its partitions as the
 /// leases lapse: the survivor looks again when the first one runs out, not an interval later.
 /// Here the interval is 3 s and the dead holder's leases lapse 3.5 s after the survivor
@@ -1136,14 +1160,7 @@ async fn an_inline_projection_gets_events_appended_at_an_old_version_upcast() {
 async fn a_dead_holders_partitions_are_taken_as_its_leases_lapse() {
     let store = common::store("proj_lapse").await;
     let ledger = Ledger::new(&store).await;
-    let schema = store.schema().to_string();
-    let leases_of_the_dead = sqlx::raw_sql(AssertSqlSafe(format!(
-        "INSERT INTO {schema}.projection_partitions (projection, partitions) VALUES ('ledger', 4);
-         INSERT INTO {schema}.projection_leases (projection, partition, holder, token, expires_at)
-         SELECT 'ledger', p, 'dead-host:1', 1, now() + interval '3500 milliseconds'
-         FROM generate_series(0, 3) AS p"
-    )));
-    leases_of_the_dead.execute(store.pool()).await.unwrap();
+    leases_of_a_dead_worker(&store, 3500).await;
     let started = tokio::time::Instant::now();
     let checkpoints = checkpoints(&store);
     let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
@@ -1153,12 +1170,7 @@ async fn a_dead_holders_partitions_are_taken_as_its_leases_lapse() {
     let running = runner.clone().spawn();
     let taken = loop {
         let status = runner.status().await.unwrap();
-        let held = status.partitions.iter().all(|p| {
-            p.holder
-                .as_deref()
-                .is_some_and(|h| !h.starts_with("dead-host"))
-        });
-        if held {
+        if held_by_the_living(&status) {
             break started.elapsed();
         }
         assert!(
@@ -1195,33 +1207,19 @@ async fn a_survivor_keeps_the_partitions_it_took_from_a_dead_worker() {
     use esframe_core::projection::LeaseStore;
     let store = common::store("proj_keep").await;
     let ledger = Ledger::new(&store).await;
-    let schema = store.schema().to_string();
     let checkpoints = store.checkpoints().lease_time(Duration::from_secs(3));
     // The dead worker's last heartbeat and its leases, renewed 0.6 s before it died (now).
     checkpoints.heartbeat("ledger", "dead").await.unwrap();
-    let leases_of_the_dead = sqlx::raw_sql(AssertSqlSafe(format!(
-        "INSERT INTO {schema}.projection_partitions (projection, partitions) VALUES ('ledger', 4);
-         INSERT INTO {schema}.projection_leases (projection, partition, holder, token, expires_at)
-         SELECT 'ledger', p, 'dead-host:1', 1, now() + interval '2400 milliseconds'
-         FROM generate_series(0, 3) AS p"
-    )));
-    leases_of_the_dead.execute(store.pool()).await.unwrap();
+    leases_of_a_dead_worker(&store, 2400).await;
     let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
         .partitions(4)
         .rebalance_interval(Duration::from_millis(100))
         .member_name("survivor");
     let running = runner.clone().spawn();
-    let all_held = |status: &esframe_core::projection::ProjectionStatus| {
-        status.partitions.iter().all(|p| {
-            p.holder
-                .as_deref()
-                .is_some_and(|h| !h.starts_with("dead-host"))
-        })
-    };
     let started = tokio::time::Instant::now();
     loop {
         let status = runner.status().await.unwrap();
-        if all_held(&status) {
+        if held_by_the_living(&status) {
             break;
         }
         assert!(
@@ -1234,7 +1232,7 @@ async fn a_survivor_keeps_the_partitions_it_took_from_a_dead_worker() {
     while taken.elapsed() < Duration::from_millis(1500) {
         let status = runner.status().await.unwrap();
         assert!(
-            all_held(&status),
+            held_by_the_living(&status),
             "{:?} after the takeover, a partition was handed back: {status:?}",
             taken.elapsed()
         );
