@@ -72,7 +72,8 @@ pub fn outgoing(message: &OutgoingMessage) -> Result<HeaderMap, InvalidHeader> {
     Ok(headers)
 }
 
-/// The header of each attribute esframe writes, without building its name.
+/// The header of each attribute esframe writes (`CloudEvent::from_event`), without building
+/// its name. Only a shortcut: any other attribute, a transform's say, gets its name built.
 fn attribute_header(attribute: &str) -> Option<HeaderName> {
     macro_rules! known {
         ($($name:literal),* $(,)?) => {

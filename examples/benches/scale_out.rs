@@ -296,13 +296,10 @@ async fn failover(store: &PgEventStore, round: usize) -> Failover {
 
 /// Runs `rounds` failovers and prints the medians and ranges.
 async fn report_failover(store: &PgEventStore, rounds: usize) {
-    let runs: Vec<Failover> = {
-        let mut runs = Vec::new();
-        for round in 0..rounds {
-            runs.push(failover(store, round).await);
-        }
-        runs
-    };
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        runs.push(failover(store, round).await);
+    }
     let show = |what: &str, mut values: Vec<f64>| {
         let (lo, hi) = range(&values);
         println!(
@@ -355,12 +352,7 @@ async fn main() {
         .connect(&database_url())
         .await
         .expect("PostgreSQL at DATABASE_URL");
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS \"{SCHEMA}\" CASCADE"
-    )))
-    .execute(&pool)
-    .await
-    .expect("drop the bench schema");
+    drop_schema(&pool).await;
     let store = open_store(pool.clone()).await;
     BatchTally::create_table(&pool, SCHEMA)
         .await
@@ -369,12 +361,12 @@ async fn main() {
         .create_tables(&pool)
         .await
         .expect("ledger tables");
-    let filled = Instant::now();
-    let only = std::env::var("ESFRAME_BENCH_ONLY").unwrap_or_default();
-    if only == "failover" {
+    if std::env::var("ESFRAME_BENCH_ONLY").is_ok_and(|only| only == "failover") {
         report_failover(&store, rounds).await;
+        drop_schema(&pool).await;
         return;
     }
+    let filled = Instant::now();
     fill(&store, events).await;
     let events = events.div_ceil(100) as i64 * 100;
     println!(
@@ -476,10 +468,15 @@ async fn main() {
     }
 
     report_failover(&store, rounds).await;
+    drop_schema(&pool).await;
+}
+
+/// Drops the bench's schema, before a run and after it.
+async fn drop_schema(pool: &PgPool) {
     sqlx::raw_sql(AssertSqlSafe(format!(
         "DROP SCHEMA IF EXISTS \"{SCHEMA}\" CASCADE"
     )))
-    .execute(&pool)
+    .execute(pool)
     .await
     .expect("drop the bench schema");
 }
