@@ -9,7 +9,9 @@
 //! Every ratio pairs an esframe measurement with its baseline run on the same server just
 //! before it, round by round; the median ratio and the range are printed. Baselines, all on a
 //! table made by esframe's own migration (the events table's shape and indexes):
-//! - commands: pgbench, one-row `INSERT` per transaction, 1 and 8 clients;
+//! - commands: pgbench, one-row `INSERT` per transaction, 1 and 8 clients; and, paired with
+//!   that, pgbench running esframe's own append statement, which shows how much of the gap is
+//!   the statement's server work (its version check) rather than esframe's client;
 //! - 100-event appends: pgbench, a 100-row `INSERT ... SELECT generate_series(..)` per
 //!   transaction, every column computed cheaply in the server (ids are md5 hashes cast to uuid);
 //! - stream load: a bare sqlx query of the stream's payloads in version order, each taken as an
@@ -92,6 +94,23 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
          'MoneyDeposited', 2, '{{\"amount\": 1, \"currency\": \"EUR\"}}', NULL, NULL, '{{}}' \
          FROM (SELECT pg_current_xact_id()::text::bigint AS id) x, generate_series(0, 99) g;\n"
     );
+    // esframe's own one-event append statement (`append_one` in esframe-postgres's `sql.rs`,
+    // expecting `Exact(0)` of a new stream, whose version it checks with the same index
+    // lookup as any `Exact`; the stream and the expectation are bound, as esframe binds
+    // them), run by pgbench: the server's work of an append without
+    // esframe's client, so that the gap to the one-row INSERT shows as the statement's own
+    // cost (its version check, its RETURNING) apart from the client's.
+    let own_statement = format!(
+        "\\set n random(1, 2000000000)\n\\set kind 3\n\\set exact 0\n\
+         INSERT INTO {RAW_SCHEMA}.events (global_position, event_id, aggregate_id, stream_version, \
+         aggregate_type, event_type, schema_version, payload, correlation_id, causation_id, metadata) \
+         SELECT pg_current_xact_id()::text::bigint << 16, gen_random_uuid(), 'own-' || :n, cur.v + 1, \
+         'account', 'MoneyDeposited', 1, '{{\"amount\": 1}}', gen_random_uuid(), gen_random_uuid(), '{{}}' \
+         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM {RAW_SCHEMA}.events \
+               WHERE aggregate_type = 'account' AND aggregate_id = 'own-' || :n) cur \
+         WHERE CASE :kind::int4 WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0 ELSE cur.v = :exact::int8 END \
+         RETURNING global_position, stream_version, recorded_at;\n"
+    );
     reset_schema(&pool, SCHEMA).await?;
     let store = PgEventStore::builder(pool.clone())
         .schema(SCHEMA)?
@@ -135,6 +154,7 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
             }
             report(label, &pairs, "commands/s");
         }
+        own_statement_line(url, &one_row, &own_statement, 1, rounds, window)?;
 
         println!("\ndeposit commands, 8 writers on 8 streams, vs one-row INSERT with 8 clients");
         for (label, policy) in [
@@ -151,6 +171,7 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
             }
             report(label, &pairs, "commands/s");
         }
+        own_statement_line(url, &one_row, &own_statement, 8, rounds, window)?;
     }
 
     if wanted("appends") {
@@ -222,6 +243,25 @@ async fn run(url: &str, window: Duration) -> Result<(), Error> {
         }
     }
     reset_schema(&pool, SCHEMA).await?;
+    Ok(())
+}
+
+/// Prints esframe's append statement run by pgbench with `clients` clients, paired with the
+/// one-row INSERT: the ceiling of a command set by the statement alone.
+fn own_statement_line(
+    url: &str,
+    one_row: &str,
+    own_statement: &str,
+    clients: u32,
+    rounds: usize,
+    window: Duration,
+) -> Result<(), Error> {
+    let mut pairs = Vec::new();
+    for _ in 0..rounds {
+        let raw = pgbench(url, one_row, clients, window)?;
+        pairs.push((pgbench(url, own_statement, clients, window)?, raw));
+    }
+    report("its append statement, by pgbench", &pairs, "tx/s");
     Ok(())
 }
 

@@ -89,7 +89,7 @@ async fn run(url: &str) -> Result<(), Error> {
     check_balances(&pool, events).await?;
     rates.sort_by(f64::total_cmp);
     println!(
-        "catch-up of {events} events into a PostgreSQL read model, batched upserts: {:.0} events/s (median of {rounds}; range {:.0}-{:.0}) [target >= 50,000]",
+        "catch-up of {events} events into a PostgreSQL read model, batched upserts: {:.0} events/s (median of {rounds}; range {:.0}-{:.0}) [target >= 400,000]",
         rates[rates.len() / 2],
         rates[0],
         rates[rates.len() - 1]
