@@ -216,6 +216,31 @@ async fn a_poison_message_is_parked_after_its_attempts_while_the_others_are_appl
     assert_eq!(json.body, "this is not JSON");
     assert!(json.error.contains("after 3 attempts"), "{}", json.error);
 
+    // The poison's cause fixed: p's tail applied from the dead letters, in order, once.
+    let mut fixed = recorder.clone();
+    fixed.poison = None;
+    let retried = inbox.retry_parked(&sid("p"), &fixed).await.unwrap();
+    assert_eq!(
+        (retried.applied, retried.still_parked),
+        (3, 0),
+        "{retried:?}"
+    );
+    assert_eq!(recorder.per_stream(&pool).await["account/p"], (6, 21, 6));
+    assert_eq!(
+        recorder
+            .out_of_order
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // Data that is not JSON fails again, and stays, with the new error; the stranger can
+    // only be discarded.
+    let json_again = inbox.retry_parked(&sid("json"), &fixed).await.unwrap();
+    assert_eq!((json_again.applied, json_again.still_parked), (0, 1));
+    assert!(json_again.error.is_some(), "{json_again:?}");
+    assert!(!stranger.retryable && json.retryable);
+    assert!(inbox.discard_parked(stranger.id).await.unwrap());
+    assert_eq!(inbox.dead_letters().await.unwrap().len(), 1);
+
     broker.finish(&[]).await;
     common::drop_schema(&pool, store.schema().as_str()).await;
     common::drop_schema(&pool, &consumer_schema).await;

@@ -524,6 +524,46 @@ async fn a_poison_message_is_parked_with_its_stream_behind_it() {
     assert_eq!(counts["account/ada"].0, 1);
     assert_eq!(counts["account/bob"].0, 4);
 
+    // The poison's cause fixed: ada's parked tail applied from the dead letters, and ada's
+    // next event, sent after, goes through the inbox as usual.
+    let mut fixed = counter.clone();
+    fixed.poison.clear();
+    let retried = inbox.retry_parked(&sid("ada"), &fixed).await.unwrap();
+    assert_eq!(
+        (retried.applied, retried.still_parked),
+        (3, 0),
+        "{retried:?}"
+    );
+    store
+        .append(&sid("ada"), ExpectedVersion::Exact(4), vec![event(5)])
+        .await
+        .unwrap();
+    publisher(&store, &sink, &stream, "to_nats")
+        .catch_up()
+        .await
+        .unwrap();
+    let running = JetStreamInbox::new(js.clone(), &stream.name, "ledger", inbox.clone(), fixed)
+        .backoff(quick())
+        .early_delay(Duration::from_millis(10))
+        .spawn();
+    eventually(
+        Duration::from_secs(30),
+        || format!("ada 5 not applied: {:?}", running.status()),
+        || async { running.status().applied == 1 },
+    )
+    .await;
+    running.shutdown().await;
+    let counts = counter.counts(&consumer_pool).await;
+    // (events, total, last version, out of order)
+    assert_eq!(counts["account/ada"].0, 5);
+    assert_eq!(counts["account/ada"].2, 5);
+    assert_eq!(counts["account/ada"].3, 0);
+    assert_eq!(
+        inbox.dead_letters().await.unwrap().len(),
+        1,
+        "the junk is left"
+    );
+
     stream.delete().await;
     common::drop_schema(store.pool(), &schema).await;
     common::drop_schema(&consumer_pool, &consumer_schema).await;

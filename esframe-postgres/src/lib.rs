@@ -59,7 +59,7 @@ pub use builder::PgEventStoreBuilder;
 pub use checkpoints::{DEFAULT_LEASE_TIME, PgCheckpoints, PgLease, PgTransaction};
 pub use error::PgStoreError;
 pub use horizon::{HorizonHolder, HorizonStatus};
-pub use inbox::{InboxDeadLetter, InboxError, InboxHandler, InboxOutcome, PgInbox};
+pub use inbox::{InboxDeadLetter, InboxError, InboxHandler, InboxOutcome, PgInbox, RetryOutcome};
 pub use process::PgProcessStore;
 pub use schema::{SCHEMA_VERSION, SchemaName};
 pub use store::PgEventStore;

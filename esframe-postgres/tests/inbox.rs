@@ -234,3 +234,199 @@ async fn a_failing_handler_changes_nothing_and_parked_messages_are_listed() {
     assert_eq!(parked[0].stream_version, Some(1));
     drop_schema(&pool, &schema).await;
 }
+
+/// Parks `event` as the broker adapters do: after the handler refused it, or behind its
+/// stream's parked version.
+async fn park(inbox: &PgInbox, event: &IncomingEvent, why: &str) {
+    inbox
+        .park(
+            None,
+            Some(event),
+            why,
+            serde_json::json!({"ce-id": event.message_id.to_string()}),
+            &event.cloud_event.data,
+        )
+        .await
+        .unwrap();
+}
+
+/// The versions applied to stream `a`, with their amounts.
+async fn applied_to_a(pool: &PgPool, table: &str) -> Vec<(i64, i64)> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT version, amount FROM {table} WHERE stream = 'a' ORDER BY version"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_blocked_streams_parked_events_are_applied_in_order_when_retried() {
+    let (pool, schema, inbox, table) = setup("inbox_retry").await;
+    let failing = Recorder {
+        table: table.clone(),
+        fail_on: Some(("a".into(), 2)),
+    };
+    let working = Recorder {
+        table: table.clone(),
+        fail_on: None,
+    };
+    let events: Vec<IncomingEvent> = (1..=5).map(|v| incoming("a", v, v)).collect();
+    assert_eq!(
+        inbox.apply(&events[0], &working).await.unwrap(),
+        InboxOutcome::Applied
+    );
+    assert!(inbox.apply(&events[1], &failing).await.is_err());
+    park(&inbox, &events[1], "refused 5 times").await;
+    for later in &events[2..4] {
+        assert_eq!(
+            inbox.apply(later, &working).await.unwrap(),
+            InboxOutcome::Early { expected: 2 }
+        );
+        park(&inbox, later, "blocked behind version 2").await;
+    }
+    // A redelivery of version 3 parked a second time.
+    park(&inbox, &events[2], "blocked behind version 2").await;
+    let letters = inbox.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 4);
+    assert!(letters.iter().all(|l| l.retryable), "{letters:#?}");
+
+    // The cause is not fixed yet: nothing applied, the error renewed, every letter kept.
+    let again = inbox
+        .retry_parked(&events[1].stream_id, &failing)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.applied, again.duplicates, again.still_parked),
+        (0, 0, 4)
+    );
+    assert!(
+        again
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused by the handler")),
+        "{again:?}"
+    );
+    let first = inbox.dead_letters().await.unwrap().remove(0);
+    assert_eq!(first.stream_version, Some(2));
+    assert!(first.error.starts_with("retried: "), "{}", first.error);
+    assert_eq!(applied_to_a(&pool, &table).await, [(1, 1)]);
+
+    // Fixed: versions 2, 3 and 4 applied once each, in order, with their own data.
+    let fixed = inbox
+        .retry_parked(&events[1].stream_id, &working)
+        .await
+        .unwrap();
+    assert_eq!(
+        fixed,
+        esframe_postgres::RetryOutcome {
+            applied: 3,
+            duplicates: 1,
+            still_parked: 0,
+            error: None,
+            waiting_for: None,
+        }
+    );
+    assert!(inbox.dead_letters().await.unwrap().is_empty());
+    assert_eq!(
+        applied_to_a(&pool, &table).await,
+        [(1, 1), (2, 2), (3, 3), (4, 4)]
+    );
+    // The stream flows again.
+    assert_eq!(
+        inbox.apply(&events[4], &working).await.unwrap(),
+        InboxOutcome::Applied
+    );
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn a_skipped_event_unblocks_its_stream_and_strangers_can_only_be_discarded() {
+    let (pool, schema, inbox, table) = setup("inbox_skip").await;
+    let working = Recorder {
+        table: table.clone(),
+        fail_on: None,
+    };
+    let (v1, v2) = (incoming("a", 1, 1), incoming("a", 2, 2));
+    park(&inbox, &v1, "poison").await;
+    park(&inbox, &v2, "blocked behind version 1").await;
+    let ids: Vec<i64> = inbox
+        .dead_letters()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.id)
+        .collect();
+
+    // Only the next version can be skipped.
+    assert_eq!(
+        inbox.skip_parked(ids[1]).await.unwrap(),
+        InboxOutcome::Early { expected: 1 }
+    );
+    assert_eq!(
+        inbox.dead_letters().await.unwrap().len(),
+        2,
+        "nothing changed"
+    );
+    assert_eq!(
+        inbox.skip_parked(ids[0]).await.unwrap(),
+        InboxOutcome::Applied
+    );
+    let outcome = inbox.retry_parked(&v2.stream_id, &working).await.unwrap();
+    assert_eq!((outcome.applied, outcome.still_parked), (1, 0));
+    assert_eq!(
+        applied_to_a(&pool, &table).await,
+        [(2, 2)],
+        "version 1 skipped: recorded, never handled"
+    );
+    assert_eq!(
+        inbox.apply(&v1, &working).await.unwrap(),
+        InboxOutcome::Duplicate
+    );
+
+    // A parked version behind one that is neither applied nor parked waits for it.
+    let v5 = incoming("a", 5, 5);
+    park(&inbox, &v5, "blocked").await;
+    let waiting = inbox.retry_parked(&v5.stream_id, &working).await.unwrap();
+    assert_eq!(
+        (waiting.applied, waiting.still_parked, waiting.waiting_for),
+        (0, 1, Some(3))
+    );
+
+    // A message that is no esframe event can only be discarded.
+    inbox
+        .park(
+            None,
+            None,
+            "not a CloudEvent",
+            serde_json::json!({}),
+            "hello",
+        )
+        .await
+        .unwrap();
+    let stranger = inbox
+        .dead_letters()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.body == "hello")
+        .unwrap();
+    assert!(!stranger.retryable);
+    let refused = inbox.skip_parked(stranger.id).await.unwrap_err();
+    assert!(
+        matches!(refused, InboxError::DeadLetter { id, .. } if id == stranger.id),
+        "{refused:?}"
+    );
+    assert!(
+        refused.to_string().contains("discard it instead"),
+        "{refused}"
+    );
+    assert!(inbox.discard_parked(stranger.id).await.unwrap());
+    assert!(!inbox.discard_parked(stranger.id).await.unwrap());
+    let missing = inbox.skip_parked(stranger.id).await.unwrap_err();
+    assert!(
+        missing.to_string().contains("no such dead letter"),
+        "{missing}"
+    );
+    drop_schema(&pool, &schema).await;
+}

@@ -1,13 +1,16 @@
 //! [`PgInbox`]: the consumer's half of publishing. A service that receives another service's
 //! events applies each one exactly once to its own PostgreSQL state.
 
+mod dead_letters;
+
 use std::future::Future;
 
 use esframe_core::{projection::HandlerError, publish::IncomingEvent};
 use sqlx::{AssertSqlSafe, PgPool};
-use uuid::Uuid;
 
 use crate::{PgTransaction, SchemaName};
+
+pub use dead_letters::{InboxDeadLetter, RetryOutcome};
 
 /// What [`PgInbox::apply`] did with an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,16 @@ pub enum InboxError {
         #[source]
         source: HandlerError,
     },
+    /// A dead letter cannot be retried, skipped or discarded as asked.
+    #[error("inbox `{consumer}`: dead letter {id}: {problem}")]
+    DeadLetter {
+        /// The consumer.
+        consumer: String,
+        /// The dead letter's row id.
+        id: i64,
+        /// What stands in the way.
+        problem: String,
+    },
 }
 
 /// What a consumer does with an event, in the inbox's transaction: its writes commit with the
@@ -66,36 +79,6 @@ pub trait InboxHandler: Send + Sync {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
-/// A row of `inbox_dead_letters`, in the order `Queries::list` selects it.
-type DeadLetterRow = (
-    i64,
-    Option<Uuid>,
-    Option<String>,
-    Option<i64>,
-    String,
-    serde_json::Value,
-    String,
-);
-
-/// A parked message, as [`PgInbox::dead_letters`] lists it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InboxDeadLetter {
-    /// Its row id.
-    pub id: i64,
-    /// The message id, if the message had one.
-    pub message_id: Option<Uuid>,
-    /// The producer's stream, `aggregate_type/id`, if the message named one.
-    pub stream: Option<String>,
-    /// The event's version, if the message named one.
-    pub stream_version: Option<i64>,
-    /// Why it could not be handled.
-    pub error: String,
-    /// The message's headers, as JSON.
-    pub headers: serde_json::Value,
-    /// The message's body.
-    pub body: String,
-}
-
 /// An inbox in a PostgreSQL schema of the consumer's: per (producer stream), the last version
 /// applied, updated in the same transaction as the consumer's effect.
 ///
@@ -106,6 +89,12 @@ pub struct InboxDeadLetter {
 /// filters some of a stream's events out). Two consumers racing on one stream are serialized by
 /// the stream's row lock; on its first event, which has no row to lock yet, the one that records
 /// second finds the row taken and rolls back (a [`InboxOutcome::Duplicate`]).
+///
+/// Messages a consumer cannot handle are parked in the inbox's dead letters
+/// ([`park`](Self::park), [`dead_letters`](Self::dead_letters)), esframe events with the
+/// event itself: once the cause is fixed, [`retry_parked`](Self::retry_parked) applies a
+/// stream's parked events in order, [`skip_parked`](Self::skip_parked) gives one up so that
+/// its stream goes on, and [`discard_parked`](Self::discard_parked) removes a dead letter.
 #[derive(Debug, Clone)]
 pub struct PgInbox {
     pool: PgPool,
@@ -120,6 +109,13 @@ struct Queries {
     record: String,
     park: String,
     list: String,
+    /// The oldest parked message of a stream that holds its event, by version.
+    next_parked: String,
+    /// One dead letter's event, by id.
+    parked_event: String,
+    remove: String,
+    set_error: String,
+    count_parked: String,
 }
 
 impl PgInbox {
@@ -153,8 +149,12 @@ impl PgInbox {
                  error          TEXT        NOT NULL,
                  headers        JSONB       NOT NULL,
                  body           TEXT        NOT NULL,
-                 parked_at      TIMESTAMPTZ NOT NULL DEFAULT now()
-             );"
+                 parked_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+                 event          JSONB
+             );
+             ALTER TABLE {s}.inbox_dead_letters ADD COLUMN IF NOT EXISTS event JSONB;
+             CREATE INDEX IF NOT EXISTS inbox_dead_letters_stream_idx
+                 ON {s}.inbox_dead_letters (consumer, stream, version, id);"
         )))
         .execute(&pool)
         .await
@@ -186,12 +186,30 @@ impl PgInbox {
                 ),
                 park: format!(
                     "INSERT INTO {s}.inbox_dead_letters
-                         (consumer, message_id, stream, version, error, headers, body)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                         (consumer, message_id, stream, version, error, headers, body, event)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
                 ),
                 list: format!(
-                    "SELECT id, message_id, stream, version, error, headers, body
+                    "SELECT id, message_id, stream, version, error, headers, body,
+                            event IS NOT NULL
                      FROM {s}.inbox_dead_letters WHERE consumer = $1 ORDER BY id"
+                ),
+                next_parked: format!(
+                    "SELECT id, event FROM {s}.inbox_dead_letters
+                     WHERE consumer = $1 AND stream = $2 AND event IS NOT NULL
+                     ORDER BY version, id LIMIT 1"
+                ),
+                parked_event: format!(
+                    "SELECT event FROM {s}.inbox_dead_letters WHERE consumer = $1 AND id = $2"
+                ),
+                remove: format!(
+                    "DELETE FROM {s}.inbox_dead_letters WHERE consumer = $1 AND id = $2"
+                ),
+                set_error: format!(
+                    "UPDATE {s}.inbox_dead_letters SET error = $3 WHERE consumer = $1 AND id = $2"
+                ),
+                count_parked: format!(
+                    "SELECT count(*) FROM {s}.inbox_dead_letters WHERE consumer = $1 AND stream = $2"
                 ),
             }),
         })
@@ -273,58 +291,5 @@ impl PgInbox {
         }
         tx.commit().await.map_err(database)?;
         Ok(InboxOutcome::Applied)
-    }
-
-    /// Parks a message the consumer cannot handle (not an esframe event, undecodable, refused
-    /// by the handler every time), with its headers and body, so that it is not lost.
-    pub async fn park(
-        &self,
-        message_id: Option<Uuid>,
-        event: Option<&IncomingEvent>,
-        error: &str,
-        headers: serde_json::Value,
-        body: &str,
-    ) -> Result<(), InboxError> {
-        sqlx::query(AssertSqlSafe(self.sql.park.as_str()))
-            .bind(&self.consumer)
-            .bind(message_id.or(event.map(|e| e.message_id)))
-            .bind(event.map(|e| e.stream_id.to_string()))
-            .bind(event.map(|e| i64::try_from(e.stream_version).unwrap_or(i64::MAX)))
-            .bind(error)
-            .bind(headers)
-            .bind(body)
-            .execute(&self.pool)
-            .await
-            .map_err(|source| InboxError::Database {
-                consumer: self.consumer.clone(),
-                source,
-            })?;
-        Ok(())
-    }
-
-    /// The parked messages, oldest first.
-    pub async fn dead_letters(&self) -> Result<Vec<InboxDeadLetter>, InboxError> {
-        let rows: Vec<DeadLetterRow> = sqlx::query_as(AssertSqlSafe(self.sql.list.as_str()))
-            .bind(&self.consumer)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|source| InboxError::Database {
-                consumer: self.consumer.clone(),
-                source,
-            })?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(id, message_id, stream, stream_version, error, headers, body)| InboxDeadLetter {
-                    id,
-                    message_id,
-                    stream,
-                    stream_version,
-                    error,
-                    headers,
-                    body,
-                },
-            )
-            .collect())
     }
 }
