@@ -1,8 +1,13 @@
 //! [`IncomingEvent`]: an esframe event as a consumer in another service receives it.
 
+use std::borrow::Cow;
+
 use uuid::Uuid;
 
-use crate::{DecodeErrorKind, Event, Payload, Position, StreamId, envelope::decode_payload};
+use crate::{
+    DecodeErrorKind, Event, EventMetadata, Payload, Position, RecordedEvent, StoreError, StreamId,
+    envelope::decode_payload, upcast::Upcasters,
+};
 
 use super::CloudEvent;
 
@@ -88,5 +93,210 @@ impl IncomingEvent {
     pub fn decode<E: Event>(&self) -> Result<E, DecodeErrorKind> {
         let payload = Payload::from_json_text(self.cloud_event.data.as_str());
         decode_payload(&self.event_type, self.schema_version, &payload)
+    }
+
+    /// Brings the event to the consumer's current schema versions through `upcasters`, the
+    /// chain a store applies on read, so that a consumer reads a producer's older events as a
+    /// producer's own reads would: usually one event at its current version (its `event_type`,
+    /// `schema_version`, CloudEvent `type` and data follow; the rest is kept), none for a
+    /// retired type, several for a split. The parts of a split share the message's id,
+    /// stream, version and position: apply them together, in the inbox's one transaction. An
+    /// event no upcaster reads comes back as it is.
+    ///
+    /// A failed step is [`StoreError::Upcast`] naming the stream, version, type and schema
+    /// version; data that is not JSON is [`StoreError::Corrupt`].
+    pub fn upcast(&self, upcasters: &Upcasters) -> Result<Vec<IncomingEvent>, StoreError> {
+        if !upcasters.applies_to(&self.event_type, self.schema_version) {
+            return Ok(vec![self.clone()]);
+        }
+        let recorded = RecordedEvent {
+            event_id: self.message_id,
+            stream_id: self.stream_id.clone(),
+            stream_version: self.stream_version,
+            global_position: self.position,
+            // Upcasters read the payload only.
+            recorded_at: chrono::DateTime::parse_from_rfc3339(&self.cloud_event.time)
+                .map(|time| time.to_utc())
+                .unwrap_or_default(),
+            event_type: Cow::Owned(self.event_type.clone()),
+            schema_version: self.schema_version,
+            payload: Payload::from_json_text(self.cloud_event.data.as_str()),
+            metadata: EventMetadata::default(),
+        };
+        let mut current = Vec::with_capacity(1);
+        upcasters.apply(recorded, &mut current)?;
+        Ok(current
+            .into_iter()
+            .map(|event| {
+                let mut next = self.clone();
+                next.cloud_event.ty = format!("{}.v{}", event.event_type, event.schema_version);
+                next.cloud_event.data = event.payload.to_json_text().into_owned();
+                next.event_type = event.event_type.into_owned();
+                next.schema_version = event.schema_version;
+                next
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        EventType,
+        publish::CloudEvent,
+        upcast::{Upcast, upcaster},
+    };
+
+    /// The consumer's current event types.
+    struct Current;
+
+    impl Event for Current {
+        fn event_types() -> &'static [EventType] {
+            const TYPES: &[EventType] = &[
+                EventType::new("Credited", 3),
+                EventType::new("Audited", 3),
+                EventType::new("Withdrawn", 1),
+            ];
+            TYPES
+        }
+        fn event_type(&self) -> &'static str {
+            "Credited"
+        }
+        fn schema_version(&self) -> u32 {
+            3
+        }
+        fn to_payload(&self) -> Result<Value, serde_json::Error> {
+            Ok(Value::Null)
+        }
+        fn from_payload(_: &str, _: &Payload) -> Result<Self, DecodeErrorKind> {
+            Ok(Current)
+        }
+    }
+
+    /// Version 1 of a `Deposited` event of `account/ada`, as a consumer receives it.
+    fn deposited_v1(data: &str) -> IncomingEvent {
+        let recorded = RecordedEvent {
+            event_id: Uuid::now_v7(),
+            stream_id: StreamId::new("account", "ada").unwrap(),
+            stream_version: 3,
+            global_position: Position::new(42),
+            recorded_at: chrono::Utc::now(),
+            event_type: "Deposited".into(),
+            schema_version: 1,
+            payload: Payload::from_json_text(data),
+            metadata: EventMetadata::default(),
+        };
+        let cloud = CloudEvent::from_event(&recorded, recorded.event_id, "/bank");
+        IncomingEvent::from_cloud_event(cloud).unwrap()
+    }
+
+    fn chain() -> Upcasters {
+        Upcasters::builder()
+            .register(upcaster("Deposited", 1, |mut payload: Value| {
+                if payload["amount"].is_null() {
+                    return Err("no amount".into());
+                }
+                payload["currency"] = json!("EUR");
+                Ok(Upcast::Next(payload))
+            }))
+            .register(
+                upcaster("Deposited", 2, |payload: Value| {
+                    if payload["amount"] == json!(0) {
+                        return Ok(Upcast::Drop);
+                    }
+                    Ok(Upcast::Split(vec![
+                        ("Credited".into(), payload.clone()),
+                        ("Audited".into(), json!({"amount": payload["amount"]})),
+                    ]))
+                })
+                .outputs(["Credited", "Audited"]),
+            )
+            .current::<Current>()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_old_event_is_read_at_its_current_versions_and_keeps_its_identity() {
+        let v1 = deposited_v1(r#"{"amount":5}"#);
+        let current = v1.upcast(&chain()).unwrap();
+        let summary: Vec<(&str, u32, &str)> = current
+            .iter()
+            .map(|e| {
+                (
+                    e.event_type.as_str(),
+                    e.schema_version,
+                    e.cloud_event.ty.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [("Credited", 3, "Credited.v3"), ("Audited", 3, "Audited.v3")]
+        );
+        let credited: Value = serde_json::from_str(&current[0].cloud_event.data).unwrap();
+        assert_eq!(credited, json!({"amount": 5, "currency": "EUR"}));
+        for part in &current {
+            assert_eq!(
+                (
+                    part.message_id,
+                    &part.stream_id,
+                    part.stream_version,
+                    part.position
+                ),
+                (v1.message_id, &v1.stream_id, 3, Position::new(42))
+            );
+            assert_eq!(part.cloud_event.id, v1.cloud_event.id);
+        }
+    }
+
+    #[test]
+    fn retired_events_vanish_and_unknown_ones_pass_unchanged() {
+        assert!(
+            deposited_v1(r#"{"amount":0}"#)
+                .upcast(&chain())
+                .unwrap()
+                .is_empty()
+        );
+        let mut other = deposited_v1(r#"{"amount":1}"#);
+        other.event_type = "Withdrawn".into();
+        assert_eq!(
+            other.upcast(&chain()).unwrap(),
+            std::slice::from_ref(&other)
+        );
+        let plain = deposited_v1(r#"{"amount":1}"#);
+        assert_eq!(
+            plain.upcast(Upcasters::none()).unwrap(),
+            std::slice::from_ref(&plain)
+        );
+    }
+
+    #[test]
+    fn a_failed_step_names_the_event() {
+        let err = deposited_v1(r#"{"sum":1}"#).upcast(&chain()).unwrap_err();
+        let StoreError::Upcast {
+            stream,
+            version,
+            event_type,
+            schema_version,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(
+            (
+                stream.to_string(),
+                *version,
+                event_type.as_str(),
+                *schema_version
+            ),
+            ("account/ada".to_owned(), 3, "Deposited", 1)
+        );
+        let corrupt = deposited_v1("not json").upcast(&chain()).unwrap_err();
+        assert!(matches!(corrupt, StoreError::Corrupt(_)), "{corrupt:?}");
     }
 }
