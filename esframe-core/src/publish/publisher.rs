@@ -260,7 +260,9 @@ where
     }
 
     /// Maps each event's CloudEvent to the messages that leave: none drops the event, one
-    /// changes it (hide internal fields in `data`), several fan it out.
+    /// changes it (hide internal fields in `data`), several fan it out. Fanned-out messages
+    /// share the event's stream and version, and an inbox applies one message per stream and
+    /// version: send them to different consumers, not several to one.
     #[must_use]
     pub fn transform(
         mut self,
