@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use uuid::Uuid;
 
 use crate::{
-    DecodeErrorKind, Event, EventMetadata, Payload, Position, RecordedEvent, StoreError, StreamId,
-    envelope::decode_payload, upcast::Upcasters,
+    CommandContext, DecodeErrorKind, Event, EventMetadata, Payload, Position, RecordedEvent,
+    StoreError, StreamId, envelope::decode_payload, upcast::Upcasters,
 };
 
 use super::CloudEvent;
@@ -93,6 +93,48 @@ impl IncomingEvent {
     pub fn decode<E: Event>(&self) -> Result<E, DecodeErrorKind> {
         let payload = Payload::from_json_text(self.cloud_event.data.as_str());
         decode_payload(&self.event_type, self.schema_version, &payload)
+    }
+
+    /// The producer's correlation id (the `correlationid` extension), if it sent one.
+    pub fn correlation_id(&self) -> Option<Uuid> {
+        self.uuid_extension("correlationid")
+    }
+
+    /// The producer's causation id (the `causationid` extension), if it sent one.
+    pub fn causation_id(&self) -> Option<Uuid> {
+        self.uuid_extension("causationid")
+    }
+
+    /// The W3C trace context (the `traceparent` extension), if it came with one.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.cloud_event
+            .extensions
+            .get("traceparent")
+            .map(String::as_str)
+    }
+
+    fn uuid_extension(&self, name: &str) -> Option<Uuid> {
+        self.cloud_event
+            .extensions
+            .get(name)
+            .and_then(|text| Uuid::parse_str(text).ok())
+    }
+
+    /// The context of a command this event causes in the consumer's service: its command id
+    /// is derived from the message id and `name` (which tells apart the commands one message
+    /// causes), so a redelivered message gives the same command and the consumer's store
+    /// keeps its events once ([`CommandContext`]); the causation id is the message id, the
+    /// correlation id the producer's (or the message id when it sent none), and the
+    /// `traceparent`, if any, goes into the events' metadata.
+    pub fn command_context(&self, name: &str) -> CommandContext {
+        let context = CommandContext::new()
+            .command_id(Uuid::new_v5(&self.message_id, name.as_bytes()))
+            .correlation_id(self.correlation_id().unwrap_or(self.message_id))
+            .causation_id(self.message_id);
+        match self.traceparent() {
+            Some(traceparent) => context.metadata("traceparent", traceparent),
+            None => context,
+        }
     }
 
     /// Brings the event to the consumer's current schema versions through `upcasters`, the
@@ -271,6 +313,46 @@ mod tests {
         assert_eq!(
             plain.upcast(Upcasters::none()).unwrap(),
             std::slice::from_ref(&plain)
+        );
+    }
+
+    #[test]
+    fn the_producers_correlation_causation_and_trace_are_read_from_the_extensions() {
+        let correlation = Uuid::now_v7();
+        let recorded = RecordedEvent {
+            event_id: Uuid::now_v7(),
+            stream_id: StreamId::new("account", "ada").unwrap(),
+            stream_version: 1,
+            global_position: Position::new(7),
+            recorded_at: chrono::Utc::now(),
+            event_type: "Deposited".into(),
+            schema_version: 1,
+            payload: Payload::from_json_text("{}"),
+            metadata: EventMetadata {
+                correlation_id: Some(correlation),
+                causation_id: Some(correlation),
+                extra: Default::default(),
+            },
+        };
+        let cloud = CloudEvent::from_event(&recorded, recorded.event_id, "/bank");
+        let event = IncomingEvent::from_cloud_event(cloud).unwrap();
+        assert_eq!(event.correlation_id(), Some(correlation));
+        assert_eq!(event.causation_id(), Some(correlation));
+        let trace = event
+            .traceparent()
+            .expect("derived from the correlation id");
+        assert!(trace.starts_with("00-"), "{trace}");
+
+        // Without the producer's ids there is nothing to carry (the command's context then
+        // correlates by the message id; `examples/tests/caused_commands.rs` runs it).
+        let bare = deposited_v1("{}");
+        assert_eq!(
+            (
+                bare.correlation_id(),
+                bare.causation_id(),
+                bare.traceparent()
+            ),
+            (None, None, None)
         );
     }
 
