@@ -337,6 +337,17 @@ async fn a_blocked_streams_parked_events_are_applied_in_order_when_retried() {
         inbox.apply(&events[4], &working).await.unwrap(),
         InboxOutcome::Applied
     );
+    assert_eq!(
+        inbox.applied_version(&events[4].stream_id).await.unwrap(),
+        Some(5)
+    );
+    assert_eq!(
+        inbox
+            .applied_version(&StreamId::new("account", "nobody").unwrap())
+            .await
+            .unwrap(),
+        None
+    );
     drop_schema(&pool, &schema).await;
 }
 
@@ -368,9 +379,15 @@ async fn a_skipped_event_unblocks_its_stream_and_strangers_can_only_be_discarded
         2,
         "nothing changed"
     );
+    assert_eq!(inbox.applied_version(&v1.stream_id).await.unwrap(), None);
     assert_eq!(
         inbox.skip_parked(ids[0]).await.unwrap(),
         InboxOutcome::Applied
+    );
+    assert_eq!(
+        inbox.applied_version(&v1.stream_id).await.unwrap(),
+        Some(1),
+        "a skipped version counts as applied"
     );
     let outcome = inbox.retry_parked(&v2.stream_id, &working).await.unwrap();
     assert_eq!((outcome.applied, outcome.still_parked), (1, 0));

@@ -5,7 +5,7 @@ mod dead_letters;
 
 use std::future::Future;
 
-use esframe_core::{projection::HandlerError, publish::IncomingEvent};
+use esframe_core::{StreamId, projection::HandlerError, publish::IncomingEvent};
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::{PgTransaction, SchemaName};
@@ -116,6 +116,7 @@ struct Queries {
     remove: String,
     set_error: String,
     count_parked: String,
+    applied_version: String,
 }
 
 impl PgInbox {
@@ -208,6 +209,10 @@ impl PgInbox {
                 set_error: format!(
                     "UPDATE {s}.inbox_dead_letters SET error = $3 WHERE consumer = $1 AND id = $2"
                 ),
+                applied_version: format!(
+                    "SELECT version FROM {s}.inbox
+                     WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3"
+                ),
                 count_parked: format!(
                     "SELECT count(*) FROM {s}.inbox_dead_letters WHERE consumer = $1 AND stream = $2"
                 ),
@@ -226,6 +231,27 @@ impl PgInbox {
     /// The consumer's name.
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// The last version of the producer's `stream` this consumer applied (skipped ones
+    /// included), or `None` before its first.
+    pub async fn applied_version(&self, stream: &StreamId) -> Result<Option<u64>, InboxError> {
+        let (aggregate_type, id) = stream.parts();
+        let version: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.applied_version.as_str()))
+                .bind(&self.consumer)
+                .bind(aggregate_type)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|source| InboxError::Database {
+                    consumer: self.consumer.clone(),
+                    source,
+                })?;
+        // A stream's row is created at version 0 with its first event's lock.
+        Ok(version
+            .and_then(|v| u64::try_from(v).ok())
+            .filter(|&v| v > 0))
     }
 
     /// Applies `event` with `handler` exactly once: in one transaction, the stream's inbox row
