@@ -265,6 +265,10 @@ impl LeaseStore for MemoryCheckpoints {
         Ok(u32::try_from(members.len()).unwrap_or(u32::MAX))
     }
 
+    fn membership_lifetime(&self) -> Option<Duration> {
+        Some(self.inner.lease_time)
+    }
+
     async fn leave(&self, group: &str, member: &str) {
         if let Some(members) = self.lock().members.get_mut(group) {
             members.remove(member);

@@ -1156,13 +1156,15 @@ fn held_by_the_living(status: &esframe_core::projection::ProjectionStatus) -> bo
 /// leases lapse: the survivor looks again when the first one runs out, not an interval later.
 /// Here the interval is 3 s and the dead holder's leases lapse 3.5 s after the survivor
 /// starts: at its 3 s look they are not yet free, so without that it would take them at 6 s.
+/// (The survivor's own lease time is 15 s, so that its membership, renewed three times per two
+/// thirds of it, does not bring its rounds closer together than the interval.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holders_partitions_are_taken_as_its_leases_lapse() {
     let store = common::store("proj_lapse").await;
     let ledger = Ledger::new(&store).await;
     leases_of_a_dead_worker(&store, 3500).await;
     let started = tokio::time::Instant::now();
-    let checkpoints = checkpoints(&store);
+    let checkpoints = store.checkpoints().lease_time(Duration::from_secs(15));
     let runner = ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
         .partitions(4)
         .rebalance_interval(Duration::from_secs(3))
@@ -1239,4 +1241,70 @@ async fn a_survivor_keeps_the_partitions_it_took_from_a_dead_worker() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     running.shutdown().await.unwrap();
+}
+
+/// A rebalance interval longer than the membership lifetime does not make live members drop
+/// out of each other's count: the runner renews its membership at least three times per
+/// lifetime, whatever the interval. Here the interval is 20 s and the membership lasts 1 s (a
+/// 1.5 s lease time): a second runner, started once the first holds every partition, has its
+/// fair share within a few seconds, not after the first runner's next 20 s round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_renew_their_membership_within_its_lifetime_whatever_their_interval() {
+    let store = common::store("proj_renew").await;
+    let ledger = Ledger::new(&store).await;
+    let checkpoints = store.checkpoints().lease_time(Duration::from_millis(1500));
+    let runner = |member: &str| {
+        ProjectionRunner::new(store.clone(), checkpoints.clone(), ledger.clone())
+            .partitions(4)
+            .rebalance_interval(Duration::from_secs(20))
+            .member_name(member)
+    };
+    let schema = store.schema().to_string();
+    let tokens = || {
+        let pool = store.pool().clone();
+        let sql = format!(
+            "SELECT token FROM {schema}.projection_leases
+             WHERE projection = 'ledger' AND expires_at > now() ORDER BY partition"
+        );
+        async move {
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let first = runner("first");
+    let first_running = first.clone().spawn();
+    let started = tokio::time::Instant::now();
+    let held = loop {
+        let held = tokens().await;
+        if held.len() == 4 {
+            break held;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the first runner did not take every partition: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Both runners are in this process, so their leases name the same holder: a partition
+    // that changed hands shows by its fencing token.
+    let second = runner("second");
+    let second_running = second.clone().spawn();
+    let joined = tokio::time::Instant::now();
+    loop {
+        let now = tokens().await;
+        let moved = now.iter().zip(&held).filter(|(a, b)| a != b).count();
+        if now.len() == 4 && moved == 2 {
+            break;
+        }
+        assert!(
+            joined.elapsed() < Duration::from_secs(8),
+            "no fair share after {:?}: tokens {held:?} then {now:?}",
+            joined.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second_running.shutdown().await.unwrap();
+    first_running.shutdown().await.unwrap();
 }

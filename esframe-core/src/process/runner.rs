@@ -257,8 +257,9 @@ impl<P: ProcessManager, S: ProcessStore> ProcessRunnerBuilder<P, S> {
 
     /// How often a runner of a partitioned process manager renews its membership and
     /// rebalances (default 1 s). A lease about to lapse is looked at again as it lapses, so a
-    /// runner that dies is replaced within the lease store's lease time. Keep it well below
-    /// the store's membership lifetime (PostgreSQL: two thirds of the lease time).
+    /// runner that dies is replaced within the lease store's lease time. Rounds come at least
+    /// three times per membership lifetime of the lease store, whatever the interval
+    /// (PostgreSQL: two thirds of the lease time).
     pub fn rebalance_interval(mut self, every: Duration) -> Self {
         self.config.rebalance_interval = every.max(Duration::from_millis(10));
         self

@@ -78,6 +78,9 @@ impl<C: LeaseStore> LeaseStore for AtLeastOnce<C> {
     async fn heartbeat(&self, group: &str, member: &str) -> Result<u32, CheckpointError> {
         self.0.heartbeat(group, member).await
     }
+    fn membership_lifetime(&self) -> Option<std::time::Duration> {
+        self.0.membership_lifetime()
+    }
     async fn leave(&self, group: &str, member: &str) {
         self.0.leave(group, member).await;
     }

@@ -49,6 +49,18 @@ pub(crate) struct Balancer<'a, L> {
 }
 
 impl<L: LeaseStore> Balancer<'_, L> {
+    /// The time between two rounds: the configured interval, or less where the lease store's
+    /// memberships expire sooner than three intervals, so that this runner's membership is
+    /// renewed at least three times within its lifetime (at most every 10 ms).
+    fn round_interval(&self) -> Duration {
+        match self.leases.membership_lifetime() {
+            Some(lifetime) => self
+                .interval
+                .min((lifetime / 3).max(Duration::from_millis(10))),
+            None => self.interval,
+        }
+    }
+
     /// Runs this runner's share of the partitions until `stop`: `start(index, lease)` starts a
     /// partition's session once its lease is taken. A session that ends with a transient error
     /// (or a lost lease, `Ok`) frees its partition; any other error stops every session and is
@@ -81,7 +93,7 @@ impl<L: LeaseStore> Balancer<'_, L> {
                 }
                 Err(err) => break Err(lease_error(err)),
             }
-            let mut next = self.interval;
+            let mut next = self.round_interval();
             if !joined {
                 // Let the members starting at the same time see each other before taking
                 // partitions, instead of the first one taking them all and handing most back.

@@ -76,6 +76,15 @@ pub trait LeaseStore: Clone + Send + Sync + 'static {
         member: &str,
     ) -> impl Future<Output = Result<u32, CheckpointError>> + Send;
 
+    /// How long a member counts after its [`heartbeat`](Self::heartbeat), in a store whose
+    /// memberships expire (PostgreSQL: two thirds of the lease time). A partitioned runner
+    /// renews its membership at least three times within it, whatever its rebalance
+    /// interval, so that live members never drop out of each other's count. The default,
+    /// `None`: the runner keeps to its interval.
+    fn membership_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Removes `member` from `group` at once (a clean shutdown), so the others take its share
     /// without waiting for its heartbeat to expire.
     fn leave(&self, group: &str, member: &str) -> impl Future<Output = ()> + Send;

@@ -226,8 +226,9 @@ where
 
     /// How often a runner of a partitioned publisher renews its membership and rebalances
     /// (default 1 s). A lease about to lapse is looked at again as it lapses, so a runner that
-    /// dies is replaced within the lease store's lease time. Keep it well below the store's
-    /// membership lifetime (PostgreSQL: two thirds of the lease time).
+    /// dies is replaced within the lease store's lease time. Rounds come at least three times
+    /// per membership lifetime of the lease store, whatever the interval (PostgreSQL: two
+    /// thirds of the lease time).
     #[must_use]
     pub fn rebalance_interval(mut self, interval: Duration) -> Self {
         self.rebalance_interval = interval.max(Duration::from_millis(10));

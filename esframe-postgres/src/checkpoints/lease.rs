@@ -264,6 +264,10 @@ impl LeaseStore for PgCheckpoints {
         Ok(u32::try_from(others + 1).unwrap_or(u32::MAX))
     }
 
+    fn membership_lifetime(&self) -> Option<Duration> {
+        Some(member_lifetime(self.inner.lease_time))
+    }
+
     async fn leave(&self, group: &str, member: &str) {
         let left = sqlx::query(AssertSqlSafe(self.inner.sql.leave.as_str()))
             .bind(group)

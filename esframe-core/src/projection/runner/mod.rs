@@ -265,9 +265,10 @@ where
     /// How often a runner of a partitioned projection renews its membership and rebalances
     /// (default 1 s): takes free or expired partitions up to its fair share, hands extra ones
     /// back. A lease about to lapse is looked at again as it lapses, so a runner that dies is
-    /// replaced within the lease store's lease time. Keep it well below the store's membership
-    /// lifetime (PostgreSQL: two thirds of the lease time), or live members stop counting
-    /// between heartbeats.
+    /// replaced within the lease store's lease time. Rounds come at least three times per
+    /// membership lifetime of the lease store, whatever the interval (PostgreSQL: two thirds
+    /// of the lease time; [`membership_lifetime`](super::LeaseStore::membership_lifetime)),
+    /// so live members never drop out of each other's count.
     #[must_use]
     pub fn rebalance_interval(mut self, interval: Duration) -> Self {
         self.rebalance_interval = interval.max(Duration::from_millis(10));
