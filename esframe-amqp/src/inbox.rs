@@ -5,7 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     panic::AssertUnwindSafe,
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use esframe_core::publish::{Backoff, IncomingEvent};
@@ -497,31 +497,25 @@ impl<H: InboxHandler + 'static> AmqpInbox<H> {
         }
     }
 
-    /// Whether version `expected` of the event's stream was parked (by this consumer, or found
-    /// in the inbox's dead letters, looked at most once a second).
+    /// Whether version `expected` of the event's stream was parked (by this consumer, or, with
+    /// the inbox's dead letters, by an earlier run: one indexed lookup).
     async fn is_parked(&self, memory: &mut Memory, event: &IncomingEvent, expected: u64) -> bool {
         let key = (event.stream_id.to_string(), expected);
         if memory.parked.contains(&key) {
             return true;
         }
-        if self.dead_letters != DeadLetters::Inbox
-            || memory
-                .scanned
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
-        {
+        if self.dead_letters != DeadLetters::Inbox {
             return false;
         }
-        memory.scanned = Some(Instant::now());
-        if let Ok(letters) = self.inbox.dead_letters().await {
-            for letter in letters {
-                if let (Some(stream), Some(version)) = (letter.stream, letter.stream_version)
-                    && let Ok(version) = u64::try_from(version)
-                {
-                    memory.parked.insert((stream, version));
-                }
-            }
+        let parked = self
+            .inbox
+            .is_parked(&event.stream_id, expected)
+            .await
+            .unwrap_or(false);
+        if parked {
+            memory.parked.insert(key);
         }
-        memory.parked.contains(&key)
+        parked
     }
 
     async fn park_in_inbox(
@@ -623,8 +617,6 @@ struct Memory {
     attempts: HashMap<Uuid, u32>,
     /// Parked versions, by stream (`aggregate_type/id`).
     parked: HashSet<(String, u64)>,
-    /// When the inbox's dead letters were last read.
-    scanned: Option<Instant>,
     /// Consecutive database failures.
     store_failures: u32,
 }

@@ -572,14 +572,7 @@ impl<H: InboxHandler + 'static> JetStreamInbox<H> {
 
     /// Whether `version` of `stream` is in the inbox's dead letters (parked by an earlier run).
     async fn is_parked(&self, stream: &StreamId, version: u64) -> bool {
-        let name = stream.to_string();
-        let version = i64::try_from(version).unwrap_or(i64::MAX);
-        match self.inbox.dead_letters().await {
-            Ok(letters) => letters.iter().any(|l| {
-                l.stream.as_deref() == Some(name.as_str()) && l.stream_version == Some(version)
-            }),
-            Err(_) => false,
-        }
+        self.inbox.is_parked(stream, version).await.unwrap_or(false)
     }
 
     fn note_failure(&self, error: String) {

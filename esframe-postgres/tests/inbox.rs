@@ -290,6 +290,12 @@ async fn a_blocked_streams_parked_events_are_applied_in_order_when_retried() {
     let letters = inbox.dead_letters().await.unwrap();
     assert_eq!(letters.len(), 4);
     assert!(letters.iter().all(|l| l.retryable), "{letters:#?}");
+    let stream = &events[1].stream_id;
+    assert!(inbox.is_parked(stream, 2).await.unwrap());
+    assert!(
+        !inbox.is_parked(stream, 1).await.unwrap(),
+        "applied, not parked"
+    );
 
     // The cause is not fixed yet: nothing applied, the error renewed, every letter kept.
     let again = inbox
@@ -328,6 +334,7 @@ async fn a_blocked_streams_parked_events_are_applied_in_order_when_retried() {
         }
     );
     assert!(inbox.dead_letters().await.unwrap().is_empty());
+    assert!(!inbox.is_parked(stream, 2).await.unwrap());
     assert_eq!(
         applied_to_a(&pool, &table).await,
         [(1, 1), (2, 2), (3, 3), (4, 4)]

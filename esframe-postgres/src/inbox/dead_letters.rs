@@ -179,6 +179,18 @@ impl PgInbox {
             .collect())
     }
 
+    /// Whether version `version` of the producer's `stream` is in the dead letters: the broker
+    /// adapters park a stream's later versions behind it. One indexed lookup.
+    pub async fn is_parked(&self, stream: &StreamId, version: u64) -> Result<bool, InboxError> {
+        sqlx::query_scalar(AssertSqlSafe(self.sql.is_parked.as_str()))
+            .bind(&self.consumer)
+            .bind(stream.to_string())
+            .bind(i64::try_from(version).unwrap_or(i64::MAX))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.database())
+    }
+
     /// Applies the parked events of `stream` again through `handler`, in version order, each
     /// exactly once as [`apply`](Self::apply) does (duplicates and order checked in its
     /// transaction), removing each dead letter once its event is applied. Stops at the first

@@ -117,6 +117,7 @@ struct Queries {
     set_error: String,
     count_parked: String,
     applied_version: String,
+    is_parked: String,
 }
 
 impl PgInbox {
@@ -208,6 +209,10 @@ impl PgInbox {
                 ),
                 set_error: format!(
                     "UPDATE {s}.inbox_dead_letters SET error = $3 WHERE consumer = $1 AND id = $2"
+                ),
+                is_parked: format!(
+                    "SELECT EXISTS (SELECT 1 FROM {s}.inbox_dead_letters
+                                    WHERE consumer = $1 AND stream = $2 AND version = $3)"
                 ),
                 applied_version: format!(
                     "SELECT version FROM {s}.inbox
