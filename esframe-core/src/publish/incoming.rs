@@ -220,6 +220,11 @@ mod tests {
 
     /// Version 1 of a `Deposited` event of `account/ada`, as a consumer receives it.
     fn deposited_v1(data: &str) -> IncomingEvent {
+        deposited_v1_with(data, EventMetadata::default())
+    }
+
+    /// [`deposited_v1`] with the producer's `metadata`.
+    fn deposited_v1_with(data: &str, metadata: EventMetadata) -> IncomingEvent {
         let recorded = RecordedEvent {
             event_id: Uuid::now_v7(),
             stream_id: StreamId::new("account", "ada").unwrap(),
@@ -229,7 +234,7 @@ mod tests {
             event_type: "Deposited".into(),
             schema_version: 1,
             payload: Payload::from_json_text(data),
-            metadata: EventMetadata::default(),
+            metadata,
         };
         let cloud = CloudEvent::from_event(&recorded, recorded.event_id, "/bank");
         IncomingEvent::from_cloud_event(cloud).unwrap()
@@ -319,23 +324,14 @@ mod tests {
     #[test]
     fn the_producers_correlation_causation_and_trace_are_read_from_the_extensions() {
         let correlation = Uuid::now_v7();
-        let recorded = RecordedEvent {
-            event_id: Uuid::now_v7(),
-            stream_id: StreamId::new("account", "ada").unwrap(),
-            stream_version: 1,
-            global_position: Position::new(7),
-            recorded_at: chrono::Utc::now(),
-            event_type: "Deposited".into(),
-            schema_version: 1,
-            payload: Payload::from_json_text("{}"),
-            metadata: EventMetadata {
+        let event = deposited_v1_with(
+            "{}",
+            EventMetadata {
                 correlation_id: Some(correlation),
                 causation_id: Some(correlation),
                 extra: Default::default(),
             },
-        };
-        let cloud = CloudEvent::from_event(&recorded, recorded.event_id, "/bank");
-        let event = IncomingEvent::from_cloud_event(cloud).unwrap();
+        );
         assert_eq!(event.correlation_id(), Some(correlation));
         assert_eq!(event.causation_id(), Some(correlation));
         let trace = event
