@@ -454,3 +454,46 @@ async fn a_skipped_event_unblocks_its_stream_and_strangers_can_only_be_discarded
     );
     drop_schema(&pool, &schema).await;
 }
+
+/// An inbox whose tables were made before dead letters kept their event gets the column (and
+/// the index) when it is opened; its old dead letters list as not retryable, new ones are.
+#[tokio::test]
+async fn an_older_dead_letter_table_gains_the_event_column_on_open() {
+    let pool = common::pool(4).await;
+    let schema = common::fresh_schema(&pool, "inbox_upgrade").await;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE SCHEMA \"{schema}\";
+         CREATE TABLE \"{schema}\".inbox_dead_letters (
+             id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, consumer TEXT NOT NULL,
+             message_id UUID, stream TEXT, version BIGINT, error TEXT NOT NULL,
+             headers JSONB NOT NULL, body TEXT NOT NULL,
+             parked_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         INSERT INTO \"{schema}\".inbox_dead_letters (consumer, stream, version, error, headers, body)
+         VALUES ('ledger', 'account/a', 1, 'parked long ago', '{{}}', '{{}}');"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let inbox = PgInbox::open(pool.clone(), &schema, "ledger")
+        .await
+        .unwrap();
+    // Opening again changes nothing.
+    let inbox_again = PgInbox::open(pool.clone(), &schema, "ledger")
+        .await
+        .unwrap();
+    let old = inbox.dead_letters().await.unwrap();
+    assert_eq!(old.len(), 1);
+    assert!(!old[0].retryable, "no event was kept then");
+    let v2 = incoming("b", 1, 2);
+    park(&inbox_again, &v2, "refused").await;
+    let letters = inbox.dead_letters().await.unwrap();
+    assert!(letters[1].retryable);
+    let index: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT to_regclass('\"{schema}\".inbox_dead_letters_stream_idx')::text"
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(index.is_some());
+    drop_schema(&pool, &schema).await;
+}

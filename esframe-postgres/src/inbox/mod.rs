@@ -154,9 +154,20 @@ impl PgInbox {
                  parked_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
                  event          JSONB
              );
-             ALTER TABLE {s}.inbox_dead_letters ADD COLUMN IF NOT EXISTS event JSONB;
-             CREATE INDEX IF NOT EXISTS inbox_dead_letters_stream_idx
-                 ON {s}.inbox_dead_letters (consumer, stream, version, id);"
+             DO $$ BEGIN
+                 -- Tables made before dead letters kept their event. Checked first, so that
+                 -- opening an inbox takes no table lock when there is nothing to change.
+                 IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                                WHERE table_schema = '{schema}'
+                                  AND table_name = 'inbox_dead_letters'
+                                  AND column_name = 'event') THEN
+                     ALTER TABLE {s}.inbox_dead_letters ADD COLUMN event JSONB;
+                 END IF;
+                 IF to_regclass('{s}.inbox_dead_letters_stream_idx') IS NULL THEN
+                     CREATE INDEX inbox_dead_letters_stream_idx
+                         ON {s}.inbox_dead_letters (consumer, stream, version, id);
+                 END IF;
+             END $$;"
         )))
         .execute(&pool)
         .await
