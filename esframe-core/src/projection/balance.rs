@@ -51,7 +51,7 @@ pub(crate) struct Balancer<'a, L> {
 impl<L: LeaseStore> Balancer<'_, L> {
     /// The time between two rounds: the configured interval, or less where the lease store's
     /// memberships expire sooner than three intervals, so that this runner's membership is
-    /// renewed at least three times within its lifetime (at most every 10 ms).
+    /// renewed at least three times within its lifetime (but not more often than every 10 ms).
     fn round_interval(&self) -> Duration {
         match self.leases.membership_lifetime() {
             Some(lifetime) => self
