@@ -156,10 +156,8 @@ impl IncomingEvent {
             stream_id: self.stream_id.clone(),
             stream_version: self.stream_version,
             global_position: self.position,
-            // Upcasters read the payload only.
-            recorded_at: chrono::DateTime::parse_from_rfc3339(&self.cloud_event.time)
-                .map(|time| time.to_utc())
-                .unwrap_or_default(),
+            // Upcasters read the type, version and payload only; the rest is not kept.
+            recorded_at: chrono::DateTime::default(),
             event_type: Cow::Owned(self.event_type.clone()),
             schema_version: self.schema_version,
             payload: Payload::from_json_text(self.cloud_event.data.as_str()),

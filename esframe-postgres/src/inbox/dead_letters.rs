@@ -112,13 +112,6 @@ fn read_event(stored: &Value) -> Result<IncomingEvent, String> {
 }
 
 impl PgInbox {
-    fn database(&self) -> impl Fn(sqlx::Error) -> InboxError + '_ {
-        |source| InboxError::Database {
-            consumer: self.consumer.clone(),
-            source,
-        }
-    }
-
     fn dead_letter_error(&self, id: i64, problem: impl Into<String>) -> InboxError {
         InboxError::DeadLetter {
             consumer: self.consumer.clone(),

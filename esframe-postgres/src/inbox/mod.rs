@@ -249,6 +249,14 @@ impl PgInbox {
         &self.consumer
     }
 
+    /// Maps a database failure to this consumer's [`InboxError::Database`].
+    fn database(&self) -> impl Fn(sqlx::Error) -> InboxError + Copy + '_ {
+        |source| InboxError::Database {
+            consumer: self.consumer.clone(),
+            source,
+        }
+    }
+
     /// The last version of the producer's `stream` this consumer applied (skipped ones
     /// included), or `None` before its first.
     pub async fn applied_version(&self, stream: &StreamId) -> Result<Option<u64>, InboxError> {
@@ -260,10 +268,7 @@ impl PgInbox {
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(|source| InboxError::Database {
-                    consumer: self.consumer.clone(),
-                    source,
-                })?;
+                .map_err(self.database())?;
         // A stream's row is created at version 0 with its first event's lock.
         Ok(version
             .and_then(|v| u64::try_from(v).ok())
@@ -278,10 +283,7 @@ impl PgInbox {
         event: &IncomingEvent,
         handler: &impl InboxHandler,
     ) -> Result<InboxOutcome, InboxError> {
-        let database = |source| InboxError::Database {
-            consumer: self.consumer.clone(),
-            source,
-        };
+        let database = self.database();
         let (aggregate_type, id) = event.stream_id.parts();
         let version = i64::try_from(event.stream_version).unwrap_or(i64::MAX);
         let mut tx = crate::transaction::begin(&self.pool)
