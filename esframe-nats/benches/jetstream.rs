@@ -8,7 +8,7 @@
 //!    the commit of the consumer's inbox transaction (`JetStreamInbox::on_applied`), p50/p99.
 //!
 //! `cargo bench -p esframe-nats` runs in about a minute; `ESFRAME_BENCH_QUICK=1` is a smoke run
-//! of a few seconds.
+//! of a few seconds; `ESFRAME_BENCH_ONLY=throughput` or `latency` runs one part.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -66,8 +66,13 @@ async fn main() {
     let js = jetstream::new(common::nats().await);
     let (store, schema) = common::store("bench_nats").await;
     let started = Instant::now();
-    throughput(&settings, &js, &store).await;
-    latency(&settings, &js, &store).await;
+    let only = std::env::var("ESFRAME_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "throughput" {
+        throughput(&settings, &js, &store).await;
+    }
+    if only.is_empty() || only == "latency" {
+        latency(&settings, &js, &store).await;
+    }
     common::drop_schema(store.pool(), &schema).await;
     println!("\n(total {:.1} s)", started.elapsed().as_secs_f64());
 }
@@ -106,48 +111,81 @@ async fn throughput(settings: &Settings, js: &jetstream::Context, store: &PgEven
         settings.streams,
         settings.rounds
     );
-    let mut publisher_rates = Vec::new();
-    let mut bare_rates = Vec::new();
-    let mut ratios = Vec::new();
+    // Three sides per round, in an order that turns with the round.
+    let sides = [
+        "Publisher",
+        "bare, headers prebuilt",
+        "bare, headers in loop",
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    let mut cpu = [CpuTicks::default(); 3];
     for round in 0..settings.rounds {
-        let (p, b) = if round % 2 == 0 {
-            let p = through_publisher(js, store, round).await;
-            (p, bare(js, &recorded, window).await)
-        } else {
-            let b = bare(js, &recorded, window).await;
-            (through_publisher(js, store, round).await, b)
-        };
-        let (p, b) = (recorded.len() as f64 / p, recorded.len() as f64 / b);
+        let mut seconds = [0.0; 3];
+        for turn in 0..sides.len() {
+            let side = (round + turn) % sides.len();
+            let (took, used) = match side {
+                0 => through_publisher(js, store, round).await,
+                1 => bare(js, &recorded, window, Headers::Prebuilt).await,
+                _ => bare(js, &recorded, window, Headers::InLoop).await,
+            };
+            seconds[side] = took;
+            cpu[side].add(used);
+        }
+        let rate = seconds.map(|s| recorded.len() as f64 / s);
         println!(
-            "  round {}: publisher {p:>8.0} events/s, bare async-nats {b:>8.0} events/s",
-            round + 1
+            "  round {}: publisher {:>8.0} events/s, bare prebuilt {:>8.0}, bare in loop {:>8.0}",
+            round + 1,
+            rate[0],
+            rate[1],
+            rate[2]
         );
-        publisher_rates.push(p);
-        bare_rates.push(b);
-        ratios.push(p / b);
+        for (side, rate) in rate.into_iter().enumerate() {
+            rates[side].push(rate);
+        }
     }
-    let show = |name: &str, rates: &mut Vec<f64>| {
-        rates.sort_by(f64::total_cmp);
+    for (side, name) in sides.iter().enumerate() {
+        let mut sorted = rates[side].clone();
+        sorted.sort_by(f64::total_cmp);
         println!(
-            "  {name:<16} median {:>8.0} events/s  (range {:.0} to {:.0})",
-            median(rates),
-            rates[0],
-            rates[rates.len() - 1]
+            "  {name:<24} median {:>8.0} events/s  (range {:.0} to {:.0})",
+            median(&sorted),
+            sorted[0],
+            sorted[sorted.len() - 1]
         );
-    };
-    show("Publisher", &mut publisher_rates);
-    show("bare async-nats", &mut bare_rates);
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "  ratio publisher/bare: median {:.2} (range {:.2} to {:.2})",
-        median(&ratios),
-        ratios[0],
-        ratios[ratios.len() - 1]
-    );
+    }
+    for (side, name) in sides.iter().enumerate().skip(1) {
+        let mut ratios: Vec<f64> = rates[0]
+            .iter()
+            .zip(&rates[side])
+            .map(|(p, b)| p / b)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  ratio publisher / {name}: median {:.2} (range {:.2} to {:.2})",
+            median(&ratios),
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+    }
+    // CPU per event while the clock ran, by process (10 ms ticks, summed over the rounds).
+    let events = (recorded.len() * settings.rounds) as f64;
+    let us = |ticks: u64| ticks as f64 * 10_000.0 / events;
+    for (side, name) in sides.iter().enumerate() {
+        println!(
+            "  CPU per event, {name:<24} this process {:>5.1} µs, nats-server {:>5.1} µs, PostgreSQL {:>4.1} µs",
+            us(cpu[side].this),
+            us(cpu[side].nats),
+            us(cpu[side].postgres)
+        );
+    }
 }
 
-/// Seconds for a publisher of a new name (so from the start of the log) to catch up.
-async fn through_publisher(js: &jetstream::Context, store: &PgEventStore, round: usize) -> f64 {
+/// Seconds (and CPU) for a publisher of a new name (so from the start of the log) to catch up.
+async fn through_publisher(
+    js: &jetstream::Context,
+    store: &PgEventStore,
+    round: usize,
+) -> (f64, CpuTicks) {
     let stream = TestStream::create(js, None).await;
     let publisher = Publisher::new(
         store.clone(),
@@ -158,39 +196,56 @@ async fn through_publisher(js: &jetstream::Context, store: &PgEventStore, round:
     )
     .expect("a publisher")
     .subject_prefix(stream.prefix.clone());
-    let started = Instant::now();
+    let (cpu, started) = (CpuTicks::now(), Instant::now());
     publisher.catch_up().await.expect("publish");
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = (started.elapsed().as_secs_f64(), CpuTicks::now().since(cpu));
     stream.delete().await;
     elapsed
 }
 
-/// Seconds for a bare loop to publish the same messages, `window` acknowledgements in flight.
+/// How the bare loop gets each message's headers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Headers {
+    /// Every message's `HeaderMap` built before the clock starts: async-nats's sending and
+    /// acknowledging alone.
+    Prebuilt,
+    /// Each `HeaderMap` built as its message is sent, as any loop publishing these messages
+    /// must (the headers are async-nats's type); esframe's mapping of events to CloudEvents
+    /// stays out of the clock.
+    InLoop,
+}
+
+/// Seconds (and CPU) for a bare loop to publish the same messages, `window` acknowledgements in
+/// flight.
 async fn bare(
     js: &jetstream::Context,
     events: &[esframe_core::RecordedEvent],
     window: usize,
-) -> f64 {
+    mode: Headers,
+) -> (f64, CpuTicks) {
     let stream = TestStream::create(js, None).await;
-    let messages: Vec<(String, async_nats::HeaderMap, String)> = events
+    let messages: Vec<OutgoingMessage> = events
         .iter()
-        .map(|e| {
-            let message = OutgoingMessage {
-                id: e.event_id,
-                subject: esframe_core::publish::subject_for(&stream.prefix, e),
-                stream_id: e.stream_id.clone(),
-                stream_version: e.stream_version,
-                position: e.global_position,
-                event: CloudEvent::from_event(e, e.event_id, "/bench"),
-            };
-            let headers = headers::outgoing(&message).expect("headers");
-            (message.subject, headers, message.event.data)
+        .map(|e| OutgoingMessage {
+            id: e.event_id,
+            subject: esframe_core::publish::subject_for(&stream.prefix, e),
+            stream_id: e.stream_id.clone(),
+            stream_version: e.stream_version,
+            position: e.global_position,
+            event: CloudEvent::from_event(e, e.event_id, "/bench"),
         })
         .collect();
-    let started = Instant::now();
+    let mut prebuilt: Vec<Option<async_nats::HeaderMap>> = match mode {
+        Headers::Prebuilt => messages
+            .iter()
+            .map(|m| Some(headers::outgoing(m).expect("headers")))
+            .collect(),
+        Headers::InLoop => vec![None; messages.len()],
+    };
+    let (cpu, started) = (CpuTicks::now(), Instant::now());
     let mut in_flight: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture> =
         FuturesUnordered::new();
-    for (subject, headers, body) in messages {
+    for (message, headers) in messages.into_iter().zip(prebuilt.iter_mut()) {
         if in_flight.len() >= window {
             in_flight
                 .next()
@@ -198,12 +253,16 @@ async fn bare(
                 .expect("an ack")
                 .expect("acknowledged");
         }
+        let headers = match headers.take() {
+            Some(built) => built,
+            None => headers::outgoing(&message).expect("headers"),
+        };
         let ack = js
             .send_publish(
-                subject,
+                message.subject,
                 PublishMessage::build()
                     .headers(headers)
-                    .payload(body.into()),
+                    .payload(message.event.data.into()),
             )
             .await
             .expect("publish");
@@ -212,9 +271,82 @@ async fn bare(
     while let Some(ack) = in_flight.next().await {
         ack.expect("acknowledged");
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = (started.elapsed().as_secs_f64(), CpuTicks::now().since(cpu));
     stream.delete().await;
     elapsed
+}
+
+/// CPU time (user + system, in clock ticks of 10 ms) spent so far by this process, by
+/// `nats-server` and by every `postgres` process, read from `/proc`: where a side of the
+/// throughput comparison spends its CPU. Zero where `/proc` cannot be read.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuTicks {
+    this: u64,
+    nats: u64,
+    postgres: u64,
+}
+
+impl CpuTicks {
+    fn now() -> Self {
+        let mut ticks = Self {
+            this: ticks_of("self"),
+            ..Self::default()
+        };
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return ticks;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            match std::fs::read_to_string(format!("/proc/{pid}/comm")).as_deref() {
+                Ok("nats-server\n") => ticks.nats += ticks_of(pid),
+                Ok("postgres\n") => ticks.postgres += ticks_of(pid),
+                _ => {}
+            }
+        }
+        ticks
+    }
+
+    fn since(self, start: Self) -> Self {
+        Self {
+            this: self.this.saturating_sub(start.this),
+            nats: self.nats.saturating_sub(start.nats),
+            postgres: self.postgres.saturating_sub(start.postgres),
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        // (A tick is 10 ms: one phase of a few hundred milliseconds reads coarsely, the sum
+        // over the rounds does not.)
+        self.this += other.this;
+        self.nats += other.nats;
+        self.postgres += other.postgres;
+    }
+}
+
+/// `utime + stime` of `/proc/<pid>/stat`.
+fn ticks_of(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The command name is in parentheses and may hold spaces: fields count from after it.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    field(11) + field(12)
 }
 
 fn median(sorted: &[f64]) -> f64 {
