@@ -148,15 +148,45 @@ async fn tally_of(pool: &PgPool, name: &str) -> (i64, f64) {
     (events.unwrap_or(0), seconds.unwrap_or(0.0))
 }
 
-/// Runs `workers` workers of the tally `name` until it has applied `events`; events/s.
+/// The machine's CPU time so far, from the first line of `/proc/stat`: (busy, all) in clock
+/// ticks, summed over the cores. Zeros where it cannot be read.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let at = |n: usize| fields.get(n).copied().unwrap_or(0);
+    let idle = at(3) + at(4);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy, busy + idle)
+}
+
+/// One run of the tally: its rate, and how busy the machine was meanwhile.
+struct TallyRun {
+    /// Events per second between the first batch's commit and the last's.
+    rate: f64,
+    /// Cores busy on average (workers, PostgreSQL and everything else) during the run.
+    cores_busy: f64,
+    /// CPU of the whole machine per batch of 100, in milliseconds.
+    cpu_per_batch_ms: f64,
+}
+
+/// Runs `workers` workers of the tally `name` until it has applied `events`.
 async fn run_tally(
     pool: &PgPool,
     mut config: WorkerConfig,
     name: &str,
     workers: usize,
     events: i64,
-) -> f64 {
+) -> TallyRun {
     config.tally = Some(name.to_owned());
+    let (busy_before, all_before) = machine_ticks();
     let started: Vec<_> = (0..workers).map(|_| Worker::start(&config)).collect();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -171,11 +201,23 @@ async fn run_tally(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let (busy_after, all_after) = machine_ticks();
     for worker in started {
         worker.stop();
     }
     let (done, seconds) = tally_of(pool, name).await;
-    done as f64 / seconds.max(1e-3)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (busy, all) = (
+        busy_after.saturating_sub(busy_before) as f64,
+        all_after.saturating_sub(all_before).max(1) as f64,
+    );
+    // A tick is 10 ms of one core.
+    let batches = (done as f64 / 100.0).max(1.0);
+    TallyRun {
+        rate: done as f64 / seconds.max(1e-3),
+        cores_busy: busy / all * cores,
+        cpu_per_batch_ms: busy * 10.0 / batches,
+    }
 }
 
 /// Index fetches of the events table so far (`pg_stat_user_tables.idx_tup_fetch`).
@@ -382,6 +424,7 @@ async fn main() {
         let mut rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let mut rows_per_event = Vec::new();
+        let mut busy: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
         for round in 0..rounds {
             let mut base = 0.0;
             for workers in [1, 2, 4] {
@@ -389,7 +432,11 @@ async fn main() {
                 cfg.concurrency = concurrency;
                 let name = format!("tally_{}_{round}_{workers}", concurrency.map_or(0, |c| c));
                 let before = index_fetches(&pool).await;
-                let rate = run_tally(&pool, cfg, &name, workers, events).await;
+                let run = run_tally(&pool, cfg, &name, workers, events).await;
+                busy.entry(workers)
+                    .or_default()
+                    .push((run.cores_busy, run.cpu_per_batch_ms));
+                let rate = run.rate;
                 if workers == 4 {
                     let after = index_fetches(&pool).await;
                     rows_per_event.push((after - before) as f64 / events as f64);
@@ -414,6 +461,15 @@ async fn main() {
             println!(
                 "  {workers} workers over 1: {:.2}x (range {lo:.2}-{hi:.2}x)",
                 median(ratios)
+            );
+        }
+        for (workers, runs) in &busy {
+            let mut cores: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let mut per_batch: Vec<f64> = runs.iter().map(|r| r.1).collect();
+            println!(
+                "  {workers} worker(s): {:.2} of the machine's cores busy, {:.2} ms of CPU per batch (medians; from worker start to the last batch)",
+                median(&mut cores),
+                median(&mut per_batch)
             );
         }
         let (lo, hi) = range(&rows_per_event);
