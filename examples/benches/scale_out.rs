@@ -297,16 +297,19 @@ async fn failover(store: &PgEventStore, round: usize) -> Failover {
         .filter(|p| is_victim(&p.holder))
         .map(|p| (p.key.partition(), p.position))
         .collect();
-    // The victim's leases run out this long after the kill at the latest: it stopped renewing.
-    let expiry = status
-        .partitions
-        .iter()
-        .filter(|p| is_victim(&p.holder))
-        .filter_map(|p| p.lease_expires_in)
-        .max()
-        .unwrap_or_default();
     let killed = Instant::now();
     victim.kill9();
+    // The victim's leases run out this long after the kill at the latest: it renews no more.
+    // Read after the kill, not before: a renewal just before it would make them last longer.
+    let after_kill = runner.status().await.expect("status");
+    let expiry = killed.elapsed()
+        + after_kill
+            .partitions
+            .iter()
+            .filter(|p| victims.iter().any(|(v, _)| *v == p.key.partition()))
+            .filter_map(|p| p.lease_expires_in)
+            .max()
+            .unwrap_or_default();
     let mut taken = None;
     loop {
         let status = runner.status().await.expect("status");
@@ -340,7 +343,12 @@ async fn failover(store: &PgEventStore, round: usize) -> Failover {
 async fn report_failover(store: &PgEventStore, rounds: usize) {
     let mut runs = Vec::new();
     for round in 0..rounds {
-        runs.push(failover(store, round).await);
+        let run = failover(store, round).await;
+        eprintln!(
+            "  failover round {round}: lease time left {:.3} s, taken after {:.3} s, moved after {:.3} s",
+            run.lease_left, run.taken, run.moved
+        );
+        runs.push(run);
     }
     let show = |what: &str, mut values: Vec<f64>| {
         let (lo, hi) = range(&values);
