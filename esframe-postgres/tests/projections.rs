@@ -1308,3 +1308,65 @@ async fn runners_renew_their_membership_within_its_lifetime_whatever_their_inter
     second_running.shutdown().await.unwrap();
     first_running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_waits_for_an_inline_append_holding_its_lock_then_takes_it() {
+    // An append that updates a projection inline holds the lease's advisory lock shared for
+    // its transaction. Taking the lease tries the lock in one statement and, when it is held,
+    // queues for it (up to half a second): it must take the lease once the append ends, and
+    // give up, leaving the row alone, if the append outlasts the wait.
+    use esframe_core::projection::LeaseStore;
+    let store = common::store("lease_lock").await;
+    let leases = checkpoints(&store);
+    let key = |partition| ProjectionKey::new("locked", partition).unwrap();
+    let lock_of =
+        |partition: u16| format!("esframe.projection.{}.locked.{partition}", store.schema());
+    let appenders = common::pool(2).await;
+    let hold = |lock: String| {
+        let appenders = appenders.clone();
+        async move {
+            let mut tx = appenders.begin().await.unwrap();
+            sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))")
+                .bind(lock)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        }
+    };
+
+    // Free: taken at once.
+    let free = leases.try_lease(&key(0)).await.unwrap();
+    assert!(
+        free.is_some(),
+        "a free lease whose lock nobody holds is taken"
+    );
+
+    // Held for 150 ms: taken once it is released.
+    let tx = hold(lock_of(1)).await;
+    let released = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        tx.commit().await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let waited = leases.try_lease(&key(1)).await.unwrap();
+    released.await.unwrap();
+    assert!(waited.is_some(), "taken once the append released the lock");
+    assert!(
+        started.elapsed() >= Duration::from_millis(140),
+        "it waited for the lock"
+    );
+
+    // Held past the wait: not taken, and the row is not written.
+    let _append = hold(lock_of(2)).await;
+    let refused = leases.try_lease(&key(2)).await.unwrap();
+    assert!(
+        refused.is_none(),
+        "not taken while an append holds the lock"
+    );
+    let status = leases.leases("locked").await.unwrap();
+    assert!(
+        status.iter().all(|l| l.partition != 2),
+        "no row for the lease that was not taken: {status:?}"
+    );
+}

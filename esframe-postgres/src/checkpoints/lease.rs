@@ -70,6 +70,37 @@ impl PgCheckpoints {
         wait: Duration,
     ) -> Result<Option<PgLease>, CheckpointError> {
         let sql = &self.inner.sql;
+        // Most of the time the lock is free: try it and the row in one statement. Only when an
+        // append holds it, queue for it in a transaction (fairly, see above).
+        let tried = sqlx::query(AssertSqlSafe(sql.lease_try_acquire.as_str()))
+            .bind(key.name())
+            .bind(i32::from(key.partition()))
+            .bind(self.inner.holder.as_ref())
+            .bind(millis(self.inner.lease_time))
+            .bind(lease_key(&self.inner.schema, key))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(unavailable)?;
+        let got: bool = tried.try_get("got").map_err(unavailable)?;
+        let token: Option<i64> = if got {
+            tried.try_get("token").map_err(unavailable)?
+        } else {
+            self.lease_queued(key, wait).await?
+        };
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        Ok(Some(self.keep(key, token)))
+    }
+
+    /// The lease's row taken in a transaction that queues for its advisory lock up to `wait`;
+    /// the row's new token, `None` if the lock or the row was not to be had.
+    async fn lease_queued(
+        &self,
+        key: &ProjectionKey,
+        wait: Duration,
+    ) -> Result<Option<i64>, CheckpointError> {
+        let sql = &self.inner.sql;
         let mut tx = crate::transaction::begin(&self.inner.pool)
             .await
             .map_err(unavailable)?;
@@ -102,9 +133,12 @@ impl PgCheckpoints {
             .await
             .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        let Some(token) = token else {
-            return Ok(None);
-        };
+        Ok(token)
+    }
+
+    /// A lease of token `token`, just taken: its keep-alive task starts renewing it.
+    fn keep(&self, key: &ProjectionKey, token: i64) -> PgLease {
+        let sql = &self.inner.sql;
         let token = u64::try_from(token).unwrap_or(0);
         let held = Arc::new(AtomicBool::new(true));
         let (release, released) = oneshot::channel();
@@ -120,12 +154,12 @@ impl PgCheckpoints {
             },
             released,
         ));
-        Ok(Some(PgLease {
+        PgLease {
             token,
             held,
             release: Some(release),
             task,
-        }))
+        }
     }
 }
 

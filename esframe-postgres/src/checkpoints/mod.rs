@@ -78,6 +78,7 @@ struct Queries {
     discard: String,
     note_failure: String,
     lease_acquire: String,
+    lease_try_acquire: String,
     lease_renew: String,
     lease_release: String,
     fence: String,
@@ -113,6 +114,24 @@ impl Queries {
                      expires_at = excluded.expires_at
                  WHERE l.holder IS NULL OR l.expires_at < now()
                  RETURNING token"
+            ),
+            // `lease_acquire` with the lease's advisory lock tried in the same statement
+            // (`$5`, the lock's key), outside any transaction: one round trip. Taken before
+            // the insert, as the insert's row comes from it; held until the statement ends.
+            lease_try_acquire: format!(
+                "WITH lock AS MATERIALIZED (
+                     SELECT pg_try_advisory_xact_lock(hashtextextended($5, 0)) AS got
+                 ), taken AS (
+                     INSERT INTO {leases} AS l (projection, partition, holder, token, expires_at)
+                     SELECT $1, $2, $3, 1, now() + $4 * interval '1 millisecond'
+                     FROM lock WHERE lock.got
+                     ON CONFLICT (projection, partition) DO UPDATE SET
+                         holder = excluded.holder, token = l.token + 1,
+                         expires_at = excluded.expires_at
+                     WHERE l.holder IS NULL OR l.expires_at < now()
+                     RETURNING token
+                 )
+                 SELECT (SELECT got FROM lock) AS got, (SELECT token FROM taken) AS token"
             ),
             lease_renew: format!(
                 "UPDATE {leases} SET expires_at = now() + $4 * interval '1 millisecond'
