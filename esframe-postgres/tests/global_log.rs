@@ -454,6 +454,23 @@ async fn named_pool(app: &str, max_connections: u32) -> sqlx::PgPool {
         .expect("PostgreSQL at DATABASE_URL")
 }
 
+/// A store on `schema` over a [`named_pool`] of `app`, without `NOTIFY`; the pool too.
+async fn named_store(
+    app: &str,
+    max_connections: u32,
+    schema: &str,
+) -> (PgEventStore, sqlx::PgPool) {
+    let pool = named_pool(app, max_connections).await;
+    let store = PgEventStore::builder(pool.clone())
+        .schema(schema)
+        .unwrap()
+        .notify(false)
+        .build()
+        .await
+        .unwrap();
+    (store, pool)
+}
+
 /// Closes `pool` and waits until the server has no backend of `app` left: a backend writes its
 /// table statistics out before it leaves `pg_stat_activity`.
 async fn close_and_flush(pool: sqlx::PgPool, app: &str, observer: &sqlx::PgPool) {
@@ -496,14 +513,7 @@ async fn catching_up_a_partition_reads_each_event_once_from_a_fresh_connection()
     let app = format!("esframe_rows_{}", std::process::id());
     let observer = common::pool(2).await;
     let schema = common::fresh_schema(&observer, "partition_rows").await;
-    let writer_pool = named_pool(&app, 8).await;
-    let writer = PgEventStore::builder(writer_pool.clone())
-        .schema(schema.clone())
-        .unwrap()
-        .notify(false)
-        .build()
-        .await
-        .unwrap();
+    let (writer, writer_pool) = named_store(&app, 8, &schema).await;
     let (streams, per_stream) = (1600u64, 100u64);
     futures_util::stream::iter(0..streams)
         .for_each_concurrent(8, |s| {
@@ -536,14 +546,7 @@ async fn catching_up_a_partition_reads_each_event_once_from_a_fresh_connection()
         .unwrap();
 
     let before = rows_read(&observer, &schema).await;
-    let reader_pool = named_pool(&app, 1).await;
-    let reader = PgEventStore::builder(reader_pool.clone())
-        .schema(schema.clone())
-        .unwrap()
-        .notify(false)
-        .build()
-        .await
-        .unwrap();
+    let (reader, reader_pool) = named_store(&app, 1, &schema).await;
     let partition = esframe_core::LogPartition::new(0, 16).unwrap();
     let (mut from, mut delivered, mut reads) = (Position::START, 0usize, 0usize);
     loop {
