@@ -105,15 +105,22 @@ impl Queries {
         let leases = format!("{s}.projection_leases");
         let members = format!("{s}.projection_members");
         let partitions = format!("{s}.projection_partitions");
-        Self {
-            lease_acquire: format!(
+        // The lease row of `$1` (projection), `$2` (partition) for `$3` (holder) for `$4` ms,
+        // from `row`, if it is free or expired: its new token.
+        let take_lease = |row: &str| {
+            format!(
                 "INSERT INTO {leases} AS l (projection, partition, holder, token, expires_at)
-                 VALUES ($1, $2, $3, 1, now() + $4 * interval '1 millisecond')
+                 {row}
                  ON CONFLICT (projection, partition) DO UPDATE SET
                      holder = excluded.holder, token = l.token + 1,
                      expires_at = excluded.expires_at
                  WHERE l.holder IS NULL OR l.expires_at < now()
                  RETURNING token"
+            )
+        };
+        Self {
+            lease_acquire: take_lease(
+                "VALUES ($1, $2, $3, 1, now() + $4 * interval '1 millisecond')",
             ),
             // `lease_acquire` with the lease's advisory lock tried in the same statement
             // (`$5`, the lock's key), outside any transaction: one round trip. Taken before
@@ -121,17 +128,12 @@ impl Queries {
             lease_try_acquire: format!(
                 "WITH lock AS MATERIALIZED (
                      SELECT pg_try_advisory_xact_lock(hashtextextended($5, 0)) AS got
-                 ), taken AS (
-                     INSERT INTO {leases} AS l (projection, partition, holder, token, expires_at)
-                     SELECT $1, $2, $3, 1, now() + $4 * interval '1 millisecond'
-                     FROM lock WHERE lock.got
-                     ON CONFLICT (projection, partition) DO UPDATE SET
-                         holder = excluded.holder, token = l.token + 1,
-                         expires_at = excluded.expires_at
-                     WHERE l.holder IS NULL OR l.expires_at < now()
-                     RETURNING token
-                 )
-                 SELECT (SELECT got FROM lock) AS got, (SELECT token FROM taken) AS token"
+                 ), taken AS ({})
+                 SELECT (SELECT got FROM lock) AS got, (SELECT token FROM taken) AS token",
+                take_lease(
+                    "SELECT $1, $2, $3, 1, now() + $4 * interval '1 millisecond'
+                     FROM lock WHERE lock.got"
+                )
             ),
             lease_renew: format!(
                 "UPDATE {leases} SET expires_at = now() + $4 * interval '1 millisecond'
